@@ -1,0 +1,56 @@
+"""Choose where a model runs and in which precision."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from captionkit.errors import OptionError
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AMX or AVX512-BF16); otherwise bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` means the first CUDA GPU, else Apple's MPS, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise OptionError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {name}: no CUDA GPU is visible to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("--device mps: Apple's Metal backend is not available here")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 where the hardware runs it fast, fp16 on older GPUs, else float32."""
+    if name != "auto":
+        dtype = getattr(torch, name)
+        if device.type == "cpu" and dtype is torch.float16:
+            raise OptionError("--dtype float16 is not supported on the CPU: use bfloat16 or float32")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

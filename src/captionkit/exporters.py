@@ -1,0 +1,136 @@
+"""Write results as captions.txt, per-image sidecars, JSONL or CSV; every write is atomic."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from captionkit.errors import OptionError
+from captionkit.store import Result
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Where outputs go and how sidecars are named."""
+
+    output_dir: Path
+    caption_extension: str = ".txt"
+    sidecars_beside_images: bool = False
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """`image.jpg: caption` lines, the format of the BLIP-2 folder scripts."""
+    lines = [f"{r.name}: {_one_line(r.caption or '')}\n" for r in results if r.status == "done"]
+    path = options.output_dir / "captions.txt"
+    atomic_write(path, "".join(lines))
+    return [path]
+
+
+def sidecar_path(result: Result, options: ExportOptions) -> Path:
+    """`photo.txt` beside `photo.jpg`, or mirrored under the output folder."""
+    extension = options.caption_extension
+    if options.sidecars_beside_images:
+        return result.path.with_suffix(extension)
+    relative = PurePosixPath(result.name).with_suffix(extension)
+    if relative.is_absolute() or ".." in relative.parts:
+        relative = PurePosixPath(relative.name)
+    return options.output_dir / Path(*relative.parts)
+
+
+def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """One caption file per image (the convention of LoRA dataset tools)."""
+    if not options.caption_extension.startswith("."):
+        raise OptionError(f"--caption-extension {options.caption_extension!r} must start with '.'")
+    written = []
+    for result in results:
+        if result.status != "done":
+            continue
+        path = sidecar_path(result, options)
+        atomic_write(path, _one_line(result.caption or "") + "\n")
+        written.append(path)
+    return written
+
+
+def _record(result: Result) -> dict:
+    record = {"image": result.name, "path": os.fsdecode(result.path), "status": result.status,
+              "caption": result.caption, "model": result.model_id, "hash": result.hash,
+              "seconds": result.seconds, "error": result.error}
+    record.update(result.extras)
+    return record
+
+
+def write_jsonl(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """Every field of every result, failures included, one JSON object per line."""
+    lines = [json.dumps(_record(r), ensure_ascii=False, default=str) + "\n" for r in results]
+    path = options.output_dir / "captions.jsonl"
+    atomic_write(path, "".join(lines).encode("utf-8", "replace").decode("utf-8"))
+    return [path]
+
+
+CSV_COLUMNS = ["image", "caption", "status", "error", "model", "hash", "seconds", "path"]
+
+
+def write_csv(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """A spreadsheet-friendly table; extras that are plain numbers get their own columns."""
+    records = [_record(r) for r in results]
+    extra_columns = sorted({key for record in records for key, value in record.items()
+                            if key not in CSV_COLUMNS and isinstance(value, int | float | str)})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS + extra_columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    path = options.output_dir / "captions.csv"
+    atomic_write(path, buffer.getvalue().encode("utf-8", "replace").decode("utf-8"))
+    return [path]
+
+
+EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]]] = {
+    "captions.txt": write_captions_txt,
+    "txt": write_sidecars,
+    "jsonl": write_jsonl,
+    "csv": write_csv,
+}
+
+OUTPUT_NAMES = frozenset({"captions.txt", "captions.jsonl", "captions.csv"})
+
+
+def parse_formats(spec: str) -> list[str]:
+    """`captions.txt,jsonl` or `all` to a list of exporter names."""
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if "all" in names:
+        return list(EXPORTERS)
+    unknown = [name for name in names if name not in EXPORTERS]
+    if unknown or not names:
+        raise OptionError(f"--format {spec!r}: choose from {', '.join(EXPORTERS)} or all")
+    return names
+
+
+def export(results: Sequence[Result], formats: Sequence[str], options: ExportOptions) -> list[Path]:
+    """Write each requested format; returns the files written."""
+    written: list[Path] = []
+    for name in formats:
+        written.extend(EXPORTERS[name](results, options))
+    return written

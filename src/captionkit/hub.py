@@ -1,0 +1,88 @@
+"""Find model weights: a local directory, the Hugging Face cache, or a download that fails fast."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from captionkit.errors import ModelNotFoundError, ModelUnavailableError
+
+REACHABILITY_TIMEOUT_S = 3.0
+IGNORED_WEIGHTS = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "flax_model*", "tf_model*",
+                   "coreml/*", "onnx/*", "openvino/*"]
+
+
+def hub_offline() -> bool:
+    """True when the user asked for no network (`HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE`)."""
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
+
+
+def hub_reachable(timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
+    """A TCP connect to the Hub endpoint, so an unreachable Hub costs seconds, not minutes."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def looks_like_path(name: str) -> bool:
+    """Names a user meant as a directory rather than a Hub id."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or \
+        name.count("/") > 1
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot directory of a Hub repo, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
+        return None
+    return path if (path / "config.json").exists() or any(path.iterdir()) else None
+
+
+def resolve(name: str, download: bool = True) -> Path:
+    """A directory holding the model `name`: itself if local, else the Hub cache (filled if allowed)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if looks_like_path(name) or local.exists():
+        raise ModelNotFoundError(f"{name}: no such model directory")
+    cached = cached_snapshot(name)
+    if cached is not None:
+        return cached
+    how_to = (f"download it where the Hub is reachable (`hf download {name}`) and copy the "
+              "cache (~/.cache/huggingface), or pass a local model directory with --model")
+    if not download or hub_offline():
+        raise ModelUnavailableError(f"{name} is not in the Hugging Face cache and the Hub is "
+                                    f"offline (HF_HUB_OFFLINE): {how_to}")
+    if not hub_reachable():
+        raise ModelUnavailableError(f"{name} is not in the Hugging Face cache and the Hub cannot "
+                                    f"be reached: {how_to}")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        files = [s.rfilename for s in HfApi().model_info(repo_id).siblings or []]
+        ignored = list(IGNORED_WEIGHTS)
+        if any(f.endswith(".safetensors") for f in files):
+            ignored.append("*.bin")
+        return Path(snapshot_download(repo_id, ignore_patterns=ignored))
+    except GatedRepoError as err:
+        raise ModelUnavailableError(f"{repo_id} is gated: accept its terms on the Hub and log in "
+                                    "(`hf auth login` or HF_TOKEN)") from err
+    except RepositoryNotFoundError as err:
+        raise ModelNotFoundError(f"{repo_id}: no such model on the Hugging Face Hub (or it is "
+                                 "private: log in with `hf auth login` or set HF_TOKEN)") from err

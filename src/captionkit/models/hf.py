@@ -1,0 +1,183 @@
+"""Adapters for the Hugging Face captioning families: BLIP, BLIP-2, GIT and ViT-GPT2-style models.
+
+Each adapter differs only in how it builds inputs and which tokens of `generate`'s output are the
+caption; batching, device placement and decoding live in `HFCaptioner`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captionkit.device import pick_device, pick_dtype
+from captionkit.errors import OptionError
+from captionkit.models.base import Caption
+from captionkit.options import GenerationOptions, LoadOptions
+
+
+class HFCaptioner:
+    """A transformers model whose `generate` turns pixel values (and maybe a prompt) into text."""
+
+    model_class: str = ""
+    accepts_prompt: bool = True
+
+    def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
+        import transformers
+
+        self.model_id = model_id
+        self.device = pick_device(options.device)
+        self.dtype = pick_dtype(options.dtype, self.device)
+        self.processor = self.load_processor(path)
+        model_cls = getattr(transformers, self.model_class)
+        self.model = model_cls.from_pretrained(path, **_weight_kwargs(options, self.device,
+                                                                      self.dtype))
+        if not (options.load_in_8bit or options.load_in_4bit):
+            self.model.to(self.device)
+        self.model.eval()
+        self.input_size = _input_size(self.image_processor)
+
+    def load_processor(self, path: Path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+
+    @property
+    def image_processor(self):
+        return getattr(self.processor, "image_processor", self.processor)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
+        """Model inputs for a batch sharing one prompt."""
+        if prompt is None:
+            return self.processor(images=images, return_tensors="pt")
+        return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+
+    def new_tokens(self, output: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The part of `generate`'s output that is the answer (decoder-only models echo inputs)."""
+        return output
+
+    def caption(self, images: list[Image.Image], options: GenerationOptions,
+                prompts: list[str | None] | None = None) -> list[Caption]:
+        """Caption a batch; images with different prompts are generated in separate groups."""
+        prompts = prompts or [options.prompt] * len(images)
+        if not self.accepts_prompt and any(p is not None for p in prompts):
+            raise OptionError(f"{self.model_id} does not take a text prompt: drop --prompt")
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for index, prompt in enumerate(prompts):
+            groups[prompt].append(index)
+        texts: list[str] = [""] * len(images)
+        for prompt, indices in groups.items():
+            for index, text in zip(indices, self._generate([images[i] for i in indices], prompt,
+                                                           options), strict=True):
+                texts[index] = text
+        return [Caption(text) for text in texts]
+
+    def _generate(self, images: list[Image.Image], prompt: str | None,
+                  options: GenerationOptions) -> list[str]:
+        inputs = self.encode(images, prompt)
+        inputs = {key: _to(value, self.device, self.dtype) for key, value in inputs.items()}
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **options.generate_kwargs())
+        texts = self.tokenizer.batch_decode(self.new_tokens(output, inputs),
+                                            skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+class BlipCaptioner(HFCaptioner):
+    """BLIP: a prompt is the start of the caption, and stays in it."""
+
+    model_class = "BlipForConditionalGeneration"
+
+
+class Blip2Captioner(HFCaptioner):
+    """BLIP-2 with an OPT or Flan-T5 language model; a prompt is a question, not part of the answer."""
+
+    model_class = "Blip2ForConditionalGeneration"
+
+    def new_tokens(self, output: torch.Tensor, inputs: dict) -> torch.Tensor:
+        if self.model.config.text_config.is_encoder_decoder or "input_ids" not in inputs:
+            return output
+        return output[:, inputs["input_ids"].shape[1]:]
+
+
+class GitCaptioner(HFCaptioner):
+    """GIT: a decoder-only model whose prompt follows the [CLS] token, as in its VQA recipe."""
+
+    model_class = "GitForCausalLM"
+
+    def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
+        inputs = dict(self.processor(images=images, return_tensors="pt"))
+        if prompt is not None:
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            ids = [self.tokenizer.cls_token_id, *ids]
+            inputs["input_ids"] = torch.tensor([ids] * len(images))
+        return inputs
+
+    def new_tokens(self, output: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return output[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else output
+
+
+class VisionEncoderDecoderCaptioner(HFCaptioner):
+    """An image encoder glued to a text decoder (ViT-GPT2 and kin); no prompt."""
+
+    model_class = "VisionEncoderDecoderModel"
+    accepts_prompt = False
+
+    def load_processor(self, path: Path):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
+        return {"pixel_values": self.processor(images=images, return_tensors="pt").pixel_values}
+
+
+def _to(value, device: torch.device, dtype: torch.dtype):
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return value.to(device=device, dtype=dtype)
+    return value.to(device)
+
+
+def _weight_kwargs(options: LoadOptions, device: torch.device, dtype: torch.dtype) -> dict:
+    kwargs: dict = {"dtype": dtype}
+    if options.load_in_8bit or options.load_in_4bit:
+        if device.type != "cuda":
+            raise OptionError("--load-in-8bit/--load-in-4bit need a CUDA GPU (bitsandbytes)")
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as err:
+            raise OptionError("--load-in-8bit/--load-in-4bit need bitsandbytes: "
+                              "pip install bitsandbytes") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=options.load_in_8bit,
+                                                           load_in_4bit=options.load_in_4bit)
+        kwargs["device_map"] = {"": device.index or 0}
+    return kwargs
+
+
+def _input_size(image_processor) -> int | None:
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict):
+        for key in ("shortest_edge", "height", "width"):
+            if key in size:
+                return int(size[key])
+    if hasattr(size, "height") and size.height:
+        return int(size.height)
+    if hasattr(size, "shortest_edge") and size.shortest_edge:
+        return int(size.shortest_edge)
+    return None

@@ -1,0 +1,111 @@
+"""Which class serves a model name: aliases, families detected from config.json, built-ins."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from captionkit import hub
+from captionkit.errors import ModelNotFoundError, OptionError
+from captionkit.models.base import Captioner
+from captionkit.options import LoadOptions
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A known model: where its weights live and what it costs to run."""
+
+    alias: str
+    source: str
+    family: str
+    params: str
+    license: str
+    memory: str
+    notes: str = ""
+
+
+MODELS: dict[str, ModelSpec] = {spec.alias: spec for spec in [
+    ModelSpec("objects", "built-in", "objects", "8M", "Apache-2.0 (weights: see README)",
+              "0.3 GB RAM", "offline default: COCO detector + ImageNet classifier, no download"),
+    ModelSpec("blip-base", "Salesforce/blip-image-captioning-base", "blip", "247M", "BSD-3-Clause",
+              "1.5 GB RAM / 1 GB VRAM"),
+    ModelSpec("blip-large", "Salesforce/blip-image-captioning-large", "blip", "470M",
+              "BSD-3-Clause", "2.5 GB RAM / 1.5 GB VRAM", "`auto` picks it when cached"),
+    ModelSpec("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "blip-2", "3.9B", "MIT",
+              "16 GB RAM / 8 GB VRAM fp16 (4 GB in 8-bit)"),
+    ModelSpec("blip2-flan-t5-xl", "Salesforce/blip2-flan-t5-xl", "blip-2", "3.9B", "MIT",
+              "16 GB RAM / 8 GB VRAM fp16 (4 GB in 8-bit)"),
+    ModelSpec("git-base", "microsoft/git-base-coco", "git", "177M", "MIT",
+              "1 GB RAM / 0.7 GB VRAM"),
+    ModelSpec("git-large", "microsoft/git-large-coco", "git", "394M", "MIT",
+              "2 GB RAM / 1.2 GB VRAM"),
+    ModelSpec("vit-gpt2", "nlpconnect/vit-gpt2-image-captioning", "vision-encoder-decoder",
+              "239M", "Apache-2.0", "1.5 GB RAM / 1 GB VRAM"),
+]}
+
+AUTO_PREFERRED = "blip-large"
+
+# config.json `model_type` -> "module:factory"; imported lazily so `objects` never loads transformers.
+FAMILIES: dict[str, str] = {
+    "objects": "captionkit.models.objects:load",
+    "blip": "captionkit.models.hf:BlipCaptioner",
+    "blip-2": "captionkit.models.hf:Blip2Captioner",
+    "git": "captionkit.models.hf:GitCaptioner",
+    "vision-encoder-decoder": "captionkit.models.hf:VisionEncoderDecoderCaptioner",
+}
+
+# "scheme:rest" names served without local weights (remote endpoints).
+SCHEMES: dict[str, str] = {}
+
+
+def _factory(target: str) -> Callable[..., Captioner]:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def detect_family(path: Path) -> str:
+    """The family of a checkpoint directory, read from its config.json."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path}: no config.json, so this is not a transformers checkpoint")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{config_file}: unreadable config ({err})") from err
+    if model_type not in FAMILIES:
+        known = ", ".join(sorted(f for f in FAMILIES if f != "objects"))
+        raise ModelNotFoundError(f"{path}: model type {model_type!r} is not a captioner captionkit "
+                                 f"knows (families: {known})")
+    return model_type
+
+
+def choose_auto() -> tuple[str, str]:
+    """The model `auto` stands for, and why, without touching the network."""
+    spec = MODELS[AUTO_PREFERRED]
+    if hub.cached_snapshot(spec.source) is not None:
+        return AUTO_PREFERRED, f"{AUTO_PREFERRED} (its weights are in the Hugging Face cache)"
+    return "objects", (f"objects, the built-in offline captioner ({AUTO_PREFERRED} weights are not "
+                       "in the Hugging Face cache; pass --model blip-large to download them)")
+
+
+def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
+    """Load a captioner by alias, Hub id, local directory, `scheme:` name or `auto`."""
+    options = options or LoadOptions()
+    if name == "auto":
+        name, _ = choose_auto()
+    scheme, sep, rest = name.partition(":")
+    if sep and scheme in SCHEMES and not Path(name).exists():
+        return _factory(SCHEMES[scheme])(rest, options)
+    spec = MODELS.get(name)
+    if spec is not None and spec.family == "objects":
+        return _factory(FAMILIES["objects"])(options)
+    source = spec.source if spec else name
+    path = hub.resolve(source)
+    family = detect_family(path)
+    if family == "objects":
+        raise OptionError(f"{name}: the objects captioner is built in; use --model objects")
+    model_id = source if not Path(source).expanduser().is_dir() else str(path.resolve())
+    return _factory(FAMILIES[family])(path, model_id, options)

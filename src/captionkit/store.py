@@ -1,0 +1,138 @@
+"""The run record: one SQLite file per output folder, so runs resume and outputs can be rebuilt."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DB_NAME = "captionkit.db"
+
+MIGRATIONS = [
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        started REAL NOT NULL,
+        finished REAL,
+        model_id TEXT NOT NULL,
+        options_key TEXT NOT NULL,
+        options TEXT NOT NULL,
+        summary TEXT
+    );
+    CREATE TABLE results (
+        path BLOB NOT NULL,
+        name TEXT NOT NULL,
+        options_key TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        hash TEXT,
+        size INTEGER,
+        mtime_ns INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+        caption TEXT,
+        extras TEXT,
+        error TEXT,
+        seconds REAL,
+        run_id INTEGER REFERENCES runs(id),
+        updated REAL NOT NULL,
+        PRIMARY KEY (path, options_key)
+    );
+    CREATE INDEX results_by_hash ON results (options_key, hash);
+    """,
+]
+
+
+@dataclass
+class Result:
+    """One image's outcome under one model and option set."""
+
+    path: Path
+    name: str
+    status: str
+    caption: str | None = None
+    extras: dict = field(default_factory=dict)
+    error: str | None = None
+    hash: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    seconds: float | None = None
+    model_id: str = ""
+
+
+class Store:
+    """Results keyed by (image path, options key); each batch is committed as it finishes."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def start_run(self, model_id: str, options_key: str, options: dict) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO runs (started, model_id, options_key, options) VALUES (?, ?, ?, ?)",
+            (time.time(), model_id, options_key, json.dumps(options, sort_keys=True)))
+        return int(cursor.lastrowid)
+
+    def finish_run(self, run_id: int, summary: dict) -> None:
+        self.db.execute("UPDATE runs SET finished = ?, summary = ? WHERE id = ?",
+                        (time.time(), json.dumps(summary), run_id))
+
+    def latest_options_key(self) -> str | None:
+        row = self.db.execute("SELECT options_key FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def forget(self, options_key: str) -> None:
+        """Drop every result of an option set (`--overwrite`)."""
+        self.db.execute("DELETE FROM results WHERE options_key = ?", (options_key,))
+
+    def previous(self, options_key: str) -> dict[bytes, sqlite3.Row]:
+        """Earlier outcomes by raw path, to decide what a resumed run skips."""
+        rows = self.db.execute("SELECT path, status, size, mtime_ns, hash FROM results "
+                               "WHERE options_key = ?", (options_key,))
+        return {bytes(row["path"]): row for row in rows}
+
+    def captions_by_hash(self, options_key: str) -> dict[str, tuple[str, dict]]:
+        """Finished captions by content hash, so identical files are captioned once."""
+        rows = self.db.execute("SELECT hash, caption, extras FROM results WHERE options_key = ? "
+                               "AND status = 'done' AND hash IS NOT NULL", (options_key,))
+        return {row["hash"]: (row["caption"], json.loads(row["extras"] or "{}")) for row in rows}
+
+    def record(self, results: Iterable[Result], options_key: str, run_id: int) -> None:
+        """Write a batch in one transaction: after a crash it is either all there or absent."""
+        now = time.time()
+        rows = [(os.fsencode(r.path), r.name, options_key, r.model_id, r.hash, r.size, r.mtime_ns,
+                 r.status, r.caption, json.dumps(r.extras) if r.extras else None, r.error,
+                 r.seconds, run_id, now) for r in results]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO results (path, name, options_key, model_id, hash, size, "
+                "mtime_ns, status, caption, extras, error, seconds, run_id, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def results(self, options_key: str) -> Iterator[Result]:
+        """Every result of an option set, ordered by export name."""
+        rows = self.db.execute("SELECT * FROM results WHERE options_key = ? ORDER BY name, path",
+                               (options_key,))
+        for row in rows:
+            yield Result(path=Path(os.fsdecode(bytes(row["path"]))), name=row["name"],
+                         status=row["status"], caption=row["caption"],
+                         extras=json.loads(row["extras"] or "{}"), error=row["error"],
+                         hash=row["hash"], size=row["size"], mtime_ns=row["mtime_ns"],
+                         seconds=row["seconds"], model_id=row["model_id"])
