@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("a an the two three man woman person dog cat horse bird car bus train boat plane "
-         "street field beach table room kitchen tree sky water snow grass road building "
-         "sitting standing running riding walking holding eating looking playing flying "
-         "red blue green white black small large young old of on in with next to near at "
-         "front under over and is are photo picture image close up view group").split()
+WORDS = tuple((
+    "a an the two three man woman person dog cat horse bird car bus train boat plane "
+    "street field beach table room kitchen tree sky water snow grass road building "
+    "sitting standing running riding walking holding eating looking playing flying "
+    "red blue green white black small large young old of on in with next to near at "
+    "front under over and is are photo picture image close up view group"
+).split())
 
 
 def corpus(lines: int = 400) -> list[str]:
@@ -85,8 +87,12 @@ def _bert_text(size: str, vocab: int) -> dict:
 
 def build_blip(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     """BLIP for conditional generation (BLIP-base architecture when size='full')."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     tokenizer = wordpiece_tokenizer(extra_special=("[DEC]",))
     tokenizer.bos_token = "[DEC]"
@@ -101,7 +107,7 @@ def build_blip(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     model = BlipForConditionalGeneration(config).eval()
     processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer)
-    return _save(directory, model, processor)
+    return _save(directory, model, processor, size)
 
 
 def build_git(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -120,13 +126,18 @@ def build_git(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     model = GitForCausalLM(config).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
-    return _save(directory, model, GitProcessor(image_processor, tokenizer))
+    return _save(directory, model, GitProcessor(image_processor, tokenizer), size)
 
 
 def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     """A ViT encoder + GPT-2 decoder (nlpconnect/vit-gpt2 architecture when size='full')."""
-    from transformers import (GPT2Config, ViTConfig, ViTImageProcessor,
-                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
 
     tokenizer = bpe_tokenizer()
     image_size = 224 if size == "full" else 32
@@ -146,6 +157,7 @@ def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     model.generation_config.decoder_start_token_id = eos
     model.generation_config.pad_token_id = eos
     model.generation_config.eos_token_id = eos
+    _spread(model, size)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -155,8 +167,13 @@ def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
 
 def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     """BLIP-2 with an OPT language model (BLIP-2 OPT-2.7b architecture when size='full')."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              BlipImageProcessor, OPTConfig)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
+    )
 
     tokenizer = bpe_tokenizer(extra_special=("<image>",))
     num_query = 32 if size == "full" else 4
@@ -185,14 +202,25 @@ def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     processor = Blip2Processor(BlipImageProcessor(size={"height": image_size,
                                                         "width": image_size}),
                                tokenizer, num_query_tokens=num_query)
-    return _save(directory, model, processor)
+    return _save(directory, model, processor, size)
 
 
 BUILDERS = {"blip": build_blip, "git": build_git, "vit-gpt2": build_vit_gpt2,
             "blip2": build_blip2}
 
 
-def _save(directory: Path, model, processor) -> Path:
+def _spread(model, size: str) -> None:
+    """Tiny models at the default init ignore their input; wider weights make captions differ."""
+    if size == "full":
+        return
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(std=0.2)
+
+
+def _save(directory: Path, model, processor, size: str) -> Path:
+    _spread(model, size)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -37,13 +37,24 @@ def looks_like_path(name: str) -> bool:
         name.count("/") > 1
 
 
+def cache_dir() -> Path:
+    """The Hub cache, read from the environment now (huggingface_hub reads it once at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 def cached_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot directory of a Hub repo, without touching the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, local_files_only=True))
+        path = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         return None
     return path if (path / "config.json").exists() or any(path.iterdir()) else None
@@ -79,7 +90,7 @@ def _download(repo_id: str) -> Path:
         ignored = list(IGNORED_WEIGHTS)
         if any(f.endswith(".safetensors") for f in files):
             ignored.append("*.bin")
-        return Path(snapshot_download(repo_id, ignore_patterns=ignored))
+        return Path(snapshot_download(repo_id, ignore_patterns=ignored, cache_dir=cache_dir()))
     except GatedRepoError as err:
         raise ModelUnavailableError(f"{repo_id} is gated: accept its terms on the Hub and log in "
                                     "(`hf auth login` or HF_TOKEN)") from err

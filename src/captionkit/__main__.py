@@ -1,0 +1,5 @@
+"""`python -m captionkit`."""
+
+from captionkit.cli import main
+
+main()

@@ -1,0 +1,46 @@
+"""The Python entry point: `captionkit.load(name).caption([...])`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from captionkit import sources
+from captionkit.models import Captioner
+from captionkit.models import load as load_captioner
+from captionkit.options import GenerationOptions, LoadOptions
+from captionkit.pipeline import Pipeline, RunOptions, RunSummary
+
+ImageLike = str | Path | Image.Image
+
+
+class Model:
+    """A loaded captioner with conveniences for paths, single images and whole folders."""
+
+    def __init__(self, captioner: Captioner) -> None:
+        self.captioner = captioner
+
+    @property
+    def model_id(self) -> str:
+        return self.captioner.model_id
+
+    def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
+        """Caption one image (returns a string) or a list of them (returns a list)."""
+        single = isinstance(images, str | Path | Image.Image)
+        batch = [images] if single else list(images)
+        decoded = [sources.load_image(image, self.captioner.input_size) for image in batch]
+        texts = [c.text for c in self.captioner.caption(decoded, GenerationOptions(**generation))]
+        return texts[0] if single else texts
+
+    def run(self, inputs: Sequence[str], generation: GenerationOptions | None = None,
+            **run_options) -> RunSummary:
+        """Caption files/folders into an output folder, resumably (see `RunOptions`)."""
+        return Pipeline(self.captioner, generation or GenerationOptions(),
+                        RunOptions(**run_options)).run([str(i) for i in inputs])
+
+
+def load(name: str = "auto", device: str = "auto", dtype: str = "auto", **load_options) -> Model:
+    """Load a captioner by alias (`blip-base`), Hub id, local directory or `auto`."""
+    return Model(load_captioner(name, LoadOptions(device=device, dtype=dtype, **load_options)))

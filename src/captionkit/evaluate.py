@@ -1,0 +1,371 @@
+"""Caption metrics computed the way papers compute them: pycocoevalcap on PTB-tokenized text.
+
+BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and SPICE come from pycocoevalcap itself (its `Cider` is
+CIDEr-D: clipped tf-idf n-grams, a Gaussian length penalty, times 10), so the numbers equal its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from PIL import Image, ImageOps
+
+from captionkit.datasets import Predictions, References, image_key, match_images
+from captionkit.errors import CaptionkitError, OptionError
+
+if TYPE_CHECKING:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "bleu": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"),
+    "meteor": ("METEOR",),
+    "rouge": ("ROUGE-L",),
+    "cider": ("CIDEr-D",),
+    "spice": ("SPICE",),
+    "clip": ("CLIPScore", "RefCLIPScore"),
+}
+TOKENIZERS = {
+    "ptb": "PTB (Stanford CoreNLP 3.4.1 through pycocoevalcap), as papers use",
+    "simple": "simple pure-Python tokenizer: close to PTB but not identical, so scores are not "
+              "exactly comparable with published ones",
+}
+JAVA_MISSING = ("METEOR, SPICE and the PTB tokenizer need Java: install a JRE "
+                "(e.g. `apt install openjdk-17-jre-headless`) and put `java` on PATH")
+CLIP_BATCH = 16
+
+
+class EvaluationError(CaptionkitError):
+    """Scoring cannot start: pycocoevalcap is absent, or no prediction matches a reference."""
+
+
+class MetricUnavailable(Exception):
+    """One metric cannot run here; the message says what to install or download."""
+
+
+class ClipScorer(Protocol):
+    """What `score_captions` needs from a CLIP scorer.
+
+    `score(images, captions)` returns one CLIPScore per image; given `references` (a list of
+    reference captions per image) it returns RefCLIPScore instead. Images are RGB PIL images.
+    """
+
+    def score(
+        self,
+        images: list[Image.Image],
+        captions: list[str],
+        references: list[list[str]] | None = None,
+    ) -> Sequence[float]: ...
+
+
+@dataclass
+class EvalResult:
+    """Corpus and per-image scores, plus everything needed to say what was and wasn't scored."""
+
+    corpus: dict[str, float]
+    per_image: dict[str, dict[str, float]]
+    predictions: dict[str, str]
+    references: dict[str, list[str]]
+    missing: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = "ptb"
+    unreferenced: list[str] = field(default_factory=list)
+    unpredicted: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    image_paths: dict[str, Path] = field(default_factory=dict)
+
+
+def java_missing() -> str | None:
+    """Why the Java metrics cannot run here, or None when `java` is on PATH."""
+    return None if shutil.which("java") else JAVA_MISSING
+
+
+def _evalcap_dir() -> Path:
+    try:
+        import pycocoevalcap.spice
+    except ImportError:
+        raise EvaluationError("scoring needs pycocoevalcap: pip install 'captionkit[eval]'") from None
+    return Path(pycocoevalcap.spice.__file__).parent.parent
+
+
+def spice_missing(spice_dir: Path | None = None) -> str | None:
+    """Why SPICE cannot run (the Stanford CoreNLP 3.6.0 jars are absent), or None."""
+    lib = (spice_dir or _evalcap_dir() / "spice") / "lib"
+    needed = ["stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"]
+    absent = [name for name in needed if not (lib / name).is_file()]
+    if not absent:
+        return None
+    return (f"SPICE needs {' and '.join(absent)} in {lib}: take {'them' if len(absent) > 1 else 'it'}"
+            " from stanford-corenlp-full-2015-12-09.zip (nlp.stanford.edu/software); "
+            "captionkit never downloads them")
+
+
+# PTB writes brackets as -lrb- and friends, which pycocoevalcap keeps; other punctuation it drops.
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
+
+
+def simple_tokenize(text: str) -> str:
+    """Lowercase, split off clitics (`do n't`, `dog 's`) and drop punctuation, like PTB mostly."""
+    text = text.lower()
+    text = re.sub(r"(\w)n't\b", r"\1 n't", text)
+    text = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", text)
+    tokens = re.findall(
+        r"n't|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|[^\W_]+(?:[-.'/&][^\W_]+)*|\S", text)
+    kept = (_BRACKETS.get(t, t) for t in tokens)
+    return " ".join(t for t in kept if re.search(r"\w", t))
+
+
+def _ptb_tokenize(texts: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], list[str]]:
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenized = PTBTokenizer().tokenize({key: [{"caption": c} for c in captions]
+                                         for key, captions in texts.items()})
+    if any(len(tokenized.get(key, [])) != len(captions) for key, captions in texts.items()):
+        raise MetricUnavailable("the PTB tokenizer returned fewer lines than it was given")
+    return tokenized
+
+
+def _tokenize(
+    texts: dict[tuple[str, str], list[str]], java_problem: str | None
+) -> tuple[dict[tuple[str, str], list[str]], str, list[str]]:
+    if java_problem is None:
+        try:
+            return _ptb_tokenize(texts), "ptb", []
+        except (OSError, subprocess.SubprocessError, MetricUnavailable) as error:
+            note = f"the PTB tokenizer failed ({error}); used the {TOKENIZERS['simple']}"
+            return _simple(texts), "simple", [note]
+    return _simple(texts), "simple", []
+
+
+def _simple(texts: dict[tuple[str, str], list[str]]) -> dict[tuple[str, str], list[str]]:
+    return {key: [simple_tokenize(c) for c in captions] for key, captions in texts.items()}
+
+
+Scores = list[tuple[str, float, list[float]]]
+Tokens = dict[str, list[str]]
+
+
+def _bleu(gts: Tokens, res: Tokens) -> Scores:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    corpus, per_image = Bleu(4).compute_score(gts, res, verbose=0)
+    return [(column, corpus[n], per_image[n]) for n, column in enumerate(COLUMNS["bleu"])]
+
+
+def _start_meteor() -> Meteor | None:
+    """Start METEOR's JVM; it spends about ten seconds loading paraphrases, so start it early."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    try:
+        return Meteor()
+    except OSError:
+        return None
+
+
+def _meteor(gts: Tokens, res: Tokens, meteor: Meteor | None = None) -> Scores:
+    meteor = meteor or _start_meteor()
+    if meteor is None:
+        raise MetricUnavailable("METEOR could not start Java")
+    try:
+        corpus, per_image = meteor.compute_score(gts, res)
+    except (OSError, ValueError) as error:
+        # compute_score keeps its lock when Java dies, and Meteor.__del__ would then wait forever.
+        if meteor.lock.locked():
+            meteor.lock.release()
+        raise MetricUnavailable(f"METEOR's Java process failed ({error})") from None
+    return [("METEOR", corpus, per_image)]
+
+
+def _rouge(gts: Tokens, res: Tokens) -> Scores:
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    corpus, per_image = Rouge().compute_score(gts, res)
+    return [("ROUGE-L", corpus, list(per_image))]
+
+
+def _cider(gts: Tokens, res: Tokens) -> Scores:
+    from pycocoevalcap.cider.cider import Cider
+
+    corpus, per_image = Cider().compute_score(gts, res)
+    return [("CIDEr-D", corpus, list(per_image))]
+
+
+def _spice(gts: Tokens, res: Tokens) -> Scores:
+    reason = spice_missing()
+    if reason:
+        raise MetricUnavailable(reason)
+    from pycocoevalcap.spice.spice import Spice
+
+    try:
+        corpus, per_image = Spice().compute_score(gts, res)
+    except subprocess.CalledProcessError as error:
+        raise MetricUnavailable(
+            f"SPICE's Java process failed (exit {error.returncode}); SPICE 1.0 runs on Java 8 or "
+            "11 and is known to fail on Java 17 and newer") from None
+    except (OSError, ValueError) as error:
+        raise MetricUnavailable(f"SPICE failed ({error})") from None
+    return [("SPICE", corpus, [s["All"]["f"] for s in per_image])]
+
+
+SCORERS: dict[str, Callable[[Tokens, Tokens], Scores]] = {
+    "bleu": _bleu,
+    "meteor": _meteor,
+    "rouge": _rouge,
+    "cider": _cider,
+    "spice": _spice,
+}
+NEEDS_JAVA = frozenset({"meteor", "spice"})
+
+
+def _inputs(
+    predictions: Mapping[str, str] | Predictions,
+    references: Mapping[str, list[str]] | References,
+    image_paths: Mapping[str, Path] | None,
+) -> tuple[dict[str, str], dict[str, list[str]], list[str], dict[str, Path]]:
+    problems: list[str] = []
+    if isinstance(predictions, Predictions):
+        problems += predictions.problems
+        predictions = predictions.captions
+    if isinstance(references, References):
+        problems += references.problems
+        image_paths = references.image_paths() if image_paths is None else image_paths
+        references = references.captions
+    preds: dict[str, str] = {}
+    for name, caption in predictions.items():
+        key = image_key(name)
+        if key in preds:
+            problems.append(f"predictions: {name} has the same base name as another; "
+                            "the first is kept")
+            continue
+        preds[key] = " ".join(caption.split())
+    refs: dict[str, list[str]] = {}
+    for name, captions in references.items():
+        texts = [" ".join(c.split()) for c in captions]
+        if not texts:
+            problems.append(f"references: {name} has no reference captions")
+            continue
+        refs.setdefault(image_key(name), []).extend(texts)
+    paths = {image_key(name): Path(path) for name, path in (image_paths or {}).items()}
+    return preds, refs, problems, paths
+
+
+def score_captions(
+    predictions: Mapping[str, str] | Predictions,
+    references: Mapping[str, list[str]] | References,
+    metrics: Sequence[str] = METRICS,
+    *,
+    clip_scorer: ClipScorer | None = None,
+    image_paths: Mapping[str, Path] | None = None,
+) -> EvalResult:
+    """Score predictions against references, per image and over the corpus.
+
+    Only images with both are scored; the others are listed in the result. Metrics that cannot
+    run here (no Java, no SPICE models) are in `missing` with the reason. CIDEr-D's idf comes from
+    the scored images' references, so per-image CIDEr-D depends on the whole set.
+    """
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in SCORERS]
+    if unknown:
+        raise OptionError(f"metrics {', '.join(unknown)}: choose from {', '.join(SCORERS)}")
+    _evalcap_dir()
+    preds, refs, problems, paths = _inputs(predictions, references, image_paths)
+    matched = match_images(preds, refs)
+    names = sorted(set(matched.values()))
+    if not names:
+        raise EvaluationError(
+            f"no prediction matches a reference image ({len(preds)} predictions such as "
+            f"{next(iter(preds), '-')!r}, {len(refs)} references such as "
+            f"{next(iter(refs), '-')!r}); images are matched by base file name")
+    result = EvalResult(
+        corpus={}, per_image={name: {} for name in names},
+        predictions={ref: preds[pred] for pred, ref in sorted(matched.items(), key=lambda i: i[1])},
+        references={name: refs[name] for name in names},
+        unreferenced=sorted(set(preds) - set(matched)),
+        unpredicted=sorted(set(refs) - set(names)),
+        problems=problems,
+        image_paths={name: paths[name] for name in names if name in paths},
+    )
+    java_problem = java_missing()
+    scorers = dict(SCORERS)
+    if "meteor" in metrics and java_problem is None:
+        scorers["meteor"] = partial(_meteor, meteor=_start_meteor())
+    texts = {("ref", name): result.references[name] for name in names}
+    texts.update({("pred", name): [result.predictions[name]] for name in names})
+    tokens, result.tokenizer, notes = _tokenize(texts, java_problem)
+    result.problems += notes
+    gts = {name: tokens[("ref", name)] for name in names}
+    res = {name: tokens[("pred", name)] for name in names}
+    for metric in dict.fromkeys(metrics):
+        try:
+            if java_problem and metric in NEEDS_JAVA:
+                raise MetricUnavailable(java_problem)
+            scores = scorers[metric](gts, res)
+        except MetricUnavailable as reason:
+            result.missing.update({column: str(reason) for column in COLUMNS[metric]})
+            continue
+        for column, corpus, per_image in scores:
+            _record(result, column, corpus, per_image)
+    if clip_scorer is not None:
+        _clip(result, clip_scorer)
+    return result
+
+
+def _record(result: EvalResult, column: str, corpus: float, per_image: Sequence[float]) -> None:
+    result.corpus[column] = float(corpus)
+    for name, value in zip(result.per_image, per_image, strict=True):
+        result.per_image[name][column] = float(value)
+
+
+def _load_image(path: Path | None) -> Image.Image | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _clip(result: EvalResult, scorer: ClipScorer) -> None:
+    takes_references = "references" in inspect.signature(scorer.score).parameters
+    unreadable = []
+    values: dict[str, list[float]] = {"CLIPScore": [], "RefCLIPScore": []}
+    names = list(result.per_image)
+    for start in range(0, len(names), CLIP_BATCH):
+        batch, images = [], []
+        for name in names[start: start + CLIP_BATCH]:
+            image = _load_image(result.image_paths.get(name))
+            if image is None:
+                unreadable.append(name)
+            else:
+                batch.append(name)
+                images.append(image)
+        if not batch:
+            continue
+        captions = [result.predictions[name] for name in batch]
+        columns = {"CLIPScore": scorer.score(images, captions)}
+        if takes_references:
+            columns["RefCLIPScore"] = scorer.score(
+                images, captions, references=[result.references[name] for name in batch])
+        for column, scores in columns.items():
+            for name, value in zip(batch, scores, strict=True):
+                result.per_image[name][column] = float(value)
+                values[column].append(float(value))
+    if unreadable:
+        result.problems.append(f"no CLIPScore for {len(unreadable)} images whose files are "
+                               f"missing or unreadable, such as {unreadable[0]}")
+    for column, scores in values.items():
+        if scores:
+            result.corpus[column] = sum(scores) / len(scores)
+        elif column == "RefCLIPScore" and not takes_references:
+            result.missing[column] = "the CLIP scorer's `score` takes no `references`"
+        else:
+            result.missing[column] = ("no image files to score: pass `image_paths`, or "
+                                      "References whose root holds the images")

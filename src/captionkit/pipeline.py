@@ -1,0 +1,322 @@
+"""The captioning loop: find images, decode them in threads, caption in batches, record, export."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from captionkit import sources
+from captionkit.errors import CaptionkitError, ImageError
+from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export
+from captionkit.models.base import Caption, Captioner
+from captionkit.options import GenerationOptions
+from captionkit.store import DB_NAME, Result, Store
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything about a captioning run that is not the model or generation."""
+
+    output_dir: Path = Path("captionkit-out")
+    recursive: bool = False
+    extensions: tuple[str, ...] | None = None
+    formats: tuple[str, ...] = ("captions.txt", "jsonl")
+    caption_extension: str = ".txt"
+    sidecars_beside_images: bool = False
+    batch_size: int | None = None
+    workers: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    max_pixels: int = sources.DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+    def export_options(self) -> ExportOptions:
+        return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images)
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the end-of-run report and the exit code."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed_earlier: int = 0
+    seconds: float = 0.0
+    outputs: list[Path] = field(default_factory=list)
+    model_id: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["outputs"] = [str(path) for path in self.outputs]
+        data["images_per_second"] = round(self.images_per_second, 3)
+        return data
+
+
+@dataclass
+class _Item:
+    """An image on its way through the pipeline."""
+
+    ref: sources.ImageRef
+    size: int | None = None
+    mtime_ns: int | None = None
+    hash: str | None = None
+    image: Image.Image | None = None
+    error: str | None = None
+    prompt: str | None = None
+
+
+def default_batch_size(captioner: Captioner) -> int:
+    """Batches big enough to keep the hardware busy; CUDA out-of-memory halves them at run time."""
+    device = getattr(captioner, "device", None)
+    return 32 if getattr(device, "type", "cpu") == "cuda" else 8
+
+
+def options_key(captioner: Captioner, generation: GenerationOptions) -> str:
+    """Results are only reused for the same model and the same generation options."""
+    return f"{captioner.model_id}#{generation.key()}"
+
+
+class Pipeline:
+    """Runs one captioner over many images with a store for resume and exporters for output."""
+
+    def __init__(self, captioner: Captioner, generation: GenerationOptions,
+                 options: RunOptions) -> None:
+        self.captioner = captioner
+        self.generation = generation
+        self.options = options
+        self.key = options_key(captioner, generation)
+        self.batch_size = options.batch_size or default_batch_size(captioner)
+
+    def run(self, inputs: Sequence[str]) -> RunSummary:
+        """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
+        options = self.options
+        started = time.perf_counter()
+        options.output_dir.mkdir(parents=True, exist_ok=True)
+        refs, problems = sources.discover(inputs, recursive=options.recursive,
+                                          extensions=options.extensions,
+                                          skip_names=OUTPUT_NAMES | {DB_NAME})
+        refs = self._outside_output_dir(refs, inputs)
+        store = Store(options.output_dir / DB_NAME)
+        try:
+            summary = RunSummary(total=len(refs) + len(problems),
+                                 model_id=self.captioner.model_id)
+            run_id = store.start_run(self.captioner.model_id, self.key,
+                                     {"generation": asdict(self.generation),
+                                      "inputs": list(inputs)})
+            if options.overwrite:
+                store.forget(self.key)
+            todo = self._pending(refs, store, summary)
+            failures = [Result(path=Path(p.path), name=p.path, status="failed", error=p.reason,
+                             model_id=self.captioner.model_id) for p in problems]
+            store.record(failures, self.key, run_id)
+            summary.failed.extend((p.path, p.reason) for p in problems)
+            self._caption_all(todo, store, run_id, summary)
+            summary.seconds = time.perf_counter() - started
+            results = list(store.results(self.key))
+            summary.outputs = export(results, options.formats, options.export_options())
+            store.finish_run(run_id, summary.as_dict())
+        finally:
+            store.close()
+        return summary
+
+    def _outside_output_dir(self, refs: list[sources.ImageRef],
+                            inputs: Sequence[str]) -> list[sources.ImageRef]:
+        """Leave out files we wrote ourselves when the output folder sits inside an input folder."""
+        out = self.options.output_dir.resolve()
+        roots = [Path(i).resolve() for i in inputs if i != "-" and Path(i).is_dir()]
+        if not any(out != root and root in out.parents for root in roots):
+            return refs
+        return [ref for ref in refs if out not in ref.path.resolve().parents]
+
+    def _pending(self, refs: list[sources.ImageRef], store: Store,
+                 summary: RunSummary) -> list[_Item]:
+        """The images this run still has to caption; done and failed ones are skipped."""
+        previous = store.previous(self.key)
+        todo = []
+        for ref in refs:
+            item = _Item(ref)
+            try:
+                stat = ref.path.stat()
+                item.size, item.mtime_ns = stat.st_size, stat.st_mtime_ns
+            except OSError:
+                pass
+            row = previous.get(os.fsencode(ref.path))
+            unchanged = row is not None and (row["size"], row["mtime_ns"]) == (item.size,
+                                                                                item.mtime_ns)
+            if unchanged and row["status"] == "done":
+                summary.skipped += 1
+            elif unchanged and row["status"] == "failed" and not self.options.retry_failed:
+                summary.failed_earlier += 1
+            else:
+                todo.append(item)
+        return todo
+
+    def _load(self, item: _Item) -> _Item:
+        """Read, hash and decode one image (runs in a worker thread)."""
+        try:
+            data = sources.read_bytes(item.ref.path)
+            item.hash = sources.content_hash(data)
+            if item.hash not in self._known:
+                item.image = sources.decode(data, item.ref.name, self.captioner.input_size,
+                                            self.options.max_pixels)
+        except ImageError as err:
+            item.error = err.reason
+        return item
+
+    def _decoded(self, items: list[_Item]) -> Iterator[_Item]:
+        """Decoded items in order, with a bounded number decoding ahead of the model."""
+        workers = self.options.workers or min(8, (os.cpu_count() or 2) + 2)
+        ahead = max(2 * self.batch_size, workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="captionkit-decode") as pool:
+            queue: deque[Future[_Item]] = deque()
+            pending = iter(items)
+            for item in pending:
+                queue.append(pool.submit(self._load, item))
+                if len(queue) >= ahead:
+                    break
+            while queue:
+                yield queue.popleft().result()
+                next_item = next(pending, None)
+                if next_item is not None:
+                    queue.append(pool.submit(self._load, next_item))
+
+    def _caption_all(self, items: list[_Item], store: Store, run_id: int,
+                     summary: RunSummary) -> None:
+        self._known = store.captions_by_hash(self.key)
+        with _progress(len(items), self.options.progress) as advance:
+            batch: list[_Item] = []
+            for item in self._decoded(items):
+                batch.append(item)
+                if len(batch) >= self.batch_size:
+                    self._finish_batch(batch, store, run_id, summary)
+                    advance(len(batch))
+                    batch = []
+            if batch:
+                self._finish_batch(batch, store, run_id, summary)
+                advance(len(batch))
+
+    def _finish_batch(self, batch: list[_Item], store: Store, run_id: int,
+                      summary: RunSummary) -> None:
+        """Caption the batch's new images, reuse captions of identical files, commit."""
+        leaders: dict[str, _Item] = {}
+        for item in batch:
+            if item.error is None and item.hash not in self._known and item.hash not in leaders:
+                leaders[item.hash] = item
+        to_caption = list(leaders.values())
+        started = time.perf_counter()
+        captions = self._caption(to_caption)
+        seconds = (time.perf_counter() - started) / max(1, len(to_caption))
+        for item, outcome in zip(to_caption, captions, strict=True):
+            if isinstance(outcome, Caption):
+                self._known[item.hash] = (outcome.text, outcome.extras)
+            else:
+                item.error = outcome
+        results = []
+        for item in batch:
+            result = Result(path=item.ref.path, name=item.ref.name, status="failed",
+                            hash=item.hash, size=item.size, mtime_ns=item.mtime_ns,
+                            model_id=self.captioner.model_id)
+            if item.error is None and item.hash in self._known:
+                result.status = "done"
+                result.caption, result.extras = self._known[item.hash]
+                result.seconds = seconds if item in to_caption else 0.0
+                summary.done += 1
+                summary.duplicates += item not in to_caption
+            else:
+                result.error = item.error or "not captioned"
+                summary.failed.append((item.ref.name, result.error))
+            item.image = None
+            results.append(result)
+        store.record(results, self.key, run_id)
+
+    def _caption(self, items: list[_Item]) -> list[Caption | str]:
+        """Captions or error reasons; a failing batch is retried smaller to isolate the culprit."""
+        if not items:
+            return []
+        try:
+            return list(self.captioner.caption([i.image for i in items], self.generation,
+                                               [i.prompt or self.generation.prompt
+                                                for i in items]))
+        except CaptionkitError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a model error on one image must not end the run
+            out_of_memory = _is_out_of_memory(err)
+            if out_of_memory and len(items) > 1:
+                _free_accelerator_memory()
+                self.batch_size = max(1, min(self.batch_size, len(items)) // 2)
+            elif len(items) == 1:
+                return [f"captioning failed: {type(err).__name__}: {err}".splitlines()[0]]
+        outcomes: list[Caption | str] = []
+        while len(outcomes) < len(items):
+            # after an OOM every chunk follows the (maybe further halved) batch size;
+            # otherwise halves narrow down which image broke the model
+            size = self.batch_size if out_of_memory else max(1, len(items) // 2)
+            outcomes += self._caption(items[len(outcomes):len(outcomes) + size])
+        return outcomes
+
+
+def _is_out_of_memory(err: Exception) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _progress:
+    """A rich progress bar with images/s and ETA, or nothing when hidden."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled and total > 0
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), transient=False)
+        self.bar.start()
+        task = self.bar.add_task("caption", total=self.total, rate="")
+        started = time.perf_counter()
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            self.bar.update(task, advance=n, rate=f"{rate:.2f} img/s")
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,0 +1,426 @@
+"""Find input images and decode them safely: the first stage of the pipeline."""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import fnmatch
+import hashlib
+import io
+import os
+import stat
+import sys
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+from captionkit.errors import ImageError, InputError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+LIST_SUFFIXES = (".txt", ".lst")
+WHITE = (255, 255, 255)
+
+# Our own check in `decode` replaces Pillow's global one, which would fire first with its own wording.
+Image.MAX_IMAGE_PIXELS = None
+
+_BASE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Only formats behind the extensions above are tried: Pillow's rarer plugins (EPS runs Ghostscript)
+# are attack surface that a captioning tool has no use for.
+_BASE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+def _optional_support() -> tuple[set[str], set[str]]:
+    """Extensions and Pillow formats that depend on what is installed: HEIF, AVIF."""
+    extensions: set[str] = set()
+    formats: set[str] = set()
+    if "avif" in features.modules and features.check_module("avif"):
+        extensions.add(".avif")
+        formats.add("AVIF")
+    try:
+        import pillow_heif
+    except ImportError:
+        return extensions, formats
+    pillow_heif.register_heif_opener()
+    extensions |= {".heic", ".heif"}
+    formats.add("HEIF")
+    # pillow-heif dropped its AVIF opener once Pillow decoded AVIF itself.
+    if ".avif" not in extensions and hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+        extensions.add(".avif")
+        formats.add("AVIF")
+    return extensions, formats
+
+
+_OPTIONAL_EXTENSIONS, _OPTIONAL_FORMATS = _optional_support()
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(_BASE_EXTENSIONS | _OPTIONAL_EXTENSIONS)
+IMAGE_FORMATS: tuple[str, ...] = _BASE_FORMATS + tuple(sorted(_OPTIONAL_FORMATS))
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image to caption: where it is and the name it is exported under."""
+
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something found while discovering inputs that cannot be captioned, and why."""
+
+    path: str
+    reason: str
+
+
+def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterable[str] | None = None,
+             skip_names: Collection[str] = ()) -> tuple[list[ImageRef], list[Problem]]:
+    """Expand files, folders, globs, list files and `-` (stdin list) into unique images, in order.
+
+    Raises InputError for an input that does not exist or matches nothing.
+    """
+    finder = _Finder(recursive, _normalise_extensions(extensions), extensions is not None,
+                     frozenset(skip_names))
+    refs: dict[str, ImageRef] = {}
+    for item in inputs:
+        try:
+            found = finder.expand(os.fspath(item))
+        except _Unusable as error:
+            raise InputError(f"{_printable(item)}: {error}") from None
+        for path, name in found:
+            path = os.path.abspath(path)
+            refs.setdefault(path, ImageRef(Path(path), _printable(name)))
+    return list(refs.values()), finder.problems
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole file; raises ImageError with a one-line reason."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ImageError(_printable(path), "not a regular file")
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ImageError(_printable(path), _os_reason(error, path)) from None
+    if not data:
+        raise ImageError(_printable(path), "empty file (0 bytes)")
+    return data
+
+
+def content_hash(data: bytes) -> str:
+    """A 32-hex-character digest of the file's bytes, the key that makes runs resumable."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def decode(data: bytes, name: str, target_size: int | None = None,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An upright, fully loaded RGB image whose short side stays >= `target_size` when it was.
+
+    Raises ImageError for anything that is not a decodable image within `max_pixels`.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(name, f"decompression bomb: {width}x{height} = {width * height} "
+                                       f"pixels is over the limit of {max_pixels} "
+                                       "(raise it with --max-pixels)")
+            if target_size and image.format in ("JPEG", "MPO"):
+                # Decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below the requested size.
+                image.draft("RGB", (target_size, target_size))
+            return _finish(image, target_size)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, _unidentified_reason(data)) from None
+    except Exception as error:  # Pillow's decoders raise many types; all mean a bad file
+        raise ImageError(name, _failure_reason(error)) from None
+
+
+def load_image(source: str | Path | Image.Image, target_size: int | None = None) -> Image.Image:
+    """A path or a PIL image as an upright RGB image, the way the pipeline would see it."""
+    if not isinstance(source, Image.Image):
+        return decode(read_bytes(Path(source)), _printable(source), target_size)
+    try:
+        return _finish(source, target_size)
+    except Exception as error:
+        shown = _printable(source.filename) if getattr(source, "filename", "") else "<image>"
+        raise ImageError(shown, _failure_reason(error)) from None
+
+
+class _Unusable(Exception):
+    """An input that yields nothing: fatal on the command line, a Problem inside a list."""
+
+
+@dataclass
+class _Finder:
+    """The state of one `discover` call: what to look for, and the problems met so far."""
+
+    recursive: bool
+    extensions: frozenset[str]
+    filtered: bool
+    skip_names: frozenset[str]
+    problems: list[Problem] = field(default_factory=list)
+
+    def expand(self, item: str, relative_to: str = "", listed: bool = False) -> list[tuple[str, str]]:
+        """(path, export name) pairs for one input or one line of a list."""
+        item = os.path.expanduser(item)
+        if item == "-" and not listed:
+            return self.list_lines(_read_stdin(), "", "standard input")
+        path = os.path.join(relative_to, item)
+        if os.path.isdir(path):
+            return self.folder(path)
+        if os.path.lexists(path):
+            return self.file(path, _listed_name(item) if listed else os.path.basename(path), listed)
+        if any(char in item for char in "*?["):
+            return self.glob(item, relative_to)
+        raise _Unusable("no such file or folder")
+
+    def file(self, path: str, name: str, listed: bool) -> list[tuple[str, str]]:
+        basename = os.path.basename(path)
+        if basename in self.skip_names:
+            return []
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            raise _Unusable(_os_reason(error, path)) from None
+        if not stat.S_ISREG(mode):
+            raise _Unusable("not a regular file")
+        if not listed and basename.lower().endswith(LIST_SUFFIXES):
+            return self.list_file(path)
+        # A file named directly is tried whatever its extension, unless the user restricted them.
+        if self.filtered and os.path.splitext(basename)[1].lower() not in self.extensions:
+            return []
+        return [(path, name)]
+
+    def list_file(self, path: str) -> list[tuple[str, str]]:
+        try:
+            with open(path, "rb") as file:
+                text = os.fsdecode(file.read())
+        except OSError as error:
+            raise _Unusable(_os_reason(error, path)) from None
+        return self.list_lines(text, os.path.dirname(path), _printable(path))
+
+    def list_lines(self, text: str, folder: str, source: str) -> list[tuple[str, str]]:
+        lines = enumerate(text.removeprefix("\ufeff").split("\n"), 1)
+        entries = [(number, line.strip()) for number, line in lines
+                   if line.strip() and not line.strip().startswith("#")]
+        if not entries:
+            raise _Unusable("lists no paths")
+        found = []
+        for number, entry in entries:
+            try:
+                found += self.expand(entry, folder, listed=True)
+            except _Unusable as error:
+                where = _printable(os.path.abspath(os.path.join(folder, entry)))
+                self.problems.append(Problem(where, f"{error} (listed in {source} line {number})"))
+        return found
+
+    def folder(self, path: str) -> list[tuple[str, str]]:
+        problems_before = len(self.problems)
+        found = [(file, "/".join(parts)) for file, parts in self.walk(
+            path, lambda parts: self.wants(parts[-1]), lambda parts: self.recursive)]
+        if not found and len(self.problems) == problems_before:
+            hint = "" if self.recursive else " (subfolders are searched with --recursive)"
+            raise _Unusable(f"no images found{hint}")
+        return found
+
+    def glob(self, pattern: str, relative_to: str) -> list[tuple[str, str]]:
+        parts = PurePath(pattern).parts
+        fixed = next(index for index, part in enumerate(parts) if any(c in part for c in "*?["))
+        base = os.path.join(relative_to, *parts[:fixed]) if fixed else relative_to or "."
+        rest = parts[fixed:]
+        if not os.path.isdir(base):
+            raise _Unusable("matches no images")
+        problems_before = len(self.problems)
+        found = [(file, "/".join(parts)) for file, parts in self.walk(
+            base, lambda parts: self.wants(parts[-1]) and _glob_match(rest, parts),
+            lambda parts: _glob_match(rest, parts, partial=True))]
+        if not found and len(self.problems) == problems_before:
+            raise _Unusable("matches no images")
+        return found
+
+    def wants(self, name: str) -> bool:
+        """Whether a file met inside a folder is an image to caption."""
+        return (not name.startswith(".") and name not in self.skip_names
+                and os.path.splitext(name)[1].lower() in self.extensions)
+
+    def walk(self, root: str, wanted: Callable[[tuple[str, ...]], bool],
+             descend: Callable[[tuple[str, ...]], bool]) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Wanted regular files under `root` in name order, with their path parts below it."""
+        yield from self._walk(os.path.abspath(root), (), wanted, descend, frozenset())
+
+    def _walk(self, folder: str, parts: tuple[str, ...], wanted: Callable[[tuple[str, ...]], bool],
+              descend: Callable[[tuple[str, ...]], bool],
+              ancestors: frozenset[tuple[int, int]]) -> Iterator[tuple[str, tuple[str, ...]]]:
+        try:
+            identity = _identity(folder)
+            if identity in ancestors:
+                # A link back to a folder we are inside: following it would never end.
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            if not parts:
+                raise _Unusable(_os_reason(error, folder)) from None
+            self.problems.append(Problem(_printable(folder), _os_reason(error, folder)))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            below = (*parts, entry.name)
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:  # a symbolic link loop raises here instead of reading as neither
+                is_dir = is_file = False
+            if is_dir:
+                if descend(below):
+                    yield from self._walk(entry.path, below, wanted, descend, ancestors | {identity})
+            elif wanted(below):
+                if is_file:
+                    yield entry.path, below
+                else:
+                    self.problems.append(Problem(_printable(entry.path),
+                                                 _unusable_reason(entry.path)))
+
+
+def _glob_match(pattern: tuple[str, ...], parts: tuple[str, ...], partial: bool = False) -> bool:
+    """Whether `parts` match `pattern` component by component (`**` spans folders).
+
+    With `partial`, whether `parts` could be the start of a match, i.e. worth descending into.
+    """
+    if not pattern:
+        return not parts
+    if not parts:
+        return partial or all(part == "**" for part in pattern)
+    if pattern[0] == "**":
+        return _glob_match(pattern[1:], parts, partial) or _glob_match(pattern, parts[1:], partial)
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(pattern[1:], parts[1:], partial)
+
+
+def _listed_name(entry: str) -> str:
+    """A relative list entry keeps its folders, so `a/x.jpg` and `b/x.jpg` export apart."""
+    relative = os.path.normpath(entry)
+    if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return os.path.basename(relative)
+    return PurePath(relative).as_posix()
+
+
+def _read_stdin() -> str:
+    # Bytes when there are any, so file names that are not UTF-8 survive the round trip.
+    buffer = getattr(sys.stdin, "buffer", None)
+    return os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
+
+
+def _normalise_extensions(extensions: Iterable[str] | None) -> frozenset[str]:
+    if extensions is None:
+        return IMAGE_EXTENSIONS
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    return frozenset("." + extension.strip().lstrip(".").lower() for extension in extensions)
+
+
+def _identity(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _unusable_reason(path: str) -> str:
+    """Why a folder entry that is neither a file nor a folder cannot be read."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return _os_reason(error, path)
+    return "not a regular file"
+
+
+def _os_reason(error: OSError, path: str | Path) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "broken symbolic link" if os.path.islink(path) else "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder"
+    return _one_line(error.strerror or error)
+
+
+def _printable(path: str | os.PathLike[str]) -> str:
+    """Valid UTF-8 for messages and export names; undecodable bytes become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _finish(image: Image.Image, target_size: int | None) -> Image.Image:
+    """Load, turn upright, convert to RGB and shrink; the result shares nothing with `image`."""
+    image.load()
+    rgb = _to_rgb(_upright(image))
+    factor = min(rgb.size) // target_size if target_size else 1
+    # An integer box reduction keeps the short side >= target_size and is far cheaper than resizing.
+    return rgb.reduce(factor) if factor >= 2 else rgb
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A new image turned by its EXIF orientation."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block should cost the orientation, not the picture
+        return image.copy()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with high-bit-depth scaled (not clipped) and transparency composited on white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _to_8bit(image).convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Greyscale "L" from 16-bit, 32-bit integer or float pixels.
+
+    16-bit maps 0..65535, integers that fit 0..65535 likewise, floats that fit 0..1 map 0..1;
+    anything else is stretched from its own minimum to maximum.
+    """
+    nominal = 1.0 if image.mode == "F" else 65535
+    if image.mode.startswith("I;16"):
+        image, low, high = image.convert("I"), 0, nominal
+    else:
+        low, high = image.getextrema()
+        if low >= 0 and high <= nominal:
+            low, high = 0, nominal
+    scale = 255 / (high - low) if high > low else 0.0
+    return image.point(lambda value: value * scale - low * scale).convert("L")
+
+
+def _unidentified_reason(data: bytes) -> str:
+    head = data[:512]
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and "HEIF" not in IMAGE_FORMATS:
+        return "unsupported format (HEIC/HEIF needs pillow-heif: pip install 'captionkit[heif]')"
+    if not head:
+        return "not an image (no data)"
+    try:
+        # Incremental, so a character cut in two at the end of `head` is not an error.
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(char.isprintable() or char in "\t\n\r\f" for char in text):
+        return "not an image (looks like text)"
+    return "not an image (unrecognised format)"
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, EOFError) or "truncated" in str(error).lower():
+        return "truncated image data"
+    return f"corrupt image data ({_one_line(error)})"
+
+
+def _one_line(error: object) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

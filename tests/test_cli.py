@@ -1,0 +1,128 @@
+"""The `captionkit` command as a user runs it: real subprocesses, real files, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+CLI = [sys.executable, "-m", "captionkit"]
+
+
+def captionkit(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          **kwargs)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_caption_folder_writes_every_format(blip_dir, photo_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = captionkit("caption", photo_dir, "--model", blip_dir, "-o", out, "--format", "all",
+                      "--dtype", "float32", "--max-new-tokens", "5", "-q")
+    assert "8 captioned" in proc.stderr
+    assert len((out / "captions.txt").read_text().splitlines()) == 8
+    assert (out / "astronaut.txt").is_file() and (out / "captions.csv").is_file()
+    assert (out / "captionkit.db").is_file()
+
+
+def test_strict_exit_code_and_failure_listing(blip_dir, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    common = ["caption", images, "--model", blip_dir, "-o", tmp_path / "out", "--dtype",
+              "float32", "--max-new-tokens", "4", "-q"]
+    relaxed = captionkit(*common)
+    assert "broken.jpg" in relaxed.stderr and "1 failed" in relaxed.stderr
+    strict = captionkit(*common, "--strict", "--retry-failed", check=False)
+    assert strict.returncode == 1
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
+    proc = captionkit("caption", photo_dir, "--model", "./missing-model", "-o", tmp_path,
+                      check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing-model" in proc.stderr
+    proc = captionkit("caption", tmp_path / "nope", "-o", tmp_path, "--model", "objects",
+                      check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_inputs_from_stdin_and_export(blip_dir, photo_dir, tmp_path):
+    out = tmp_path / "out"
+    listing = "\n".join(str(p) for p in sorted(photo_dir.glob("c*.png")))
+    captionkit("caption", "-", "--model", blip_dir, "-o", out, "--dtype", "float32",
+               "--max-new-tokens", "4", "-q", input=listing)
+    assert len((out / "captions.txt").read_text().splitlines()) == 4
+    (out / "captions.txt").unlink()
+    captionkit("export", out, "--format", "captions.txt,csv")
+    assert len((out / "captions.txt").read_text().splitlines()) == 4
+    assert (out / "captions.csv").is_file()
+
+
+def test_models_lists_the_registry():
+    proc = captionkit("models")
+    for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):
+        assert alias in proc.stdout
+
+
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photos, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(40):
+        photo = photos[index % len(photos)].resize((96 + index, 96))
+        photo.save(images / f"img{index:03d}.png")
+    args = ["caption", images, "--model", blip_dir, "--dtype", "float32", "--batch-size", "2",
+            "--min-new-tokens", "16", "--max-new-tokens", "16", "-q", "--format", "all"]
+    reference = tmp_path / "reference"
+    captionkit(*args, "-o", reference)
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, *map(str, args), "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(out / "captionkit.db") as db:
+                done = db.execute("SELECT count(*) FROM results").fetchone()[0]
+        except sqlite3.Error:
+            done = 0
+        if done >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 6 <= done < 40
+    resumed = captionkit(*args, "-o", out)
+    assert "already done" in resumed.stderr
+    for name in ("captions.txt", "captions.csv"):
+        produced = (out / name).read_text().replace(str(out), "")
+        expected = (reference / name).read_text().replace(str(reference), "")
+        if name == "captions.csv":  # timings differ between runs; compare image and caption
+            produced = [line.split(",")[:2] for line in produced.splitlines()]
+            expected = [line.split(",")[:2] for line in expected.splitlines()]
+        assert produced == expected
+    for sidecar in (reference).glob("*.txt"):
+        assert (out / sidecar.name).read_text() == sidecar.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_reported(blip_dir, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    locked = images / "locked.png"
+    Image.new("RGB", (64, 64)).save(locked)
+    locked.chmod(0)
+    proc = captionkit("caption", images, "--model", blip_dir, "-o", tmp_path / "out", "-q",
+                      "--dtype", "float32", "--max-new-tokens", "3")
+    assert "permission denied" in proc.stderr

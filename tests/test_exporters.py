@@ -1,0 +1,72 @@
+"""Output formats: captions.txt, sidecars (mirrored or beside images), JSONL, CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from captionkit.errors import OptionError
+from captionkit.exporters import ExportOptions, atomic_write, export, parse_formats
+from captionkit.store import Result
+
+
+@pytest.fixture
+def results(tmp_path) -> list[Result]:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    return [
+        Result(path=images / "a.jpg", name="a.jpg", status="done", caption="a dog\non grass",
+               extras={"clip_score": 0.71}, hash="h1", model_id="m"),
+        Result(path=images / "sub" / "b.png", name="sub/b.png", status="done",
+               caption='a "quoted", comma', hash="h2", model_id="m"),
+        Result(path=images / "c.jpg", name="c.jpg", status="failed", error="truncated image data",
+               model_id="m"),
+    ]
+
+
+def test_captions_txt_lists_done_images_one_line_each(results, tmp_path):
+    out = tmp_path / "out"
+    export(results, ["captions.txt"], ExportOptions(out))
+    assert (out / "captions.txt").read_text() == "a.jpg: a dog on grass\nsub/b.png: a \"quoted\", comma\n"
+
+
+def test_sidecars_mirror_the_tree_or_sit_beside_images(results, tmp_path):
+    out = tmp_path / "out"
+    written = export(results, ["txt"], ExportOptions(out, caption_extension=".caption"))
+    assert sorted(p.relative_to(out).as_posix() for p in written) == ["a.caption", "sub/b.caption"]
+    assert (out / "a.caption").read_text() == "a dog on grass\n"
+    export(results, ["txt"], ExportOptions(out, sidecars_beside_images=True))
+    assert (tmp_path / "images" / "sub" / "b.txt").read_text() == 'a "quoted", comma\n'
+    assert not (tmp_path / "images" / "c.txt").exists()
+
+
+def test_jsonl_and_csv_keep_every_field(results, tmp_path):
+    out = tmp_path / "out"
+    export(results, parse_formats("jsonl,csv"), ExportOptions(out))
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["done", "done", "failed"]
+    assert records[0]["clip_score"] == 0.71 and records[2]["error"] == "truncated image data"
+    rows = list(csv.DictReader((out / "captions.csv").open(encoding="utf-8")))
+    assert rows[1]["caption"] == 'a "quoted", comma'
+    assert rows[0]["clip_score"] == "0.71"
+
+
+def test_parse_formats():
+    assert parse_formats("all") == ["captions.txt", "txt", "jsonl", "csv"]
+    with pytest.raises(OptionError, match="choose from"):
+        parse_formats("xml")
+    with pytest.raises(OptionError, match="must start with"):
+        export([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="x")], ["txt"],
+               ExportOptions(Path("/tmp"), caption_extension="txt"))
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "captions.txt"
+    atomic_write(target, "old\n")
+    atomic_write(target, "new\n")
+    assert target.read_text() == "new\n"
+    assert target.stat().st_mode & 0o644 == 0o644, "outputs are readable by others, like any file"
+    assert [p.name for p in tmp_path.iterdir()] == ["captions.txt"]

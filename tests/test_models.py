@@ -1,0 +1,188 @@
+"""The registry and the Hugging Face adapters, checked against plain transformers as the oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import captionkit
+from captionkit import hub
+from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
+from captionkit.models import MODELS, choose_auto, load
+from captionkit.models.registry import detect_family
+from captionkit.options import GenerationOptions, LoadOptions
+
+FP32 = LoadOptions(device="cpu", dtype="float32")
+
+
+def reference_captions(family: str, path, images, max_new_tokens: int, prompt=None) -> list[str]:
+    """What the model cards' own recipes produce: processor + generate + decode, one image."""
+    import transformers
+
+    texts = []
+    for image in images:
+        if family == "vit-gpt2":
+            model = transformers.VisionEncoderDecoderModel.from_pretrained(path).eval()
+            pixels = transformers.AutoImageProcessor.from_pretrained(path)(
+                images=[image], return_tensors="pt").pixel_values
+            ids = model.generate(pixels, max_new_tokens=max_new_tokens)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            texts.append(tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip())
+            continue
+        processor = transformers.AutoProcessor.from_pretrained(path)
+        model_class = {"blip": transformers.BlipForConditionalGeneration,
+                       "git": transformers.GitForCausalLM,
+                       "blip2": transformers.Blip2ForConditionalGeneration}[family]
+        model = model_class.from_pretrained(path).eval()
+        if family == "git" and prompt is not None:
+            inputs = {"pixel_values": processor(images=image, return_tensors="pt").pixel_values}
+            ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
+            inputs["input_ids"] = torch.tensor([[processor.tokenizer.cls_token_id, *ids]])
+        elif prompt is not None:
+            inputs = processor(images=image, text=prompt, return_tensors="pt")
+        else:
+            inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        if family in ("git", "blip2") and prompt is not None:
+            ids = ids[:, inputs["input_ids"].shape[1]:]
+        texts.append(processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
+    return texts
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2"])
+def test_captions_equal_the_transformers_reference(family, tiny_models, photos):
+    captioner = load(str(tiny_models[family]), FP32)
+    options = GenerationOptions(max_new_tokens=8)
+    ours = [c.text for c in captioner.caption(photos[:3], options)]
+    assert ours == reference_captions(family, tiny_models[family], photos[:3], 8)
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "blip2"])
+def test_prompted_captions_equal_the_reference(family, tiny_models, photos):
+    captioner = load(str(tiny_models[family]), FP32)
+    prompt = "a photo of"
+    ours = [c.text for c in captioner.caption(photos[:2], GenerationOptions(max_new_tokens=6,
+                                                                            prompt=prompt))]
+    assert ours == reference_captions(family, tiny_models[family], photos[:2], 6, prompt=prompt)
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2"])
+def test_batch_equals_one_at_a_time_in_float32(family, tiny_models, photos):
+    captioner = load(str(tiny_models[family]), FP32)
+    options = GenerationOptions(max_new_tokens=8)
+    batched = [c.text for c in captioner.caption(photos, options)]
+    alone = [captioner.caption([image], options)[0].text for image in photos]
+    assert batched == alone
+    assert len(set(batched)) > 1, "the tiny model should see differences between photos"
+
+
+def test_mixed_prompts_in_one_batch_match_separate_calls(tiny_models, photos):
+    captioner = load(str(tiny_models["blip"]), FP32)
+    options = GenerationOptions(max_new_tokens=5)
+    prompts = ["a photo of", None, "a picture of", None]
+    mixed = [c.text for c in captioner.caption(photos[:4], options, prompts)]
+    for image, prompt, text in zip(photos[:4], prompts, mixed, strict=True):
+        single = captioner.caption([image], GenerationOptions(max_new_tokens=5, prompt=prompt))
+        assert single[0].text == text
+    assert mixed[0].startswith("a photo of")
+
+
+def test_family_detected_from_config(tiny_models):
+    expected = {"blip": "blip", "git": "git", "vit-gpt2": "vision-encoder-decoder",
+                "blip2": "blip-2"}
+    for name, family in expected.items():
+        assert detect_family(tiny_models[name]) == family
+
+
+def test_unknown_model_type_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ModelNotFoundError, match="'bert' is not a captioner"):
+        load(str(tmp_path), FP32)
+
+
+def test_missing_local_directory_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="no such model directory"):
+        load("./no/such/checkpoint", FP32)
+
+
+def test_uncached_hub_model_fails_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache.*offline"):
+        load("blip-base", FP32)
+
+
+def test_uncached_hub_model_fails_fast_when_unreachable(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(ModelUnavailableError, match="cannot be reached"):
+        load("Salesforce/blip-image-captioning-large", FP32)
+
+
+def test_cached_hub_snapshot_is_found_without_network(monkeypatch, tmp_path, blip_dir):
+    """A snapshot laid out like the Hub cache loads by its repo id with the network off."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--Salesforce--blip-image-captioning-large" / "snapshots" / "abc123"
+    shutil.copytree(blip_dir, snapshot)
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.cached_snapshot("Salesforce/blip-image-captioning-large") == snapshot
+    assert choose_auto()[0] == "blip-large"
+    captioner = load("blip-large", FP32)
+    assert captioner.model_id == "Salesforce/blip-image-captioning-large"
+
+
+def test_auto_falls_back_to_objects_when_blip_large_is_absent(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    name, reason = choose_auto()
+    assert name == "objects"
+    assert "not in the Hugging Face cache" in reason
+
+
+def test_registry_lists_required_aliases():
+    required = {"blip-base", "blip-large", "blip2-opt-2.7b", "blip2-flan-t5-xl", "git-base",
+                "git-large", "vit-gpt2", "objects"}
+    assert required <= set(MODELS)
+    for spec in MODELS.values():
+        assert spec.params and spec.license and spec.memory
+
+
+def test_python_api_accepts_paths_and_images(blip_dir, photo_dir, photos):
+    model = captionkit.load(str(blip_dir), device="cpu", dtype="float32")
+    from_path = model.caption(photo_dir / "astronaut.png", max_new_tokens=6)
+    from_image = model.caption([photos[0], str(photo_dir / "chelsea.png")], max_new_tokens=6)
+    assert isinstance(from_path, str) and from_path == from_image[0]
+    assert len(from_image) == 2
+
+
+def test_bfloat16_path_runs(blip_dir, photos):
+    captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype="bfloat16"))
+    assert captioner.model.dtype == torch.bfloat16
+    assert len(captioner.caption(photos[:2], GenerationOptions(max_new_tokens=4))) == 2
+
+
+def test_impossible_options_are_refused(blip_dir):
+    with pytest.raises(OptionError, match="float16 is not supported on the CPU"):
+        load(str(blip_dir), LoadOptions(device="cpu", dtype="float16"))
+    with pytest.raises(OptionError, match="need a CUDA GPU"):
+        load(str(blip_dir), LoadOptions(device="cpu", load_in_8bit=True))
+    with pytest.raises(OptionError, match="mutually exclusive"):
+        LoadOptions(load_in_8bit=True, load_in_4bit=True)
+    with pytest.raises(OptionError, match="only apply with --do-sample"):
+        GenerationOptions(temperature=0.7)
+
+
+def test_vit_gpt2_refuses_a_prompt(tiny_models, photos):
+    captioner = load(str(tiny_models["vit-gpt2"]), FP32)
+    with pytest.raises(OptionError, match="does not take a text prompt"):
+        captioner.caption(photos[:1], GenerationOptions(prompt="a photo of"))

@@ -1,0 +1,136 @@
+"""The captioning loop: bad input, resume, dedupe, batching, error isolation and OOM halving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from captionkit.models import load
+from captionkit.options import GenerationOptions, LoadOptions
+from captionkit.pipeline import Pipeline, RunOptions
+
+GEN = GenerationOptions(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def captioner(blip_dir):
+    return load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
+
+
+@pytest.fixture
+def folder(tmp_path, photo_dir) -> Path:
+    """Real photos plus every kind of bad file a crawl turns up."""
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    shutil.copy(images / "coffee.png", images / "coffee copy.png")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_text("this is not an image\n")
+    data = (images / "rocket.png").read_bytes()
+    (images / "cut.png").write_bytes(data[: len(data) // 2])
+    return images
+
+
+def run(captioner, inputs, output_dir, **options):
+    return Pipeline(captioner, GEN, RunOptions(output_dir=output_dir, progress=False,
+                                               **options)).run([str(i) for i in inputs])
+
+
+def captions_txt(output_dir: Path) -> dict[str, str]:
+    lines = (output_dir / "captions.txt").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_bad_files_are_recorded_and_good_ones_captioned(captioner, folder, tmp_path):
+    out = tmp_path / "out"
+    summary = run(captioner, [folder], out)
+    assert summary.done == 9 and summary.duplicates == 1
+    reasons = dict(summary.failed)
+    assert set(reasons) == {"empty.jpg", "notes.jpg", "cut.png"}
+    assert "empty" in reasons["empty.jpg"] and "truncated" in reasons["cut.png"]
+    captions = captions_txt(out)
+    assert len(captions) == 9 and captions["coffee copy.png"] == captions["coffee.png"]
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert {r["image"] for r in records if r["status"] == "failed"} == set(reasons)
+
+
+def test_rerun_resumes_and_flags_control_retries(captioner, folder, tmp_path):
+    out = tmp_path / "out"
+    first = run(captioner, [folder], out)
+    again = run(captioner, [folder], out)
+    assert (again.done, again.skipped, again.failed_earlier) == (0, 9, 3)
+    assert captions_txt(out) == captions_txt(out)  # outputs rebuilt from the store
+    retried = run(captioner, [folder], out, retry_failed=True)
+    assert retried.done == 0 and len(retried.failed) == 3
+    (folder / "empty.jpg").write_bytes((folder / "horse.png").read_bytes())
+    fixed = run(captioner, [folder], out)
+    assert fixed.done == 1, "a changed file is captioned again"
+    redo = run(captioner, [folder], out, overwrite=True)
+    assert redo.done == first.done + 1
+    assert captions_txt(out)["empty.jpg"] == captions_txt(out)["horse.png"]
+
+
+def test_batch_size_does_not_change_captions(captioner, photo_dir, tmp_path):
+    run(captioner, [photo_dir], tmp_path / "one", batch_size=1)
+    run(captioner, [photo_dir], tmp_path / "many", batch_size=5)
+    assert captions_txt(tmp_path / "one") == captions_txt(tmp_path / "many")
+
+
+def test_generation_options_are_kept_apart_in_the_store(captioner, photo_dir, tmp_path):
+    out = tmp_path / "out"
+    run(captioner, [photo_dir], out)
+    other = Pipeline(captioner, GenerationOptions(max_new_tokens=3),
+                     RunOptions(output_dir=out, progress=False)).run([str(photo_dir)])
+    assert other.done == 8 and other.skipped == 0
+
+
+def test_output_folder_inside_the_input_is_not_captioned(captioner, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    out = images / "captions-out"
+    out.mkdir()
+    shutil.copy(images / "horse.png", out / "copied.png")
+    summary = run(captioner, [images], out, recursive=True)
+    assert summary.done == 8
+    assert "captions-out/copied.png" not in captions_txt(out)
+
+
+class Flaky:
+    """Wraps a real captioner and fails on solid red images or on batches above a size."""
+
+    def __init__(self, inner, oom_above: int | None = None):
+        self.inner, self.oom_above = inner, oom_above
+        self.model_id, self.input_size = inner.model_id, inner.input_size
+        self.batch_sizes: list[int] = []
+
+    def caption(self, images, options, prompts=None):
+        self.batch_sizes.append(len(images))
+        if self.oom_above and len(images) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any(image.getextrema() == ((255, 255), (0, 0), (0, 0)) for image in images):
+            raise ValueError("solid red images upset this model")
+        return self.inner.caption(images, options, prompts)
+
+
+def test_a_model_error_fails_only_the_image_that_caused_it(captioner, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), "red").save(images / "tiny.png")
+    summary = run(Flaky(captioner), [images], tmp_path / "out", batch_size=4)
+    assert summary.done == 8
+    assert summary.failed == [("tiny.png", "captioning failed: ValueError: solid red images upset "
+                                           "this model")]
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(captioner, photo_dir, tmp_path):
+    flaky = Flaky(captioner, oom_above=2)
+    summary = run(flaky, [photo_dir], tmp_path / "out", batch_size=8)
+    assert summary.done == 8 and not summary.failed
+    assert flaky.batch_sizes[:3] == [8, 4, 2] and max(flaky.batch_sizes[2:]) == 2
+    run(captioner, [photo_dir], tmp_path / "plain", batch_size=8)
+    assert captions_txt(tmp_path / "out") == captions_txt(tmp_path / "plain")

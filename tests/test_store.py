@@ -1,0 +1,54 @@
+"""The SQLite run store: schema, WAL, per-batch transactions, lookups used for resume."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from captionkit.store import DB_NAME, MIGRATIONS, Result, Store
+
+
+def test_schema_is_migrated_and_wal_enabled(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    reopened = Store(tmp_path / DB_NAME)  # a second open must not re-run migrations
+    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_record_and_read_back_with_non_utf8_paths(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    run = store.start_run("m", "m#1", {"x": 1})
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    results = [Result(path=odd, name="caf\ufffd.jpg", status="done", caption="a cat",
+                      extras={"score": 0.5}, hash="h1", model_id="m"),
+               Result(path=tmp_path / "b.jpg", name="b.jpg", status="failed", error="truncated",
+                      model_id="m")]
+    store.record(results, "m#1", run)
+    back = list(store.results("m#1"))
+    assert [r.path for r in back] == [tmp_path / "b.jpg", odd]
+    assert back[1].extras == {"score": 0.5}
+    assert store.captions_by_hash("m#1") == {"h1": ("a cat", {"score": 0.5})}
+    assert set(store.previous("m#1")) == {os.fsencode(odd), os.fsencode(tmp_path / "b.jpg")}
+    assert store.latest_options_key() == "m#1"
+
+
+def test_results_of_other_option_sets_are_separate(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    run = store.start_run("m", "k1", {})
+    store.record([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="x")], "k1", run)
+    store.record([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="y")], "k2", run)
+    assert [r.caption for r in store.results("k1")] == ["x"]
+    store.forget("k1")
+    assert list(store.results("k1")) == []
+    assert [r.caption for r in store.results("k2")] == ["y"]
+
+
+def test_other_connections_see_committed_batches(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    run = store.start_run("m", "k", {})
+    store.record([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="x")], "k", run)
+    other = sqlite3.connect(tmp_path / DB_NAME)
+    assert other.execute("SELECT count(*) FROM results").fetchone()[0] == 1
