@@ -28,7 +28,7 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {spec.alias: spec for spec in [
-    ModelSpec("objects", "built-in", "objects", "8M", "Apache-2.0 (weights: see README)",
+    ModelSpec("objects", "built-in", "objects", "21.5M", "Apache-2.0 + SSD weights: unstated",
               "0.3 GB RAM", "offline default: COCO detector + ImageNet classifier, no download"),
     ModelSpec("blip-base", "Salesforce/blip-image-captioning-base", "blip", "247M", "BSD-3-Clause",
               "1.5 GB RAM / 1 GB VRAM"),
