@@ -34,14 +34,15 @@ def reference_captions(family: str, path, images, max_new_tokens: int, prompt=No
         processor = transformers.AutoProcessor.from_pretrained(path)
         model_class = {"blip": transformers.BlipForConditionalGeneration,
                        "git": transformers.GitForCausalLM,
-                       "blip2": transformers.Blip2ForConditionalGeneration}[family]
+                       "blip2": transformers.Blip2ForConditionalGeneration,
+                       "blip2-t5": transformers.Blip2ForConditionalGeneration}[family]
         model = model_class.from_pretrained(path).eval()
         if family == "git" and prompt is not None:
             inputs = {"pixel_values": processor(images=image, return_tensors="pt").pixel_values}
             ids = processor.tokenizer(prompt, add_special_tokens=False).input_ids
             inputs["input_ids"] = torch.tensor([[processor.tokenizer.cls_token_id, *ids]])
-        elif prompt is not None:
-            inputs = processor(images=image, text=prompt, return_tensors="pt")
+        elif prompt is not None or family == "blip2-t5":
+            inputs = processor(images=image, text=prompt or "", return_tensors="pt")
         else:
             inputs = processor(images=image, return_tensors="pt")
         with torch.no_grad():
@@ -52,7 +53,7 @@ def reference_captions(family: str, path, images, max_new_tokens: int, prompt=No
     return texts
 
 
-@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2"])
+@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2", "blip2-t5"])
 def test_captions_equal_the_transformers_reference(family, tiny_models, photos):
     captioner = load(str(tiny_models[family]), FP32)
     options = GenerationOptions(max_new_tokens=8)
@@ -60,7 +61,7 @@ def test_captions_equal_the_transformers_reference(family, tiny_models, photos):
     assert ours == reference_captions(family, tiny_models[family], photos[:3], 8)
 
 
-@pytest.mark.parametrize("family", ["blip", "git", "blip2"])
+@pytest.mark.parametrize("family", ["blip", "git", "blip2", "blip2-t5"])
 def test_prompted_captions_equal_the_reference(family, tiny_models, photos):
     captioner = load(str(tiny_models[family]), FP32)
     prompt = "a photo of"
@@ -69,7 +70,7 @@ def test_prompted_captions_equal_the_reference(family, tiny_models, photos):
     assert ours == reference_captions(family, tiny_models[family], photos[:2], 6, prompt=prompt)
 
 
-@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2"])
+@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2", "blip2-t5"])
 def test_batch_equals_one_at_a_time_in_float32(family, tiny_models, photos):
     captioner = load(str(tiny_models[family]), FP32)
     options = GenerationOptions(max_new_tokens=8)
@@ -92,7 +93,7 @@ def test_mixed_prompts_in_one_batch_match_separate_calls(tiny_models, photos):
 
 def test_family_detected_from_config(tiny_models):
     expected = {"blip": "blip", "git": "git", "vit-gpt2": "vision-encoder-decoder",
-                "blip2": "blip-2"}
+                "blip2": "blip-2", "blip2-t5": "blip-2"}
     for name, family in expected.items():
         assert detect_family(tiny_models[name]) == family
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,3 +135,17 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(captioner, photo_dir, 
     assert flaky.batch_sizes[:3] == [8, 4, 2] and max(flaky.batch_sizes[2:]) == 2
     run(captioner, [photo_dir], tmp_path / "plain", batch_size=8)
     assert captions_txt(tmp_path / "out") == captions_txt(tmp_path / "plain")
+
+
+def test_non_utf8_file_names_go_all_the_way_through(captioner, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    odd = images / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photo_dir / "chelsea.png", odd)
+    out = tmp_path / "out"
+    summary = run(captioner, [images], out, formats=("captions.txt", "jsonl", "csv", "txt"))
+    assert summary.done == 1 and not summary.failed
+    assert list(captions_txt(out)) == ["caf\ufffd.png"]
+    record = json.loads((out / "captions.jsonl").read_text(encoding="utf-8"))
+    assert record["status"] == "done" and record["image"] == "caf\ufffd.png"
+    assert run(captioner, [images], out).skipped == 1, "resume finds the file by its real bytes"

@@ -205,8 +205,47 @@ def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     return _save(directory, model, processor, size)
 
 
+def unigram_tokenizer(extra_special: tuple[str, ...] = ()):
+    """A T5-style Unigram tokenizer (Flan-T5) trained on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.trainers import UnigramTrainer
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = UnigramTrainer(vocab_size=150, unk_token="<unk>",
+                             special_tokens=["<pad>", "</s>", "<unk>", *extra_special])
+    tok.train_from_iterator(corpus(), trainer)
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, additional_special_tokens=list(extra_special))
+
+
+def build_blip2_t5(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
+    """BLIP-2 with a Flan-T5 language model (an encoder-decoder: generate returns only new tokens)."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
+                              BlipImageProcessor, T5Config)
+
+    tokenizer = unigram_tokenizer(extra_special=("<image>",))
+    t5 = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                  decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "encoder_hidden_size": 32, "vocab_size": 64}
+    config = Blip2Config(vision_config=_vision(size, 32), qformer_config=qformer,
+                         text_config=t5.to_dict(), num_query_tokens=4,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer,
+                               num_query_tokens=4)
+    return _save(directory, model, processor, size)
+
+
 BUILDERS = {"blip": build_blip, "git": build_git, "vit-gpt2": build_vit_gpt2,
-            "blip2": build_blip2}
+            "blip2": build_blip2, "blip2-t5": build_blip2_t5}
 
 
 def _spread(model, size: str) -> None:

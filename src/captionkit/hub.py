@@ -32,9 +32,8 @@ def hub_reachable(timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
 
 
 def looks_like_path(name: str) -> bool:
-    """Names a user meant as a directory rather than a Hub id."""
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or \
-        name.count("/") > 1
+    """Names a user meant as a directory: Hub ids are `name` or `org/name`, nothing deeper."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def cache_dir() -> Path:

@@ -102,6 +102,12 @@ class Blip2Captioner(HFCaptioner):
 
     model_class = "Blip2ForConditionalGeneration"
 
+    def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
+        # A T5 config has no bos token for generate to start the prompt from: give it an empty one.
+        if prompt is None and self.model.config.text_config.is_encoder_decoder:
+            prompt = ""
+        return super().encode(images, prompt)
+
     def new_tokens(self, output: torch.Tensor, inputs: dict) -> torch.Tensor:
         if self.model.config.text_config.is_encoder_decoder or "input_ids" not in inputs:
             return output
