@@ -225,8 +225,13 @@ def unigram_tokenizer(extra_special: tuple[str, ...] = ()):
 
 def build_blip2_t5(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     """BLIP-2 with a Flan-T5 language model (an encoder-decoder: generate returns only new tokens)."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor,
-                              BlipImageProcessor, T5Config)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        T5Config,
+    )
 
     tokenizer = unigram_tokenizer(extra_special=("<image>",))
     t5 = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
