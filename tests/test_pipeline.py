@@ -49,6 +49,7 @@ def test_bad_files_are_recorded_and_good_ones_captioned(captioner, folder, tmp_p
     out = tmp_path / "out"
     summary = run(captioner, [folder], out)
     assert summary.done == 9 and summary.duplicates == 1
+    assert summary.model_failures == 0, "unreadable files are not the model's failures"
     reasons = dict(summary.failed)
     assert set(reasons) == {"empty.jpg", "notes.jpg", "cut.png"}
     assert "empty" in reasons["empty.jpg"] and "truncated" in reasons["cut.png"]
@@ -123,7 +124,7 @@ def test_a_model_error_fails_only_the_image_that_caused_it(captioner, photo_dir,
 
     Image.new("RGB", (20, 20), "red").save(images / "tiny.png")
     summary = run(Flaky(captioner), [images], tmp_path / "out", batch_size=4)
-    assert summary.done == 8
+    assert summary.done == 8 and summary.model_failures == 1
     assert summary.failed == [("tiny.png", "captioning failed: ValueError: solid red images upset "
                                            "this model")]
 

@@ -51,7 +51,8 @@ def caption(
     workers: Annotated[int | None, typer.Option(help="Decoding threads.", min=1)] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over, ignoring earlier results.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Try earlier failures again.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed, unreadable ones included "
+                                         "(without it only model failures do).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels "
                                             "(decompression bombs).")] = 100_000_000,
@@ -99,7 +100,7 @@ def caption(
                                         load_in_4bit=load_in_4bit))
     summary = Pipeline(captioner, generation, run_options).run(inputs)
     _print_summary(summary)
-    if strict and summary.failed:
+    if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
 
 

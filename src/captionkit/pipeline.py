@@ -51,6 +51,8 @@ class RunSummary:
     duplicates: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     failed_earlier: int = 0
+    model_failures: int = 0
+    """Images that decoded fine but that the model failed on (the CLI exits non-zero for these)."""
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     model_id: str = ""
@@ -239,6 +241,7 @@ class Pipeline:
             else:
                 result.error = item.error or "not captioned"
                 summary.failed.append((item.ref.name, result.error))
+                summary.model_failures += item.image is not None
             item.image = None
             results.append(result)
         store.record(results, self.key, run_id)
