@@ -11,6 +11,7 @@ from PIL import Image
 from captionkit.datasets import (
     DatasetError,
     detect_format,
+    find_images,
     image_key,
     load_dataset,
     match_images,
@@ -354,3 +355,20 @@ def test_load_dataset_errors(tmp_path):
         load_dataset("flickr8k", tmp_path, "test")
     image(tmp_path / "Images" / "1000268201_693b08cb0e.jpg")
     assert load_dataset("flickr8k", tmp_path, "all").root == tmp_path / "Images"
+
+
+def test_find_images_looks_in_the_dataset_subfolder_then_directly(tmp_path):
+    refs = read_references(write(tmp_path / "refs.jsonl", "\n".join(json.dumps(r) for r in [
+        {"image": "val2014/a.jpg", "caption": "a"}, {"image": "b.jpg", "caption": "b"},
+        {"image": "val2014/c.jpg", "caption": "c"}])))
+    image(tmp_path / "coco" / "val2014" / "a.jpg")
+    image(tmp_path / "coco" / "b.jpg")
+    image(tmp_path / "flat" / "a.jpg")
+    assert find_images(refs, tmp_path / "coco") == {
+        "a.jpg": tmp_path / "coco" / "val2014" / "a.jpg", "b.jpg": tmp_path / "coco" / "b.jpg",
+        "c.jpg": tmp_path / "coco" / "c.jpg"}
+    assert find_images(refs, tmp_path / "flat")["a.jpg"] == tmp_path / "flat" / "a.jpg"
+    with pytest.raises(DatasetError, match="none of the 3 referenced images is here"):
+        find_images(refs, tmp_path)
+    with pytest.raises(DatasetError, match="no such folder"):
+        find_images(refs, tmp_path / "absent")

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageStat
 from rich.console import Console
 
 from captionkit import evaluate, report
@@ -245,41 +246,48 @@ def test_no_overlap_and_unknown_metrics_are_errors():
         score_captions({"x.jpg": "a"}, {"x.jpg": ["b"]}, metrics=("bleu4",))
 
 
-class FakeClip:
-    """Scores that are easy to predict: caption length, or the number of references."""
+class ColourEncoder:
+    """A dual encoder whose features are easy to follow: mean colour, and letter counts."""
 
-    def score(self, images, captions, references=None):
-        assert all(isinstance(i, Image.Image) and i.mode == "RGB" for i in images)
-        if references is None:
-            return [len(c) / 100 for c in captions]
-        return [len(r) / 10 for r in references]
+    context_length = 77
 
+    def images(self, images):
+        return torch.tensor([[*(channel / 255 for channel in ImageStat.Stat(image).mean), 0.2]
+                             for image in images])
 
-class FakeClipWithoutReferences:
-    def score(self, images, captions):
-        return [0.5] * len(images)
+    def texts(self, texts):
+        return torch.tensor([[text.count("a") + 1.0, text.count("e"), text.count("o"), len(text) / 9]
+                             for text in texts])
+
+    def count_tokens(self, text):
+        return len(text.split()) + 2
 
 
 @needs_java
-def test_clip_scorer_hook(tmp_path, fixture):
+def test_clip_scores_come_from_the_real_scorer_interface(tmp_path, fixture):
+    from captionkit.scoring import ClipScorer
+
     predictions, references = fixture
     names = sorted(references)[:20]
     for index, name in enumerate(names[:18]):
         Image.new("RGB" if index % 2 else "L", (32, 24), index * 10).save(tmp_path / name)
-    paths = {name: tmp_path / name for name in names}
+    scorer = ClipScorer(ColourEncoder(), batch_size=4)
     result = score_captions({n: predictions[n] for n in names}, {n: references[n] for n in names},
-                            metrics=("bleu",), clip_scorer=FakeClip(), image_paths=paths)
-    expected = [len(" ".join(predictions[n].split())) / 100 for n in names[:18]]
-    assert result.corpus["CLIPScore"] == pytest.approx(sum(expected) / 18)
-    assert result.corpus["RefCLIPScore"] == pytest.approx(0.5)
+                            metrics=("bleu",), clip_scorer=scorer,
+                            image_paths={name: tmp_path / name for name in names})
+    pictures = [Image.open(tmp_path / name).convert("RGB") for name in names[:18]]
+    expected = scorer.score(pictures, [result.predictions[n] for n in names[:18]],
+                            references=[result.references[n] for n in names[:18]])
+    for name, score in zip(names[:18], expected, strict=True):
+        assert result.per_image[name]["CLIPScore"] == pytest.approx(score.clip_score)
+        assert result.per_image[name]["RefCLIPScore"] == pytest.approx(score.ref_clip_score)
+    assert result.corpus["CLIPScore"] == pytest.approx(sum(s.clip_score for s in expected) / 18)
+    assert result.corpus["RefCLIPScore"] == pytest.approx(
+        sum(s.ref_clip_score for s in expected) / 18)
+    assert 0 < result.corpus["RefCLIPScore"] < result.corpus["CLIPScore"] <= 2.5
     assert "CLIPScore" not in result.per_image[names[19]]
     assert result.problems == [f"no CLIPScore for 2 images whose files are missing or "
                                f"unreadable, such as {names[18]}"]
-    plain = score_captions({n: predictions[n] for n in names}, {n: references[n] for n in names},
-                           metrics=("rouge",), clip_scorer=FakeClipWithoutReferences(),
-                           image_paths=paths)
-    assert plain.corpus["CLIPScore"] == pytest.approx(0.5)
-    assert "takes no `references`" in plain.missing["RefCLIPScore"]
 
 
 @needs_java

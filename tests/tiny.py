@@ -269,3 +269,270 @@ def _save(directory: Path, model, processor, size: str) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# Builders for the families of tests/test_families.py (tiny sizes only).
+
+PROMPT_LINES = ["An image of", "Describe this image in detail:", "A short image description:",
+                "Describe this image in one sentence.", "What does the image describe?",
+                "Question: what is in the picture? Answer:"]
+
+
+def _byte_level_bpe(specials: list[str]):
+    """A byte-level BPE model trained on the corpus and the prompts the families use."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(vocab_size=400, special_tokens=specials,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus() + PROMPT_LINES, trainer)
+    return tok
+
+
+def build_kosmos2(directory: Path, seed: int = 0) -> Path:
+    """Kosmos-2 with a sentencepiece-style tokenizer; the processor adds the grounding tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+    from transformers import (
+        CLIPImageProcessor,
+        Kosmos2Config,
+        Kosmos2ForConditionalGeneration,
+        Kosmos2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus() + PROMPT_LINES, BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", model_max_length=512)
+    words = len(tokenizer)
+    processor = Kosmos2Processor(CLIPImageProcessor(size={"shortest_edge": 32},
+                                                    crop_size={"height": 32, "width": 32}),
+                                 tokenizer)
+    text = {"vocab_size": len(tokenizer), "embed_dim": 32, "layers": 2, "ffn_dim": 64,
+            "attention_heads": 2, "max_position_embeddings": 256,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    config = Kosmos2Config(text_config=text, vision_config=_vision("tiny", 32),
+                           latent_query_num=processor.num_image_tokens)
+    torch.manual_seed(seed)
+    model = Kosmos2ForConditionalGeneration(config).eval()
+    _spread(model, "tiny")
+    with torch.no_grad():
+        # zero embeddings (tied to the output layer) keep the processor's grounding tokens from
+        # winning most steps of a random model, which would leave the captions empty
+        model.get_input_embeddings().weight[words:] = 0
+        # normalized image features are small next to token embeddings: louder, so captions
+        # follow the photo
+        for parameter in model.image_to_text_projection.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(3)
+    return _save(directory, model, processor, "full")
+
+
+def build_florence2(directory: Path, seed: int = 0) -> Path:
+    """Florence-2 (DaViT + BART) in transformers' native layout."""
+    from transformers import (
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = _byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<image>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                        image_token="<image>", model_max_length=512)
+    # one stage of stride 4 turns 32x32 pixels into 8x8 tokens; the projector adds a pooled one
+    image_processor = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False,
+                                         image_seq_length=8 * 8 + 1)
+    processor = Florence2Processor(image_processor, tokenizer)
+    text = {"model_type": "bart", "vocab_size": len(tokenizer), "d_model": 32,
+            "encoder_layers": 1, "decoder_layers": 1, "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+            "max_position_embeddings": 256, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.eos_token_id,
+            "forced_eos_token_id": tokenizer.eos_token_id}
+    vision = {"depths": [1], "patch_size": [7], "patch_stride": [4], "patch_padding": [3],
+              "patch_prenorm": [False], "embed_dim": [16], "num_heads": [1], "num_groups": [1],
+              "window_size": 4, "projection_dim": 32}
+    config = Florence2Config(text_config=text, vision_config=vision,
+                             image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    return _save(directory, Florence2ForConditionalGeneration(config).eval(), processor, "tiny")
+
+
+def build_instructblip(directory: Path, seed: int = 0) -> Path:
+    """InstructBLIP with an OPT language model and a BERT tokenizer for the Q-Former."""
+    from transformers import (
+        BlipImageProcessor,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        OPTConfig,
+    )
+
+    tokenizer = bpe_tokenizer(extra_special=("<image>",))
+    qformer_tokenizer = wordpiece_tokenizer()
+    eos = tokenizer.eos_token_id
+    opt = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32,
+                    bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "encoder_hidden_size": 32,
+               "vocab_size": len(qformer_tokenizer), "pad_token_id": qformer_tokenizer.pad_token_id}
+    config = InstructBlipConfig(vision_config=_vision("tiny", 32), qformer_config=qformer,
+                                text_config=opt.to_dict(), num_query_tokens=4,
+                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    processor = InstructBlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}),
+                                      tokenizer, qformer_tokenizer, num_query_tokens=4)
+    return _save(directory, model, processor, "tiny")
+
+
+# A LLaVA-1.5-like template written for the tests: "SYSTEM: ...\nUSER: <image> ...\nASSISTANT:".
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{{ message['role'].upper() + ':' }}"
+    "{%- for part in parts -%}"
+    "{%- if part['type'] == 'image' -%}{{ ' <image>' }}{%- else -%}{{ ' ' + part['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def build_llava(directory: Path, seed: int = 0) -> Path:
+    """LLaVA-1.5 layout (CLIP vision tower + Llama) with a chat template."""
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    tok = _byte_level_bpe(["<s>", "</s>", "<unk>", "<pad>", "<image>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>",
+                                        image_token="<image>", model_max_length=512)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32},
+                                         crop_size={"height": 32, "width": 32})
+    # 32/8 = 4x4 patches; the CLS token is dropped ("default" strategy): 16 image tokens
+    processor = LlavaProcessor(image_processor, tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    text = {"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "max_position_embeddings": 256,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    config = LlavaConfig(vision_config={"model_type": "clip_vision_model", **_vision("tiny", 32)},
+                         text_config=text, image_token_index=tokenizer.image_token_id,
+                         image_seq_length=16, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    return _save(directory, LlavaForConditionalGeneration(config).eval(), processor, "tiny")
+
+
+# A ChatML template like Qwen2-VL's, written for the tests.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- else -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def build_qwen2_vl(directory: Path, seed: int = 0) -> Path:
+    """Qwen2-VL: dynamic resolution, so photos of other shapes get other numbers of image tokens."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    vision_tokens = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                     "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
+    tok = _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                           *vision_tokens.values()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", model_max_length=1024,
+                                        **vision_tokens)
+    # 4-pixel patches merged 2x2, between 16x16 and 48x48 pixels: 4 to 36 image tokens
+    sizes = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2,
+             "min_pixels": 16 * 16, "max_pixels": 48 * 48}
+    processor = Qwen2VLProcessor(Qwen2VLImageProcessor(**sizes), tokenizer,
+                                 Qwen2VLVideoProcessor(**sizes), chat_template=CHATML_TEMPLATE)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "max_position_embeddings": 512, "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            # head_dim 16: the rotary half (8) split over time, height and width
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(token)
+           for name, token in vision_tokens.items()}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(seed)
+    return _save(directory, Qwen2VLForConditionalGeneration(config).eval(), processor, "tiny")
+
+
+def build_paligemma(directory: Path, seed: int = 0) -> Path:
+    """PaliGemma (SigLIP + Gemma): no chat template; the processor puts the image tokens first."""
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        PreTrainedTokenizerFast,
+        SiglipImageProcessor,
+    )
+
+    tok = _byte_level_bpe(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        image_token="<image>", model_max_length=512)
+    words = len(tokenizer)
+    # 32/8 = 4x4 patches, one image token each
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16)
+    processor = PaliGemmaProcessor(image_processor, tokenizer)  # adds <loc>/<seg> tokens
+    text = {"model_type": "gemma", "vocab_size": len(tokenizer), "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+    vision = {"model_type": "siglip_vision_model", **_vision("tiny", 32), "projection_dim": 32}
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=32,
+                             hidden_size=32, image_token_index=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    _spread(model, "tiny")
+    with torch.no_grad():
+        # as for Kosmos-2: keep the 1,152 location and segmentation tokens from crowding out words
+        model.get_input_embeddings().weight[words:] = 0
+    return _save(directory, model, processor, "full")

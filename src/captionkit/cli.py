@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from captionkit.errors import CaptionkitError
@@ -24,6 +25,10 @@ OutputDir = Annotated[Path, typer.Option("--output-dir", "-o",
 Formats = Annotated[str, typer.Option("--format", "-f", help="Comma-separated: captions.txt, "
                                       "txt (sidecar per image), jsonl, csv, or all.")]
 CaptionExt = Annotated[str, typer.Option(help="Extension of per-image caption files.")]
+ClipModel = Annotated[str | None, typer.Option(help="Score captions with this CLIP-family model: "
+                                               "Hub id, folder or open_clip:ARCH/TAG.")]
+ScoreScale = Annotated[str, typer.Option(help="clipscore (the paper's 2.5 * cos, 0 to 2.5) or "
+                                         "cosine100 (100 * cos, 0 to 100).")]
 Beside = Annotated[bool, typer.Option("--beside-images", help="Write per-image caption files "
                                       "next to the images instead of under --output-dir.")]
 
@@ -39,6 +44,7 @@ def _quiet_transformers() -> None:
 def caption(
     inputs: Inputs,
     model: Annotated[str, typer.Option("--model", "-m", help="Alias, Hub id, local directory, "
+                                       "openai:MODEL or hf-api:MODEL (remote endpoints), "
                                        "or auto (blip-large if cached, else objects).")] = "auto",
     output_dir: OutputDir = Path("captionkit-out"),
     recursive: Annotated[bool, typer.Option("--recursive", "-r")] = False,
@@ -60,6 +66,14 @@ def caption(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     load_in_8bit: Annotated[bool, typer.Option(help="8-bit weights (CUDA + bitsandbytes).")] = False,
     load_in_4bit: Annotated[bool, typer.Option(help="4-bit weights (CUDA + bitsandbytes).")] = False,
+    api_base: Annotated[str | None, typer.Option(help="Remote endpoints: server base URL, e.g. "
+                                                 "http://localhost:8000/v1.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Remote endpoints: requests in flight.",
+                                             min=1)] = 4,
+    timeout: Annotated[float, typer.Option(help="Remote endpoints: seconds per request.",
+                                           min=0.001)] = 60.0,
+    max_retries: Annotated[int, typer.Option(help="Remote endpoints: retries on 429, 5xx and "
+                                             "timeouts.", min=0)] = 5,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
     min_new_tokens: Annotated[int | None, typer.Option(min=0)] = None,
     num_beams: Annotated[int, typer.Option(min=1)] = 1,
@@ -72,10 +86,39 @@ def caption(
     seed: Annotated[int | None, typer.Option()] = None,
     prompt: Annotated[str | None, typer.Option(help="Text the caption starts from or answers "
                                                     "(models that take text).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="CSV of `image path,prompt` rows (paths "
+                                                     "relative to it): each listed image is asked "
+                                                     "its own prompt, others --prompt.")] = None,
+    detail: Annotated[str | None, typer.Option(help="brief, detailed or more-detailed: the "
+                                               "family's own prompt for that level (Kosmos-2, "
+                                               "Florence-2, InstructBLIP, VLMs).")] = None,
+    system: Annotated[str | None, typer.Option(help="Chat VLMs: a system message.")] = None,
+    language: Annotated[str | None, typer.Option(help="Chat VLMs: ask for captions in this "
+                                                 "language, e.g. French.")] = None,
+    draw_boxes: Annotated[Path | None, typer.Option(help="Write copies of the images with their "
+                                                    "grounded phrases' boxes here "
+                                                    "(Kosmos-2).")] = None,
+    candidates: Annotated[int, typer.Option(help="Generate N captions per image (beams, or samples "
+                                            "with --do-sample) and keep the best CLIPScore.",
+                                            min=1)] = 1,
+    clip_model: ClipModel = None,
+    min_score: Annotated[float | None, typer.Option(help="Captions scoring below this fail the "
+                                                    "quality gate (uses the default CLIP model "
+                                                    "without --clip-model).")] = None,
+    score_scale: ScoreScale = "clipscore",
+    failed_dir: Annotated[Path | None, typer.Option(help="Copy images that fail the gate here, "
+                                                    "with their caption file.")] = None,
+    move: Annotated[bool, typer.Option(help="Move failed images into --failed-dir instead of "
+                                       "copying them.")] = False,
+    keep_failed: Annotated[bool, typer.Option(help="Keep failed images in captions.txt and "
+                                              "the caption files.")] = False,
+    copy_images: Annotated[bool, typer.Option(help="Copy the captioned (passing) images into "
+                                              "--output-dir, a caption file beside each.")] = False,
 ) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
     from captionkit.exporters import parse_formats
+    from captionkit.gate import GateOptions, load_scorer
     from captionkit.models import choose_auto, load
     from captionkit.options import GenerationOptions, LoadOptions
     from captionkit.pipeline import Pipeline, RunOptions
@@ -84,22 +127,34 @@ def caption(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
         repetition_penalty=repetition_penalty, length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, seed=seed, prompt=prompt)
+        top_p=top_p, seed=seed, prompt=prompt, candidates=candidates, detail=detail, system=system,
+        language=language)
+    gate_options = GateOptions(clip_model=clip_model, min_score=min_score, score_scale=score_scale,
+                               failed_dir=failed_dir, move=move, keep_failed=keep_failed,
+                               copy_images=copy_images)
     run_options = RunOptions(
         output_dir=output_dir, recursive=recursive,
         extensions=tuple(e.strip() for e in ext.split(",")) if ext else None,
         formats=tuple(parse_formats(formats)), caption_extension=caption_extension,
         sidecars_beside_images=beside_images, batch_size=batch_size, workers=workers,
         overwrite=overwrite, retry_failed=retry_failed,
-        max_pixels=max_pixels or sources.DEFAULT_MAX_PIXELS, progress=not quiet)
+        max_pixels=max_pixels or sources.DEFAULT_MAX_PIXELS, progress=not quiet,
+        gate=gate_options, prompt_file=prompt_file, draw_boxes=draw_boxes)
     if model == "auto":
         model, reason = choose_auto()
         console.print(f"model: {reason}")
     _quiet_transformers()
+    # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
+    scorer = load_scorer(gate_options, generation, device)
     captioner = load(model, LoadOptions(device=device, dtype=dtype, load_in_8bit=load_in_8bit,
-                                        load_in_4bit=load_in_4bit))
-    summary = Pipeline(captioner, generation, run_options).run(inputs)
+                                        load_in_4bit=load_in_4bit, api_base=api_base,
+                                        concurrency=concurrency, timeout=timeout,
+                                        max_retries=max_retries))
+    summary = Pipeline(captioner, generation, run_options, scorer).run(inputs)
     _print_summary(summary)
+    if failed_dir is not None:
+        console.print(f"  {summary.set_aside} images below {min_score:g} with their captions "
+                      f"{'moved' if move else 'copied'} to {failed_dir}")
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
 
@@ -122,13 +177,24 @@ def _print_summary(summary) -> None:
         console.print(f"  wrote {path}")
     if len(summary.outputs) > 5:
         console.print(f"  ... and {len(summary.outputs) - 5} more files")
+    if getattr(summary, "scores", None):
+        _print_scores(summary.scores, summary.min_score, summary.passed)
+
+
+def _print_scores(scores: list[float], min_score: float | None, passed: int) -> None:
+    from captionkit.scoring import histogram_text
+
+    console.print(f"CLIPScore of {len(scores)} captions (mean {sum(scores) / len(scores):.4f}):")
+    console.print(histogram_text(scores, threshold=min_score), highlight=False, markup=False)
+    if min_score is not None:
+        console.print(f"{passed} of {len(scores)} passed (>= {min_score:g})")
 
 
 @app.command()
 def models() -> None:
     """List the known models: aliases, Hub ids, size, license and memory needs."""
     from captionkit import hub
-    from captionkit.models import MODELS
+    from captionkit.models import FAMILIES, MODELS
 
     table = Table("alias", "source", "family", "params", "license", "memory", "cached")
     for spec in MODELS.values():
@@ -137,8 +203,14 @@ def models() -> None:
         table.add_row(spec.alias, spec.source, spec.family, spec.params, spec.license,
                       spec.memory, cached)
     out.print(table)
+    families = Table("family (read from config.json)", "aliases")
+    for family in FAMILIES:
+        families.add_row(family, ", ".join(s.alias for s in MODELS.values() if s.family == family))
+    out.print(families)
     out.print("Any Hub id or local directory of these families works too: --model ORG/NAME "
-              "or --model ./checkpoint")
+              "or --model ./checkpoint; any other image-text-to-text checkpoint runs as a chat VLM")
+    out.print("Remote endpoints: --model openai:MODEL --api-base URL (OpenAI-compatible servers) "
+              "or --model hf-api:ORG/NAME (Hugging Face Inference API)")
 
 
 @app.command("export")
@@ -150,6 +222,8 @@ def export_command(
     beside_images: Beside = False,
     model: Annotated[str | None, typer.Option(help="Export this model's results (default: the "
                                               "latest run's).")] = None,
+    keep_failed: Annotated[bool, typer.Option(help="Keep images that failed the quality gate in "
+                                              "captions.txt and the caption files.")] = False,
 ) -> None:
     """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
     from captionkit.exporters import ExportOptions, export, parse_formats
@@ -173,9 +247,119 @@ def export_command(
     finally:
         store.close()
     written = export(results, parse_formats(formats),
-                     ExportOptions(to or output_dir, caption_extension, beside_images))
+                     ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed))
     console.print(f"exported {sum(r.status == 'done' for r in results)} captions to "
                   f"{len(written)} file(s)")
+
+
+@app.command()
+def score(
+    captions: Annotated[Path, typer.Argument(help="captions.txt, JSONL, CSV, or a folder of "
+                                             "caption files.")],
+    images: Annotated[Path | None, typer.Option(help="Where the images are (default: the "
+                                                "captions file's folder), searched recursively.")] = None,
+    references: Annotated[Path | None, typer.Option(help="Reference captions in any dataset "
+                                                    "format, for RefCLIPScore.")] = None,
+    clip_model: ClipModel = None,
+    score_scale: ScoreScale = "clipscore",
+    min_score: Annotated[float | None, typer.Option(help="Mark captions below this as not "
+                                                    "passed.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for "
+                                         "a table.")] = Path("scores.jsonl"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Score existing captions against their images with CLIP, without captioning again."""
+    from captionkit.exporters import ExportOptions, write_csv, write_jsonl
+    from captionkit.gate import score_existing, tally
+    from captionkit.scoring import DEFAULT_MODEL, load_scorer
+
+    _quiet_transformers()
+    scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
+    scored = score_existing(captions, scorer, images, references, min_score)
+    for problem in scored.problems[:20]:
+        console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
+    unscored = [r for r in scored.results if r.status != "done"]
+    for result in unscored[:20]:
+        console.print(f"  [red]not scored[/] {escape(f'{result.name}: {result.error}')}",
+                      highlight=False)
+    if len(unscored) > 20:
+        console.print(f"  ... and {len(unscored) - 20} more (see {output})")
+    writer = write_csv if output.suffix.lower() == ".csv" else write_jsonl
+    writer(scored.results, ExportOptions(output.parent), name=output.name)
+    scores, passed = tally(scored.results)
+    if not scores:
+        raise CaptionkitError(f"no image found for any of the {len(scored.results)} captions under "
+                              f"{scored.images}: pass --images DIR")
+    _print_scores(scores, min_score, passed)
+    refs = [r.extras["ref_clip_score"] for r in scored.results if "ref_clip_score" in r.extras]
+    if refs:
+        console.print(f"RefCLIPScore mean {sum(refs) / len(refs):.4f} over {len(refs)} captions")
+    console.print(f"wrote {output}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    predictions: Annotated[Path | None, typer.Option(help="Captions to score: captions.txt, JSONL, "
+                                                     "CSV, COCO results JSON or sidecars.")] = None,
+    references: Annotated[Path | None, typer.Option(help="Reference captions in any dataset "
+                                                    "format (Flickr, COCO, Karpathy, CSV, ...).")] = None,
+    split: Annotated[str | None, typer.Option(help="test, val, train or all: a Karpathy split, or "
+                                              "the --dataset split (default test).")] = None,
+    split_file: Annotated[Path | None, typer.Option(help="Image names to keep, one a line "
+                                                    "(Flickr_8k.testImages.txt).")] = None,
+    images: Annotated[Path | None, typer.Option(help="The images' folder, for thumbnails and "
+                                                "--clip-model.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="flickr8k, flickr30k or coco: caption its "
+                                                "split with --model, then score it.")] = None,
+    root: Annotated[Path | None, typer.Option(help="The --dataset folder.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Captioner for --dataset: "
+                                              "alias, Hub id or local directory.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, meteor, rouge, cider, "
+                                         "spice.")] = "bleu,meteor,rouge,cider,spice",
+    clip_model: ClipModel = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Report files; with "
+                                             "--dataset, captions and store.")] = Path("captionkit-eval"),
+    limit: Annotated[int | None, typer.Option(help="Caption only the split's first N images.",
+                                              min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: auto).",
+                                                   min=1)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
+    num_beams: Annotated[int, typer.Option(min=1)] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score captions against references; with --dataset, caption the split first (resumably)."""
+    from captionkit.evaluate import check_inputs, evaluate_dataset, evaluate_files, parse_metrics
+    from captionkit.options import GenerationOptions, LoadOptions
+    from captionkit.report import print_summary
+
+    check_inputs(predictions=predictions, references=references, dataset=dataset, root=root,
+                 model=model, split_file=split_file, images=images, limit=limit,
+                 clip_model=clip_model)
+    chosen = parse_metrics(metrics)
+    generation = GenerationOptions(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    load_options = LoadOptions(device=device, dtype=dtype)
+    scorer = None
+    if dataset is not None or clip_model is not None:
+        _quiet_transformers()
+    if clip_model is not None:
+        from captionkit.scoring import load_scorer
+
+        scorer = load_scorer(clip_model, device=device)
+    if dataset is not None:
+        evaluation = evaluate_dataset(
+            dataset, root, model, output_dir, split=split or "test", limit=limit,
+            generation=generation, load_options=load_options, batch_size=batch_size,
+            progress=not quiet, metrics=chosen, clip_scorer=scorer)
+        _print_summary(evaluation.run)
+    else:
+        evaluation = evaluate_files(predictions, references, output_dir, split=split,
+                                    split_file=split_file, images=images, metrics=chosen,
+                                    clip_scorer=scorer)
+    print_summary(evaluation.result, out)
+    for path in evaluation.files.values():
+        console.print(f"wrote {path}", soft_wrap=True)
 
 
 def main() -> None:
@@ -183,7 +367,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except CaptionkitError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        # Escaped and soft-wrapped: a path like `a [1].jpg` is not markup, and one line stays one line.
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)

@@ -473,6 +473,21 @@ def read_predictions(
     return predictions
 
 
+def find_images(refs: References, folder: Path) -> dict[str, Path]:
+    """Where each referenced image should be under `folder`: in its dataset subfolder, else directly."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: no such folder")
+    paths = {}
+    for name in refs.captions:
+        nested = folder / refs.folders.get(name, "") / name
+        paths[name] = nested if nested.is_file() else folder / name
+    if not any(path.is_file() for path in paths.values()):
+        raise DatasetError(f"{folder}: none of the {len(paths)} referenced images is here (such as "
+                           f"{next(iter(paths))}); --images takes the folder that holds them")
+    return paths
+
+
 @dataclass(frozen=True)
 class DatasetLayout:
     """Where a public dataset's caption files and images usually sit under its root."""

@@ -2,11 +2,12 @@
 
 BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and SPICE come from pycocoevalcap itself (its `Cider` is
 CIDEr-D: clipped tf-idf n-grams, a Gaussian length penalty, times 10), so the numbers equal its own.
+`evaluate_files` and `evaluate_dataset` are the two halves of `captionkit evaluate`.
 """
 
 from __future__ import annotations
 
-import inspect
+import os
 import re
 import shutil
 import subprocess
@@ -14,15 +15,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
-from captionkit.datasets import Predictions, References, image_key, match_images
+from captionkit.datasets import (
+    DATASETS,
+    Predictions,
+    References,
+    find_images,
+    image_key,
+    load_dataset,
+    match_images,
+    read_predictions,
+    read_references,
+)
 from captionkit.errors import CaptionkitError, OptionError
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
+
+    from captionkit.models.base import Captioner
+    from captionkit.options import GenerationOptions, LoadOptions
+    from captionkit.pipeline import RunSummary
+    from captionkit.scoring import ClipScorer
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -41,6 +57,7 @@ TOKENIZERS = {
 JAVA_MISSING = ("METEOR, SPICE and the PTB tokenizer need Java: install a JRE "
                 "(e.g. `apt install openjdk-17-jre-headless`) and put `java` on PATH")
 CLIP_BATCH = 16
+DEFAULT_OUTPUT_DIR = Path("captionkit-eval")
 
 
 class EvaluationError(CaptionkitError):
@@ -49,21 +66,6 @@ class EvaluationError(CaptionkitError):
 
 class MetricUnavailable(Exception):
     """One metric cannot run here; the message says what to install or download."""
-
-
-class ClipScorer(Protocol):
-    """What `score_captions` needs from a CLIP scorer.
-
-    `score(images, captions)` returns one CLIPScore per image; given `references` (a list of
-    reference captions per image) it returns RefCLIPScore instead. Images are RGB PIL images.
-    """
-
-    def score(
-        self,
-        images: list[Image.Image],
-        captions: list[str],
-        references: list[list[str]] | None = None,
-    ) -> Sequence[float]: ...
 
 
 @dataclass
@@ -334,7 +336,6 @@ def _load_image(path: Path | None) -> Image.Image | None:
 
 
 def _clip(result: EvalResult, scorer: ClipScorer) -> None:
-    takes_references = "references" in inspect.signature(scorer.score).parameters
     unreadable = []
     values: dict[str, list[float]] = {"CLIPScore": [], "RefCLIPScore": []}
     names = list(result.per_image)
@@ -349,23 +350,181 @@ def _clip(result: EvalResult, scorer: ClipScorer) -> None:
                 images.append(image)
         if not batch:
             continue
-        captions = [result.predictions[name] for name in batch]
-        columns = {"CLIPScore": scorer.score(images, captions)}
-        if takes_references:
-            columns["RefCLIPScore"] = scorer.score(
-                images, captions, references=[result.references[name] for name in batch])
-        for column, scores in columns.items():
-            for name, value in zip(batch, scores, strict=True):
-                result.per_image[name][column] = float(value)
-                values[column].append(float(value))
+        # One call gives both: the images are embedded once, then compared with caption and references.
+        scores = scorer.score(images, [result.predictions[name] for name in batch],
+                              references=[result.references[name] for name in batch])
+        for name, score in zip(batch, scores, strict=True):
+            for column, value in (("CLIPScore", score.clip_score),
+                                  ("RefCLIPScore", score.ref_clip_score)):
+                if value is not None:
+                    result.per_image[name][column] = float(value)
+                    values[column].append(float(value))
     if unreadable:
         result.problems.append(f"no CLIPScore for {len(unreadable)} images whose files are "
                                f"missing or unreadable, such as {unreadable[0]}")
     for column, scores in values.items():
         if scores:
             result.corpus[column] = sum(scores) / len(scores)
-        elif column == "RefCLIPScore" and not takes_references:
-            result.missing[column] = "the CLIP scorer's `score` takes no `references`"
         else:
             result.missing[column] = ("no image files to score: pass `image_paths`, or "
                                       "References whose root holds the images")
+
+
+@dataclass
+class Evaluation:
+    """One `captionkit evaluate`: the scores, the files written, and the captioning run if any."""
+
+    result: EvalResult
+    files: dict[str, Path]
+    run: RunSummary | None = None
+
+
+def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
+    """Metric names from `bleu,rouge` or a list, checked before anything slow starts."""
+    names = metrics.split(",") if isinstance(metrics, str) else metrics
+    chosen = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+    unknown = [name for name in chosen if name not in SCORERS]
+    if unknown or not chosen:
+        raise OptionError(f"--metrics {','.join(unknown) or 'is empty'}: choose from "
+                          f"{','.join(METRICS)}")
+    return chosen
+
+
+def check_inputs(
+    *,
+    predictions: Path | None = None,
+    references: Path | None = None,
+    dataset: str | None = None,
+    root: Path | None = None,
+    model: str | None = None,
+    split_file: Path | None = None,
+    images: Path | None = None,
+    limit: int | None = None,
+    clip_model: str | None = None,
+) -> None:
+    """Refuse option combinations that cannot work, before a model or dataset is loaded."""
+
+    def given(**flags: object) -> list[str]:
+        return [f"--{flag.replace('_', '-')}" for flag, value in flags.items() if value is not None]
+
+    if dataset is not None:
+        if given(predictions=predictions, references=references):
+            raise OptionError("pass either --dataset (caption a split and score it) or "
+                              "--predictions with --references (score captions you have), not both")
+        if dataset not in DATASETS:
+            raise OptionError(f"--dataset {dataset!r}: choose from {', '.join(DATASETS)}")
+        needed = [flag for flag, value in (("--root", root), ("--model", model)) if value is None]
+        if needed:
+            raise OptionError(f"--dataset {dataset} also needs {' and '.join(needed)}")
+        stray = given(split_file=split_file, images=images)
+        if stray:
+            raise OptionError(f"{' and '.join(stray)} only apply with --references; --dataset "
+                              "finds the split lists and the image folder under --root")
+        return
+    if predictions is None or references is None:
+        raise OptionError("pass --predictions and --references, or --dataset with --root and --model")
+    stray = given(root=root, model=model, limit=limit)
+    if stray:
+        raise OptionError(f"{' and '.join(stray)} only apply with --dataset")
+    if clip_model is not None and images is None and not Path(references).is_dir():
+        raise OptionError("--clip-model scores the images themselves: pass --images DIR")
+
+
+def evaluate_files(
+    predictions: Path,
+    references: Path,
+    output_dir: Path = DEFAULT_OUTPUT_DIR,
+    *,
+    split: str | None = None,
+    split_file: Path | None = None,
+    images: Path | None = None,
+    metrics: str | Sequence[str] = METRICS,
+    clip_scorer: ClipScorer | None = None,
+) -> Evaluation:
+    """Score a predictions file against a references file; write metrics.json, CSV and HTML."""
+    metrics = parse_metrics(metrics)
+    refs = read_references(references, split=None if split == "all" else split,
+                           split_file=split_file)
+    preds = read_predictions(predictions, ids=refs.ids)
+    paths = find_images(refs, images) if images is not None else None
+    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, image_paths=paths)
+    return Evaluation(result, _write(result, output_dir))
+
+
+def evaluate_dataset(
+    dataset: str,
+    root: Path,
+    model: str | Captioner,
+    output_dir: Path = DEFAULT_OUTPUT_DIR,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    generation: GenerationOptions | None = None,
+    load_options: LoadOptions | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    metrics: str | Sequence[str] = METRICS,
+    clip_scorer: ClipScorer | None = None,
+) -> Evaluation:
+    """Caption a dataset split with `model` and score it; the store in `output_dir` makes it resumable.
+
+    `limit` keeps the split's first images only. Images already captioned there with the same
+    model and options are not captioned again.
+    """
+    from captionkit.models import load
+    from captionkit.options import GenerationOptions, LoadOptions
+    from captionkit.pipeline import Pipeline, RunOptions
+
+    metrics = parse_metrics(metrics)
+    if limit is not None and limit < 1:
+        raise OptionError("--limit must be at least 1")
+    refs = load_dataset(dataset, root, split)
+    if limit is not None:
+        refs.captions = dict(list(refs.captions.items())[:limit])
+        refs.ids = {i: name for i, name in refs.ids.items() if name in refs.captions}
+    paths, absent = {}, []
+    for name, path in refs.image_paths().items():
+        if path.is_file():
+            paths[name] = path
+        else:
+            absent.append(f"{path}: image file not found; {name} is not captioned")
+    captioner = load(model, load_options or LoadOptions()) if isinstance(model, str) else model
+    output_dir = Path(output_dir)
+    pipeline = Pipeline(captioner, generation or GenerationOptions(),
+                        RunOptions(output_dir=output_dir, batch_size=batch_size, progress=progress))
+    run = pipeline.run([str(path) for path in paths.values()])
+    preds = _stored_predictions(output_dir, pipeline.key, paths)
+    preds.problems[:0] = absent
+    if not preds.captions:
+        raise EvaluationError(f"{output_dir}: no image of the split was captioned; first problem: "
+                              f"{preds.problems[0] if preds.problems else 'none recorded'}")
+    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer)
+    return Evaluation(result, _write(result, output_dir), run)
+
+
+def _stored_predictions(output_dir: Path, key: str, paths: Mapping[str, Path]) -> Predictions:
+    """The pipeline's captions of `paths`, by reference name; failed images become problems."""
+    from captionkit.store import DB_NAME, Store
+
+    names = {os.path.abspath(path): name for name, path in paths.items()}
+    preds = Predictions({}, fmt="store", source=output_dir / DB_NAME)
+    store = Store(output_dir / DB_NAME)
+    try:
+        for row in store.results(key):
+            name = names.get(os.path.abspath(row.path))
+            if name is None:
+                continue
+            if row.status == "done":
+                preds.captions[name] = row.caption or ""
+            else:
+                preds.problems.append(f"{row.path}: captioning failed: {row.error}")
+    finally:
+        store.close()
+    return preds
+
+
+def _write(result: EvalResult, output_dir: Path) -> dict[str, Path]:
+    # report imports this module for EvalResult, so it is imported when first needed.
+    from captionkit.report import write_report
+
+    return write_report(result, Path(output_dir))

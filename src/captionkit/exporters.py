@@ -22,6 +22,8 @@ class ExportOptions:
     output_dir: Path
     caption_extension: str = ".txt"
     sidecars_beside_images: bool = False
+    keep_failed: bool = False
+    """Keep images that failed the quality gate (`passed` false) in captions.txt and sidecars."""
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -48,9 +50,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def listed(result: Result, options: ExportOptions) -> bool:
+    """Whether a result goes into captions.txt and sidecars: captioned, and not held back by the gate."""
+    return result.status == "done" and (options.keep_failed or result.extras.get("passed", True))
+
+
 def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """`image.jpg: caption` lines, the format of the BLIP-2 folder scripts."""
-    lines = [f"{r.name}: {_one_line(r.caption or '')}\n" for r in results if r.status == "done"]
+    lines = [f"{r.name}: {_one_line(r.caption or '')}\n" for r in results if listed(r, options)]
     path = options.output_dir / "captions.txt"
     atomic_write(path, "".join(lines))
     return [path]
@@ -61,10 +68,15 @@ def sidecar_path(result: Result, options: ExportOptions) -> Path:
     extension = options.caption_extension
     if options.sidecars_beside_images:
         return result.path.with_suffix(extension)
-    relative = PurePosixPath(result.name).with_suffix(extension)
+    return options.output_dir / relative_path(result.name).with_suffix(extension)
+
+
+def relative_path(name: str) -> Path:
+    """An export name as a path that stays inside the folder it is joined to."""
+    relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts:
         relative = PurePosixPath(relative.name)
-    return options.output_dir / Path(*relative.parts)
+    return Path(*relative.parts)
 
 
 def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
@@ -73,7 +85,7 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
         raise OptionError(f"--caption-extension {options.caption_extension!r} must start with '.'")
     written = []
     for result in results:
-        if result.status != "done":
+        if not listed(result, options):
             continue
         path = sidecar_path(result, options)
         atomic_write(path, _one_line(result.caption or "") + "\n")
@@ -89,10 +101,11 @@ def _record(result: Result) -> dict:
     return record
 
 
-def write_jsonl(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+def write_jsonl(results: Sequence[Result], options: ExportOptions,
+                name: str = "captions.jsonl") -> list[Path]:
     """Every field of every result, failures included, one JSON object per line."""
     lines = [json.dumps(_record(r), ensure_ascii=False, default=str) + "\n" for r in results]
-    path = options.output_dir / "captions.jsonl"
+    path = options.output_dir / name
     atomic_write(path, "".join(lines).encode("utf-8", "replace").decode("utf-8"))
     return [path]
 
@@ -100,7 +113,8 @@ def write_jsonl(results: Sequence[Result], options: ExportOptions) -> list[Path]
 CSV_COLUMNS = ["image", "caption", "status", "error", "model", "hash", "seconds", "path"]
 
 
-def write_csv(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+def write_csv(results: Sequence[Result], options: ExportOptions,
+              name: str = "captions.csv") -> list[Path]:
     """A spreadsheet-friendly table; extras that are plain numbers get their own columns."""
     records = [_record(r) for r in results]
     extra_columns = sorted({key for record in records for key, value in record.items()
@@ -109,7 +123,7 @@ def write_csv(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS + extra_columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
-    path = options.output_dir / "captions.csv"
+    path = options.output_dir / name
     atomic_write(path, buffer.getvalue().encode("utf-8", "replace").decode("utf-8"))
     return [path]
 

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 from captionkit.errors import OptionError
 
+DETAIL_LEVELS = ("brief", "detailed", "more-detailed")
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -24,6 +26,14 @@ class GenerationOptions:
     top_p: float | None = None
     seed: int | None = None
     prompt: str | None = None
+    candidates: int = 1
+    """Captions generated per image; with a CLIP scorer the best-scoring one is kept."""
+    detail: str | None = None
+    """brief, detailed or more-detailed: each family asks for that level with its own prompt."""
+    system: str | None = None
+    """Chat VLMs: a system message before the prompt."""
+    language: str | None = None
+    """Chat VLMs: the language captions are asked in ("Answer in {language}.")."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,11 +48,26 @@ class GenerationOptions:
             raise OptionError("--temperature must be positive")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise OptionError("--top-p must be in (0, 1]")
+        if self.candidates < 1:
+            raise OptionError("--candidates must be at least 1")
+        if self.candidates > self.num_beams and not self.do_sample:
+            if self.num_beams != 1:
+                raise OptionError(f"--candidates {self.candidates} needs --num-beams of at least "
+                                  f"{self.candidates} (beam search returns one caption per beam), "
+                                  "or --do-sample")
+            # Greedy search cannot return several captions, so an unset --num-beams follows them.
+            object.__setattr__(self, "num_beams", self.candidates)
+        if self.detail is not None and self.detail not in DETAIL_LEVELS:
+            raise OptionError(f"--detail {self.detail!r}: use {', '.join(DETAIL_LEVELS)}")
+        if self.detail is not None and self.prompt is not None:
+            raise OptionError("--detail and --prompt both choose what the model is asked: pass one")
+        if self.language is not None and not self.language.strip():
+            raise OptionError("--language needs a language name, e.g. --language French")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `transformers` `generate`, leaving unset ones to the model."""
         kwargs: dict = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                        "do_sample": self.do_sample}
+                        "do_sample": self.do_sample, "num_return_sequences": self.candidates}
         optional = {
             "min_new_tokens": self.min_new_tokens,
             "repetition_penalty": self.repetition_penalty,
@@ -68,6 +93,14 @@ class LoadOptions:
     dtype: str = "auto"
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    api_base: str | None = None
+    """Remote endpoints (`openai:`, `hf-api:`): the server's base URL."""
+    concurrency: int = 4
+    """Remote endpoints: requests in flight at once."""
+    timeout: float = 60.0
+    """Remote endpoints: seconds one request may take before it is retried."""
+    max_retries: int = 5
+    """Remote endpoints: retries of a request that met 429, 5xx, a timeout or a dropped connection."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,3 +108,11 @@ class LoadOptions:
             raise OptionError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.load_in_8bit and self.load_in_4bit:
             raise OptionError("--load-in-8bit and --load-in-4bit are mutually exclusive")
+        if self.api_base is not None and not self.api_base.startswith(("http://", "https://")):
+            raise OptionError("--api-base must be an http:// or https:// URL, e.g. http://localhost:8000/v1")
+        if self.concurrency < 1:
+            raise OptionError("--concurrency must be at least 1")
+        if self.timeout <= 0:
+            raise OptionError("--timeout must be positive")
+        if self.max_retries < 0:
+            raise OptionError("--max-retries cannot be negative")

@@ -9,15 +9,21 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from captionkit import sources
-from captionkit.errors import CaptionkitError, ImageError
+from captionkit import boxes, gate, sources
+from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export
+from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
+from captionkit.prompts import read_prompt_file
 from captionkit.store import DB_NAME, Result, Store
+
+if TYPE_CHECKING:
+    from captionkit.scoring import ClipScorer
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,26 @@ class RunOptions:
     retry_failed: bool = False
     max_pixels: int = sources.DEFAULT_MAX_PIXELS
     progress: bool = True
+    gate: GateOptions = field(default_factory=GateOptions)
+    prompt_file: Path | None = None
+    """A CSV of `image path,prompt` rows: each listed image is asked its own prompt."""
+    draw_boxes: Path | None = None
+    """Where annotated copies of grounded images (Kosmos-2 entities) go."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
+        if self.gate.copy_images and self.sidecars_beside_images:
+            raise OptionError("--copy-images writes each caption file beside the image's copy in "
+                              "--output-dir: drop --beside-images")
 
     def export_options(self) -> ExportOptions:
-        return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images)
+        return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
+                             self.gate.keep_failed)
+
+    def export_formats(self) -> tuple[str, ...]:
+        """The formats asked for, plus the copies' caption files with `--copy-images`."""
+        needs_sidecars = self.gate.copy_images and "txt" not in self.formats
+        return (*self.formats, "txt") if needs_sidecars else self.formats
 
 
 @dataclass
@@ -56,6 +79,10 @@ class RunSummary:
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     model_id: str = ""
+    scores: list[float] = field(default_factory=list)
+    min_score: float | None = None
+    passed: int = 0
+    set_aside: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -64,6 +91,9 @@ class RunSummary:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["outputs"] = [str(path) for path in self.outputs]
+        scores = data.pop("scores")
+        data["scored"] = len(scores)
+        data["mean_score"] = sum(scores) / len(scores) if scores else None
         data["images_per_second"] = round(self.images_per_second, 3)
         return data
 
@@ -80,28 +110,41 @@ class _Item:
     error: str | None = None
     prompt: str | None = None
 
+    @property
+    def reuse_key(self) -> tuple[str | None, str | None]:
+        """Identical files share one caption only when they are asked the same prompt."""
+        return self.hash, self.prompt
+
 
 def default_batch_size(captioner: Captioner) -> int:
     """Batches big enough to keep the hardware busy; CUDA out-of-memory halves them at run time."""
+    preferred = getattr(captioner, "preferred_batch_size", None)
+    if preferred:
+        return preferred
     device = getattr(captioner, "device", None)
     return 32 if getattr(device, "type", "cpu") == "cuda" else 8
 
 
-def options_key(captioner: Captioner, generation: GenerationOptions) -> str:
-    """Results are only reused for the same model and the same generation options."""
-    return f"{captioner.model_id}#{generation.key()}"
+def options_key(captioner: Captioner, generation: GenerationOptions,
+                scorer: ClipScorer | None = None) -> str:
+    """Results are only reused for the same model, generation options and scorer."""
+    key = f"{captioner.model_id}#{generation.key()}"
+    return f"{key}#{scorer.name}@{scorer.scale}" if scorer is not None else key
 
 
 class Pipeline:
     """Runs one captioner over many images with a store for resume and exporters for output."""
 
     def __init__(self, captioner: Captioner, generation: GenerationOptions,
-                 options: RunOptions) -> None:
+                 options: RunOptions, scorer: ClipScorer | None = None) -> None:
         self.captioner = captioner
         self.generation = generation
         self.options = options
-        self.key = options_key(captioner, generation)
+        self.scorer = scorer if scorer is not None else gate.load_scorer(
+            options.gate, generation, str(getattr(captioner, "device", "auto")))
+        self.key = options_key(captioner, generation, self.scorer)
         self.batch_size = options.batch_size or default_batch_size(captioner)
+        self.prompts = read_prompt_file(options.prompt_file) if options.prompt_file else {}
 
     def run(self, inputs: Sequence[str]) -> RunSummary:
         """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
@@ -129,7 +172,13 @@ class Pipeline:
             self._caption_all(todo, store, run_id, summary)
             summary.seconds = time.perf_counter() - started
             results = list(store.results(self.key))
-            summary.outputs = export(results, options.formats, options.export_options())
+            store.update_extras(gate.mark(results, options.gate.min_score), self.key)
+            summary.outputs = export(results, options.export_formats(), options.export_options())
+            if options.draw_boxes is not None:
+                summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
+            summary.set_aside = gate.place(results, options.gate, options.export_options())
+            summary.scores, summary.passed = gate.tally(results)
+            summary.min_score = options.gate.min_score
             store.finish_run(run_id, summary.as_dict())
         finally:
             store.close()
@@ -137,20 +186,25 @@ class Pipeline:
 
     def _outside_output_dir(self, refs: list[sources.ImageRef],
                             inputs: Sequence[str]) -> list[sources.ImageRef]:
-        """Leave out files we wrote ourselves when the output folder sits inside an input folder."""
-        out = self.options.output_dir.resolve()
+        """Leave out files we wrote ourselves when the output or failed folder sits inside an input."""
+        ours = [self.options.output_dir, self.options.gate.failed_dir, self.options.draw_boxes]
         roots = [Path(i).resolve() for i in inputs if i != "-" and Path(i).is_dir()]
-        if not any(out != root and root in out.parents for root in roots):
+        inside = [out.resolve() for out in ours if out is not None
+                  and any(out.resolve() != root and root in out.resolve().parents for root in roots)]
+        if not inside:
             return refs
-        return [ref for ref in refs if out not in ref.path.resolve().parents]
+        return [ref for ref in refs if not any(out in ref.path.resolve().parents for out in inside)]
 
     def _pending(self, refs: list[sources.ImageRef], store: Store,
                  summary: RunSummary) -> list[_Item]:
         """The images this run still has to caption; done and failed ones are skipped."""
         previous = store.previous(self.key)
+        # a per-image prompt is part of what was asked, so a changed one means a new caption
+        asked = {os.fsencode(r.path): r.extras.get("prompt")
+                 for r in (store.results(self.key) if previous else ())}
         todo = []
         for ref in refs:
-            item = _Item(ref)
+            item = _Item(ref, prompt=self.prompts.get(str(ref.path)))
             try:
                 stat = ref.path.stat()
                 item.size, item.mtime_ns = stat.st_size, stat.st_mtime_ns
@@ -159,7 +213,7 @@ class Pipeline:
             row = previous.get(os.fsencode(ref.path))
             unchanged = row is not None and (row["size"], row["mtime_ns"]) == (item.size,
                                                                                 item.mtime_ns)
-            if unchanged and row["status"] == "done":
+            if unchanged and row["status"] == "done" and asked.get(os.fsencode(ref.path)) == item.prompt:
                 summary.skipped += 1
             elif unchanged and row["status"] == "failed" and not self.options.retry_failed:
                 summary.failed_earlier += 1
@@ -172,7 +226,7 @@ class Pipeline:
         try:
             data = sources.read_bytes(item.ref.path)
             item.hash = sources.content_hash(data)
-            if item.hash not in self._known:
+            if item.reuse_key not in self._known:
                 item.image = sources.decode(data, item.ref.name, self.captioner.input_size,
                                             self.options.max_pixels)
         except ImageError as err:
@@ -198,7 +252,8 @@ class Pipeline:
 
     def _caption_all(self, items: list[_Item], store: Store, run_id: int,
                      summary: RunSummary) -> None:
-        self._known = store.captions_by_hash(self.key)
+        self._known = {(digest, extras.get("prompt")): (text, extras)
+                       for digest, (text, extras) in store.captions_by_hash(self.key).items()}
         with _progress(len(items), self.options.progress) as advance:
             batch: list[_Item] = []
             for item in self._decoded(items):
@@ -214,17 +269,24 @@ class Pipeline:
     def _finish_batch(self, batch: list[_Item], store: Store, run_id: int,
                       summary: RunSummary) -> None:
         """Caption the batch's new images, reuse captions of identical files, commit."""
-        leaders: dict[str, _Item] = {}
+        leaders: dict[tuple[str | None, str | None], _Item] = {}
         for item in batch:
-            if item.error is None and item.hash not in self._known and item.hash not in leaders:
-                leaders[item.hash] = item
+            fresh = item.reuse_key not in self._known and item.reuse_key not in leaders
+            if item.error is None and fresh:
+                leaders[item.reuse_key] = item
         to_caption = list(leaders.values())
         started = time.perf_counter()
         captions = self._caption(to_caption)
+        if self.scorer is not None:
+            gate.score_batch(self.scorer, [(item.image, outcome) for item, outcome
+                                           in zip(to_caption, captions, strict=True)
+                                           if isinstance(outcome, Caption)])
         seconds = (time.perf_counter() - started) / max(1, len(to_caption))
         for item, outcome in zip(to_caption, captions, strict=True):
             if isinstance(outcome, Caption):
-                self._known[item.hash] = (outcome.text, outcome.extras)
+                extras = outcome.extras if item.prompt is None else {**outcome.extras,
+                                                                      "prompt": item.prompt}
+                self._known[item.reuse_key] = (outcome.text, extras)
             else:
                 item.error = outcome
         results = []
@@ -232,9 +294,9 @@ class Pipeline:
             result = Result(path=item.ref.path, name=item.ref.name, status="failed",
                             hash=item.hash, size=item.size, mtime_ns=item.mtime_ns,
                             model_id=self.captioner.model_id)
-            if item.error is None and item.hash in self._known:
+            if item.error is None and item.reuse_key in self._known:
                 result.status = "done"
-                result.caption, result.extras = self._known[item.hash]
+                result.caption, result.extras = self._known[item.reuse_key]
                 result.seconds = seconds if item in to_caption else 0.0
                 summary.done += 1
                 summary.duplicates += item not in to_caption
@@ -257,6 +319,10 @@ class Pipeline:
         except CaptionkitError:
             raise
         except Exception as err:  # noqa: BLE001 - a model error on one image must not end the run
+            answered = getattr(err, "outcomes", None)
+            # remote captioners answer per image and say which failed, so nothing is sent twice
+            if isinstance(answered, list) and len(answered) == len(items):
+                return answered
             out_of_memory = _is_out_of_memory(err)
             if out_of_memory and len(items) > 1:
                 _free_accelerator_memory()

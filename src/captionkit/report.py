@@ -189,12 +189,14 @@ def write_report(result: EvalResult, output_dir: Path, n: int = 8) -> dict[str, 
 
 def corpus_table(result: EvalResult) -> Table:
     """The corpus scores as a rich table; missing metrics get a row saying why."""
-    table = Table(title=f"{len(result.per_image)} images, pycocoevalcap scale")
+    title = f"{len(result.per_image)} images, pycocoevalcap scale"
+    table = Table(title=title, min_width=len(title))
     table.add_column("metric")
     table.add_column("score", justify="right")
-    table.add_column("note", overflow="fold")
+    if result.missing:
+        table.add_column("note", overflow="fold")
     for name, value in result.corpus.items():
-        table.add_row(Text(name), f"{value:.4f}", "")
+        table.add_row(Text(name), f"{value:.4f}", *([""] if result.missing else []))
     for name, reason in result.missing.items():
         table.add_row(Text(name), "missing", Text(reason), style="yellow")
     return table

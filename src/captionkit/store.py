@@ -136,3 +136,12 @@ class Store:
                          extras=json.loads(row["extras"] or "{}"), error=row["error"],
                          hash=row["hash"], size=row["size"], mtime_ns=row["mtime_ns"],
                          seconds=row["seconds"], model_id=row["model_id"])
+
+    def update_extras(self, results: Iterable[Result], options_key: str) -> None:
+        """Rewrite the extras of recorded results (a changed quality gate) in one transaction."""
+        rows = [(json.dumps(r.extras) if r.extras else None, os.fsencode(r.path), options_key)
+                for r in results]
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("UPDATE results SET extras = ? WHERE path = ? AND options_key = ?",
+                                rows)

@@ -1,4 +1,4 @@
-"""Adapters for the Hugging Face captioning families: BLIP, BLIP-2, GIT and ViT-GPT2-style models.
+"""Adapters for the Hugging Face captioning families: BLIP, BLIP-2, InstructBLIP, GIT, ViT-GPT2.
 
 Each adapter differs only in how it builds inputs and which tokens of `generate`'s output are the
 caption; batching, device placement and decoding live in `HFCaptioner`.
@@ -23,6 +23,10 @@ class HFCaptioner:
 
     model_class: str = ""
     accepts_prompt: bool = True
+    default_prompt: str | None = None
+    """What an image without a prompt is asked."""
+    detail_prompts: dict[str, str] = {}
+    """The prompt asking for each --detail level; families without levels leave it empty."""
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         import transformers
@@ -58,6 +62,25 @@ class HFCaptioner:
             return self.processor(images=images, return_tensors="pt")
         return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
 
+    def instruction(self, prompt: str | None, options: GenerationOptions) -> str | None:
+        """The image's own prompt, else the one asking for the --detail level, else the default."""
+        if prompt is not None:
+            return prompt
+        if options.detail is None:
+            return self.default_prompt
+        if options.detail not in self.detail_prompts:
+            levels = ", ".join(self.detail_prompts) or "none"
+            raise OptionError(f"{self.model_id} has no --detail {options.detail} "
+                              f"(its levels: {levels})")
+        return self.detail_prompts[options.detail]
+
+    def prompt_for(self, prompt: str | None, options: GenerationOptions) -> str | None:
+        """The text the model is given; chat models override this to apply their template."""
+        if options.system is not None or options.language is not None:
+            raise OptionError(f"{self.model_id}: --system and --language need a chat model "
+                              "(an image-text-to-text VLM such as qwen2-vl-2b)")
+        return self.instruction(prompt, options)
+
     def new_tokens(self, output: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The part of `generate`'s output that is the answer (decoder-only models echo inputs)."""
         return output
@@ -68,27 +91,33 @@ class HFCaptioner:
         prompts = prompts or [options.prompt] * len(images)
         if not self.accepts_prompt and any(p is not None for p in prompts):
             raise OptionError(f"{self.model_id} does not take a text prompt: drop --prompt")
+        asked = {prompt: self.prompt_for(prompt, options) for prompt in set(prompts)}
+        prompts = [asked[prompt] for prompt in prompts]
         groups: dict[str | None, list[int]] = defaultdict(list)
         for index, prompt in enumerate(prompts):
             groups[prompt].append(index)
-        texts: list[str] = [""] * len(images)
+        texts: list[list[str]] = [[]] * len(images)
         for prompt, indices in groups.items():
-            for index, text in zip(indices, self._generate([images[i] for i in indices], prompt,
-                                                           options), strict=True):
-                texts[index] = text
-        return [Caption(text) for text in texts]
+            for index, found in zip(indices, self._generate([images[i] for i in indices], prompt,
+                                                            options), strict=True):
+                texts[index] = found
+        return [Caption(found[0], {"candidates": [{"text": text} for text in found]}
+                        if len(found) > 1 else {}) for found in texts]
 
     def _generate(self, images: list[Image.Image], prompt: str | None,
-                  options: GenerationOptions) -> list[str]:
+                  options: GenerationOptions) -> list[list[str]]:
+        """Each image's `options.candidates` captions, the model's best first."""
         inputs = self.encode(images, prompt)
         inputs = {key: _to(value, self.device, self.dtype) for key, value in inputs.items()}
         if options.seed is not None:
             torch.manual_seed(options.seed)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **options.generate_kwargs())
-        texts = self.tokenizer.batch_decode(self.new_tokens(output, inputs),
-                                            skip_special_tokens=True)
-        return [text.strip() for text in texts]
+        texts = [text.strip() for text in self.tokenizer.batch_decode(
+            self.new_tokens(output, inputs), skip_special_tokens=True)]
+        # generate returns image-major rows: image i's sequences are rows i*n .. i*n+n-1.
+        n = options.candidates
+        return [texts[start:start + n] for start in range(0, len(texts), n)]
 
 
 class BlipCaptioner(HFCaptioner):
@@ -112,6 +141,15 @@ class Blip2Captioner(HFCaptioner):
         if self.model.config.text_config.is_encoder_decoder or "input_ids" not in inputs:
             return output
         return output[:, inputs["input_ids"].shape[1]:]
+
+
+class InstructBlipCaptioner(Blip2Captioner):
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, so it always gets one."""
+
+    model_class = "InstructBlipForConditionalGeneration"
+    default_prompt = "A short image description:"
+    detail_prompts = {"brief": "A short image description:",
+                      "detailed": "Write a detailed description of the image."}
 
 
 class GitCaptioner(HFCaptioner):

@@ -27,6 +27,9 @@ class ModelSpec:
     notes: str = ""
 
 
+# Checkpoints of any other image-text-to-text model type are served by the chat VLM adapter.
+VLM_FAMILY = "image-text-to-text"
+
 MODELS: dict[str, ModelSpec] = {spec.alias: spec for spec in [
     ModelSpec("objects", "built-in", "objects", "21.5M", "Apache-2.0 + SSD weights: unstated",
               "0.3 GB RAM", "offline default: COCO detector + ImageNet classifier, no download"),
@@ -44,6 +47,28 @@ MODELS: dict[str, ModelSpec] = {spec.alias: spec for spec in [
               "2 GB RAM / 1.2 GB VRAM"),
     ModelSpec("vit-gpt2", "nlpconnect/vit-gpt2-image-captioning", "vision-encoder-decoder",
               "239M", "Apache-2.0", "1.5 GB RAM / 1 GB VRAM"),
+    ModelSpec("kosmos-2", "microsoft/kosmos-2-patch14-224", "kosmos-2", "1.7B", "MIT",
+              "7 GB RAM / 4 GB VRAM fp16", "grounded: phrases with boxes (--draw-boxes)"),
+    ModelSpec("florence-2-base", "florence-community/Florence-2-base", "florence2", "232M", "MIT",
+              "1 GB RAM / 1 GB VRAM", "native transformers weights; --detail up to more-detailed"),
+    ModelSpec("florence-2-large", "florence-community/Florence-2-large", "florence2", "771M",
+              "MIT", "3 GB RAM / 2 GB VRAM", "native transformers weights"),
+    ModelSpec("instructblip-vicuna-7b", "Salesforce/instructblip-vicuna-7b", "instructblip",
+              "7.9B", "non-commercial (Vicuna/LLaMA terms)",
+              "32 GB RAM / 16 GB VRAM fp16 (9 GB in 8-bit)"),
+    ModelSpec("instructblip-flan-t5-xl", "Salesforce/instructblip-flan-t5-xl", "instructblip",
+              "4.0B", "MIT", "16 GB RAM / 8 GB VRAM fp16 (5 GB in 8-bit)"),
+    ModelSpec("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", VLM_FAMILY, "2.2B", "Apache-2.0",
+              "9 GB RAM / 5 GB VRAM bf16", "more memory for large images (dynamic resolution)"),
+    ModelSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", VLM_FAMILY, "3.8B",
+              "Qwen Research License (non-commercial)", "15 GB RAM / 8 GB VRAM bf16"),
+    ModelSpec("smolvlm", "HuggingFaceTB/SmolVLM-Instruct", VLM_FAMILY, "2.2B", "Apache-2.0",
+              "9 GB RAM / 5 GB VRAM bf16"),
+    ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", VLM_FAMILY, "7.1B",
+              "Llama 2 Community License", "28 GB RAM / 15 GB VRAM fp16 (8 GB in 8-bit)"),
+    ModelSpec("paligemma-3b", "google/paligemma-3b-mix-224", VLM_FAMILY, "2.9B",
+              "Gemma Terms of Use (gated)", "12 GB RAM / 6 GB VRAM bf16",
+              "plain prompts ('caption en'), no chat template"),
 ]}
 
 AUTO_PREFERRED = "blip-large"
@@ -55,10 +80,17 @@ FAMILIES: dict[str, str] = {
     "blip-2": "captionkit.models.hf:Blip2Captioner",
     "git": "captionkit.models.hf:GitCaptioner",
     "vision-encoder-decoder": "captionkit.models.hf:VisionEncoderDecoderCaptioner",
+    "instructblip": "captionkit.models.hf:InstructBlipCaptioner",
+    "kosmos-2": "captionkit.models.kosmos2:Kosmos2Captioner",
+    "florence2": "captionkit.models.florence2:Florence2Captioner",
+    VLM_FAMILY: "captionkit.models.vlm:VLMCaptioner",
 }
 
 # "scheme:rest" names served without local weights (remote endpoints).
-SCHEMES: dict[str, str] = {}
+SCHEMES: dict[str, str] = {
+    "openai": "captionkit.models.remote:OpenAICaptioner",
+    "hf-api": "captionkit.models.remote:HFInferenceCaptioner",
+}
 
 
 def _factory(target: str) -> Callable[..., Captioner]:
@@ -75,11 +107,19 @@ def detect_family(path: Path) -> str:
         model_type = json.loads(config_file.read_text()).get("model_type", "")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelNotFoundError(f"{config_file}: unreadable config ({err})") from err
+    if model_type not in FAMILIES and _image_text_to_text(model_type):
+        return VLM_FAMILY
     if model_type not in FAMILIES:
         known = ", ".join(sorted(f for f in FAMILIES if f != "objects"))
         raise ModelNotFoundError(f"{path}: model type {model_type!r} is not a captioner captionkit "
                                  f"knows (families: {known})")
     return model_type
+
+
+def _image_text_to_text(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def choose_auto() -> tuple[str, str]:

@@ -1,0 +1,75 @@
+"""Annotated copies of images with their grounded phrases' boxes (`--draw-boxes DIR`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, ImageDraw, ImageFont
+
+from captionkit import sources
+from captionkit.errors import ImageError
+from captionkit.store import Result
+
+COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+
+
+def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
+    """Draw each grounded result's boxes on a copy of its image under `directory`."""
+    written = []
+    for result in results:
+        entities = result.extras.get("entities")
+        if result.status != "done" or entities is None:
+            continue
+        try:
+            image = sources.load_image(result.path)
+        except ImageError:
+            continue  # the file changed or went away since it was captioned
+        target = _mirrored(result.name, directory)
+        _save(annotate(image, entities), target)
+        written.append(target)
+    return written
+
+
+def annotate(image: Image.Image, entities: list[dict]) -> Image.Image:
+    """A copy of `image` with every entity's boxes (normalized x0, y0, x1, y1) and phrase drawn."""
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    width, height = out.size
+    line = max(2, round(min(width, height) / 200))
+    font = ImageFont.load_default(size=max(12, 6 * line))
+    for index, entity in enumerate(entities):
+        color = COLORS[index % len(COLORS)]
+        for x0, y0, x1, y1 in entity.get("boxes", []):
+            box = (x0 * width, y0 * height, max(x0, x1) * width, max(y0, y1) * height)
+            draw.rectangle(box, outline=color, width=line)
+            label = draw.textbbox((box[0] + line, box[1] + line), entity.get("phrase", ""),
+                                  font=font)
+            draw.rectangle(label, fill=color)
+            draw.text((box[0] + line, box[1] + line), entity.get("phrase", ""), fill="white",
+                      font=font)
+    return out
+
+
+def _mirrored(name: str, directory: Path) -> Path:
+    """`DIR/sub/photo.jpg` for an image exported as `sub/photo.jpg`; formats Pillow cannot write
+    become PNG."""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        relative = PurePosixPath(relative.name)
+    if Image.registered_extensions().get(relative.suffix.lower()) not in Image.SAVE:
+        relative = relative.with_suffix(relative.suffix + ".png")
+    return directory / Path(*relative.parts)
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    """Write through a temporary file and rename, so a half-written image never appears."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

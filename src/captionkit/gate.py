@@ -1,0 +1,258 @@
+"""The quality gate: score captions with CLIP, keep the best candidate, set low scorers aside.
+
+Scores are stored with each caption; whether a caption passes is derived from the current
+`--min-score` after every run, and files are copied or moved from the store, so a resumed run ends
+with the same folders as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from captionkit import sources
+from captionkit.datasets import (
+    IMAGE_EXTENSIONS,
+    match_images,
+    read_predictions,
+    read_references,
+)
+from captionkit.errors import CaptionkitError, ImageError, OptionError
+from captionkit.exporters import ExportOptions, atomic_write, listed, relative_path, sidecar_path
+from captionkit.models.base import Caption
+from captionkit.options import GenerationOptions
+from captionkit.store import Result
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from captionkit.scoring import ClipScorer
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """Whether captions are scored, the threshold they must reach, and where images go."""
+
+    clip_model: str | None = None
+    """The scoring model; a threshold or candidates without one use `scoring.DEFAULT_MODEL`."""
+    min_score: float | None = None
+    score_scale: str = "clipscore"
+    failed_dir: Path | None = None
+    move: bool = False
+    keep_failed: bool = False
+    copy_images: bool = False
+    """Copy the images that get a caption file into the output folder, the caption beside each."""
+
+    def __post_init__(self) -> None:
+        from captionkit.scoring import SCALES
+
+        if self.failed_dir is not None:
+            object.__setattr__(self, "failed_dir", Path(self.failed_dir))  # the Python API passes str
+        if self.score_scale not in SCALES:
+            raise OptionError(f"--score-scale {self.score_scale!r}: use {' or '.join(SCALES)}")
+        if self.min_score is None and (self.failed_dir is not None or self.keep_failed):
+            raise OptionError("--failed-dir and --keep-failed need a threshold: add --min-score")
+        if self.move and self.failed_dir is None:
+            raise OptionError("--move moves images into --failed-dir: add --failed-dir")
+
+    def scorer_name(self, generation: GenerationOptions) -> str | None:
+        """The CLIP model a run with these options scores with, or None when it does not score."""
+        from captionkit.scoring import DEFAULT_MODEL
+
+        if self.clip_model is not None:
+            return self.clip_model
+        return DEFAULT_MODEL if self.min_score is not None or generation.candidates > 1 else None
+
+
+def load_scorer(options: GateOptions, generation: GenerationOptions,
+                device: str = "auto") -> ClipScorer | None:
+    """The scorer these options ask for, or None."""
+    from captionkit import scoring
+
+    name = options.scorer_name(generation)
+    return None if name is None else scoring.load_scorer(name, device=device,
+                                                         scale=options.score_scale)
+
+
+def score_batch(scorer: ClipScorer, pairs: Sequence[tuple[Image, Caption]]) -> None:
+    """Score each caption against its image, embedding every image once; of several candidates
+    the best-scoring becomes the caption, and all are kept with their scores."""
+    import torch
+
+    if not pairs:
+        return
+    embeddings = scorer.embed_images([image for image, _ in pairs])
+    groups = [[c["text"] for c in caption.extras.get("candidates", [])] or [caption.text]
+              for _, caption in pairs]
+    counts = torch.tensor([len(g) for g in groups], device=embeddings.device)
+    rows = torch.repeat_interleave(embeddings, counts, dim=0)
+    scored = iter(scorer.score_embeddings(rows, [text for group in groups for text in group]))
+    for (_, caption), group in zip(pairs, groups, strict=True):
+        scores = [next(scored).clip_score for _ in group]
+        # max() keeps the first of equal scores: the model's own preferred candidate.
+        best = max(range(len(group)), key=scores.__getitem__)
+        if caption.extras.get("candidates"):
+            candidates = [{**candidate, "clip_score": score} for candidate, score
+                          in zip(caption.extras["candidates"], scores, strict=True)]
+            caption.extras["candidates"] = candidates
+            # The kept candidate's own fields (a model's entities, say) replace the first one's.
+            caption.extras.update({k: v for k, v in candidates[best].items() if k != "text"})
+        caption.text = group[best]
+        caption.extras["clip_score"] = scores[best]
+
+
+def mark(results: Iterable[Result], min_score: float | None) -> list[Result]:
+    """Set `passed` on scored results for the threshold (drop it without one); returns the changed."""
+    changed = []
+    for result in results:
+        score = result.extras.get("clip_score")
+        passed = None if min_score is None or score is None else score >= min_score
+        if result.extras.get("passed") == passed:
+            continue
+        if passed is None:
+            del result.extras["passed"]
+        else:
+            result.extras["passed"] = passed
+        changed.append(result)
+    return changed
+
+
+def tally(results: Iterable[Result]) -> tuple[list[float], int]:
+    """Every caption's score, and how many of them passed."""
+    scored = [r for r in results if r.status == "done" and "clip_score" in r.extras]
+    return ([r.extras["clip_score"] for r in scored],
+            sum(r.extras.get("passed", True) for r in scored))
+
+
+def place(results: Iterable[Result], options: GateOptions, export: ExportOptions) -> int:
+    """Copy listed images into the output folder (`copy_images`), then copy or move failed ones with
+    their caption file into the failed folder; returns how many are there. Safe to repeat."""
+    set_aside = 0
+    for result in results:
+        if result.status != "done":
+            continue
+        if options.copy_images and listed(result, export):
+            _put(result.path, export.output_dir / relative_path(result.name), move=False)
+        if options.failed_dir is None or result.extras.get("passed") is not False:
+            continue
+        if _put(result.path, options.failed_dir / relative_path(result.name), options.move):
+            side = ExportOptions(options.failed_dir, export.caption_extension)
+            atomic_write(sidecar_path(result, side), " ".join((result.caption or "").split()) + "\n")
+            set_aside += 1
+    return set_aside
+
+
+def _put(source: Path, target: Path, move: bool) -> bool:
+    """Copy or move `source` to `target` atomically; False when neither holds the file any more."""
+    verb = "move" if move else "copy"
+    try:
+        if not source.exists():
+            return target.exists()  # moved there by an earlier run, or deleted by the user
+        if target.exists() and (os.path.samefile(source, target) or not move and _same(source, target)):
+            return True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            try:
+                os.replace(source, target)
+                return True
+            except OSError as err:
+                if err.errno != errno.EXDEV:
+                    raise
+        _copy(source, target)
+        if move:
+            source.unlink()
+    except OSError as err:
+        raise CaptionkitError(f"cannot {verb} {source} to {target}: {err.strerror or err}") from None
+    return True
+
+
+def _same(source: Path, target: Path) -> bool:
+    # copy2 keeps the modification time, so an earlier copy matches in size and mtime.
+    a, b = source.stat(), target.stat()
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+
+
+def _copy(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class ScoredCaptions:
+    """Existing captions with their scores: one Result per image (failed when its image is missing
+    or unreadable), and the input rows that could not be used."""
+
+    results: list[Result]
+    problems: list[str]
+    images: Path
+
+
+def find_images(names: Iterable[str], root: Path) -> dict[str, Path]:
+    """Each name's image: `root/name`, else the file with that base name anywhere under `root` (or
+    with that stem, for a sidecar's name); names with no image are left out."""
+    names = list(names)
+    found = {name: root / name for name in names if (root / name).is_file()}
+    rest = [name for name in names if name not in found]
+    if rest:
+        index: dict[str, Path] = {}
+        for directory, subdirectories, files in os.walk(root):
+            subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+            for file in sorted(files):
+                if Path(file).suffix.lower() in IMAGE_EXTENSIONS:
+                    index.setdefault(file, Path(directory) / file)
+        found.update({name: index[match] for name, match in match_images(rest, index).items()})
+    return found
+
+
+def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = None,
+                   references: Path | None = None, min_score: float | None = None) -> ScoredCaptions:
+    """Score the captions in a captions.txt, JSONL, CSV or sidecar folder against their images,
+    found under `images` (default: the captions file's folder); RefCLIPScore with `references`."""
+    captions = Path(captions)
+    root = Path(images) if images is not None else captions if captions.is_dir() else captions.parent
+    if not root.is_dir():
+        raise OptionError(f"--images {root}: no such folder")
+    predictions = read_predictions(captions)
+    problems = list(predictions.problems)
+    refs = read_references(references) if references is not None else None
+    ref_names: Mapping[str, str] = {}
+    if refs is not None:
+        problems += refs.problems
+        ref_names = match_images(predictions.captions, refs.captions)
+    paths = find_images(predictions.captions, root)
+    results = [Result(path=paths.get(name, root / name), name=name, status="failed", caption=text,
+                      error=None if name in paths else f"no image file for it under {root}")
+               for name, text in predictions.captions.items()]
+    todo = [result for result in results if result.error is None]
+    for start in range(0, len(todo), scorer.batch_size):
+        loaded = []
+        for result in todo[start:start + scorer.batch_size]:
+            try:
+                loaded.append((result, sources.load_image(result.path)))
+            except ImageError as err:
+                result.error = err.reason
+        if not loaded:
+            continue
+        wanted = None if refs is None else [refs.captions.get(ref_names.get(r.name, ""), [])
+                                            for r, _ in loaded]
+        scores = scorer.score([image for _, image in loaded], [r.caption or "" for r, _ in loaded],
+                              wanted)
+        for (result, _), score in zip(loaded, scores, strict=True):
+            result.status = "done"
+            result.extras["clip_score"] = score.clip_score
+            if score.ref_clip_score is not None:
+                result.extras["ref_clip_score"] = score.ref_clip_score
+    mark(results, min_score)
+    return ScoredCaptions(results, problems, root)

@@ -1,0 +1,268 @@
+"""Kosmos-2, Florence-2, InstructBLIP and chat VLMs, each checked against plain transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from captionkit import sources
+from captionkit.cli import app
+from captionkit.errors import InputError, ModelNotFoundError, OptionError
+from captionkit.models import FAMILIES, MODELS, Caption, load
+from captionkit.models.registry import VLM_FAMILY, detect_family
+from captionkit.options import GenerationOptions, LoadOptions
+from captionkit.pipeline import Pipeline, RunOptions
+from captionkit.prompts import read_prompt_file
+
+FP32 = LoadOptions(device="cpu", dtype="float32")
+BUILDERS = {"kosmos2": tiny.build_kosmos2, "florence2": tiny.build_florence2,
+            "instructblip": tiny.build_instructblip, "llava": tiny.build_llava,
+            "qwen2vl": tiny.build_qwen2_vl, "paligemma": tiny.build_paligemma}
+CHAT = ("llava", "qwen2vl")
+QUESTION = "Question: what is in the picture? Answer:"
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint per family, built once per session."""
+    root = tmp_path_factory.mktemp("family-models")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def captioner(family_models):
+    """Captioners loaded through captionkit, once per family."""
+    loaded: dict = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = load(str(family_models[name]), FP32)
+        return loaded[name]
+
+    return get
+
+
+def reference(name: str, path: Path, images, max_new_tokens: int, prompt: str,
+              system: str | None = None) -> list[str]:
+    """The model cards' recipes, one image at a time: processor + generate + decode."""
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    texts = []
+    for image in images:
+        text = prompt
+        if name in CHAT:
+            messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] \
+                if system else []
+            messages.append({"role": "user", "content": [{"type": "image"},
+                                                         {"type": "text", "text": prompt}]})
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        if name in (*CHAT, "instructblip", "paligemma"):
+            ids = ids[:, inputs["input_ids"].shape[1]:]
+        decoded = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        if name == "kosmos2":
+            decoded, _ = processor.post_process_generation(decoded)
+            # the caption is what follows the prompt
+            decoded = decoded.removeprefix(prompt.removeprefix("<grounding>").strip()).lstrip()
+        texts.append(decoded)
+    return texts
+
+
+DEFAULTS = {"kosmos2": "<grounding>An image of", "florence2": "<CAPTION>",
+            "instructblip": "A short image description:",
+            "llava": "Describe this image in one sentence.",
+            "qwen2vl": "Describe this image in one sentence.", "paligemma": "caption en"}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_captions_equal_the_transformers_reference(name, family_models, captioner, photos):
+    ours = [c.text for c in captioner(name).caption(photos[:3], GenerationOptions(max_new_tokens=8))]
+    assert ours == reference(name, family_models[name], photos[:3], 8, DEFAULTS[name])
+
+
+@pytest.mark.parametrize(("name", "options", "prompt", "system"), [
+    ("kosmos2", {"detail": "detailed"}, "<grounding> Describe this image in detail:", None),
+    ("florence2", {"detail": "detailed"}, "<DETAILED_CAPTION>", None),
+    ("florence2", {"detail": "more-detailed"}, "<MORE_DETAILED_CAPTION>", None),
+    ("instructblip", {"prompt": QUESTION}, QUESTION, None),
+    ("llava", {"detail": "detailed", "system": "Be brief.", "language": "French"},
+     "Describe this image in detail. Answer in French.", "Be brief."),
+    ("paligemma", {"detail": "detailed"}, "describe en", None),
+])
+def test_prompts_and_detail_levels_equal_the_reference(name, options, prompt, system,
+                                                       family_models, captioner, photos):
+    generation = GenerationOptions(max_new_tokens=6, **options)
+    ours = [c.text for c in captioner(name).caption(photos[3:5], generation)]
+    assert ours == reference(name, family_models[name], photos[3:5], 6, prompt, system)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_batch_equals_one_at_a_time_in_float32(name, captioner, photos):
+    model = captioner(name)
+    options = GenerationOptions(max_new_tokens=8)
+    batched = [c.text for c in model.caption(photos, options)]
+    alone = [model.caption([image], options)[0].text for image in photos]
+    assert batched == alone
+    assert len(set(batched)) > 1, "the tiny model should see differences between photos"
+
+
+def test_kosmos2_returns_grounded_entities_without_the_prompt(captioner, photos):
+    model = captioner("kosmos2")
+    decoded = ("<image>.</image><grounding> An image of<phrase> a dog</phrase><object>"
+               "<patch_index_0000><patch_index_1023></object> on<phrase> the grass</phrase>"
+               "<object><patch_index_0992><patch_index_1023></object>.")
+    text, entities = model.ground(decoded, "<grounding>An image of")
+    assert text == "a dog on the grass."
+    assert [e["phrase"] for e in entities] == ["a dog", "the grass"]
+    for entity in entities:
+        start, end = entity["span"]
+        assert text[start:end] == entity["phrase"]
+        for x0, y0, x1, y1 in entity["boxes"]:
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    json.dumps(entities)  # stored as JSON in the run store and captions.jsonl
+    caption = model.caption(photos[:1], GenerationOptions(max_new_tokens=4))[0]
+    assert isinstance(caption.extras["entities"], list)
+
+
+class Grounded:
+    """A captioner that grounds one phrase to the left half of every image."""
+
+    model_id, input_size = "grounded", None
+
+    def caption(self, images, options, prompts=None):
+        entity = {"phrase": "left", "span": [0, 4], "boxes": [[0.1, 0.2, 0.5, 0.8]]}
+        return [Caption("left half", {"entities": [entity]}) for _ in images]
+
+
+def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    shutil.copy(photo_dir / "coffee.png", images / "sub" / "coffee.png")
+    shutil.copy(photo_dir / "horse.png", images / "horse.png")
+    out, drawn = tmp_path / "out", tmp_path / "boxes"
+    summary = Pipeline(Grounded(), GenerationOptions(), RunOptions(
+        output_dir=out, recursive=True, progress=False, draw_boxes=drawn)).run([str(images)])
+    assert sorted(p.relative_to(drawn).as_posix() for p in drawn.rglob("*.png")) == [
+        "horse.png", "sub/coffee.png"]
+    assert set(drawn.rglob("*.png")) <= set(summary.outputs)
+    original = Image.open(images / "sub" / "coffee.png").convert("RGB")
+    annotated = Image.open(drawn / "sub" / "coffee.png").convert("RGB")
+    assert annotated.size == original.size
+    width, height = original.size
+    edge = (round(0.1 * width), round(0.5 * height))  # on the box's left side
+    far = (round(0.9 * width), round(0.5 * height))  # outside the box
+    assert annotated.getpixel(edge) != original.getpixel(edge)
+    assert annotated.getpixel(far) == original.getpixel(far)
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert all(r["entities"][0]["boxes"] == [[0.1, 0.2, 0.5, 0.8]] for r in records)
+
+
+def test_kosmos2_through_the_cli_with_detail_and_boxes(family_models, photo_dir, tmp_path):
+    out, drawn = tmp_path / "out", tmp_path / "boxes"
+    result = CliRunner().invoke(app, [
+        "caption", str(photo_dir), "--model", str(family_models["kosmos2"]), "-o", str(out),
+        "--detail", "detailed", "--draw-boxes", str(drawn), "--max-new-tokens", "4",
+        "--device", "cpu", "--dtype", "float32", "-q"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(isinstance(r["entities"], list) for r in records)
+    assert len(list(drawn.glob("*.png"))) == 8
+
+
+def test_prompt_file_asks_each_image_its_own_prompt(captioner, photo_dir, tmp_path):
+    model = captioner("instructblip")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "rocket", "coffee"):
+        shutil.copy(photo_dir / f"{name}.png", images / f"{name}.png")
+    shutil.copy(photo_dir / "coffee.png", images / "coffee copy.png")
+    prompts = {"astronaut.png": QUESTION, "coffee.png": "What is in the cup?",
+               "coffee copy.png": "What color is the cup?"}
+    csv_file = tmp_path / "questions.csv"
+    csv_file.write_text("path,prompt\n" + "".join(f"images/{name},\"{prompt}\"\n"
+                                                  for name, prompt in prompts.items()))
+    generation = GenerationOptions(max_new_tokens=5)
+    options = RunOptions(output_dir=tmp_path / "out", progress=False, prompt_file=csv_file)
+    summary = Pipeline(model, generation, options).run([str(images)])
+    assert summary.done == 4 and summary.duplicates == 0  # same bytes, different questions
+    records = {r["image"]: r for r in map(json.loads, (tmp_path / "out" / "captions.jsonl")
+                                          .read_text().splitlines())}
+    for name, record in records.items():
+        asked = prompts.get(name)
+        assert record.get("prompt") == asked
+        image = sources.load_image(images / name, model.input_size)  # as the pipeline decodes
+        alone = model.caption([image], GenerationOptions(max_new_tokens=5, prompt=asked))
+        assert record["caption"] == alone[0].text
+    again = Pipeline(model, generation, options).run([str(images)])
+    assert (again.done, again.skipped) == (0, 4)
+    csv_file.write_text(csv_file.read_text().replace("What is in the cup?", "What is it?"))
+    changed = Pipeline(model, generation, options).run([str(images)])
+    assert (changed.done, changed.skipped) == (1, 3)
+
+
+def test_prompt_file_problems_are_clear(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(InputError, match="cannot read"):
+        read_prompt_file(missing)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a.jpg,what is this, really?\n")
+    with pytest.raises(InputError, match="row 1.*quote prompts"):
+        read_prompt_file(bad)
+    good = tmp_path / "sub" / "good.csv"
+    good.parent.mkdir()
+    good.write_text("photo.jpg,what is this?\n\n")
+    assert read_prompt_file(good) == {str((good.parent / "photo.jpg").absolute()): "what is this?"}
+
+
+def test_families_are_detected_from_config(family_models, tmp_path):
+    expected = {"kosmos2": "kosmos-2", "florence2": "florence2", "instructblip": "instructblip",
+                "llava": VLM_FAMILY, "qwen2vl": VLM_FAMILY, "paligemma": VLM_FAMILY}
+    for name, family in expected.items():
+        assert detect_family(family_models[name]) == family
+    for model_type in ("qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert detect_family(tmp_path) == VLM_FAMILY
+
+
+def test_impossible_detail_and_chat_options_are_refused(captioner, photos, tmp_path):
+    with pytest.raises(OptionError, match="--detail 'huge'"):
+        GenerationOptions(detail="huge")
+    with pytest.raises(OptionError, match="pass one"):
+        GenerationOptions(detail="brief", prompt="a photo of")
+    with pytest.raises(OptionError, match="no --detail more-detailed.*brief, detailed"):
+        captioner("kosmos2").caption(photos[:1], GenerationOptions(detail="more-detailed"))
+    with pytest.raises(OptionError, match="need a chat model"):
+        captioner("instructblip").caption(photos[:1], GenerationOptions(language="French"))
+    with pytest.raises(OptionError, match="no chat template.*caption fr"):
+        captioner("paligemma").caption(photos[:1], GenerationOptions(system="Be brief."))
+    with pytest.raises(OptionError, match="<OD> answers with regions"):
+        captioner("florence2").caption(photos[:1], GenerationOptions(prompt="<OD>"))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "florence2", "auto_map": {"AutoConfig": "configuration_florence2.X"}}))
+    with pytest.raises(ModelNotFoundError, match="florence-community"):
+        load(str(tmp_path), FP32)
+
+
+def test_every_family_is_listed_with_its_aliases():
+    required = {"kosmos-2", "florence-2-base", "florence-2-large", "instructblip-vicuna-7b",
+                "instructblip-flan-t5-xl", "qwen2-vl-2b", "qwen2.5-vl-3b", "smolvlm",
+                "llava-1.5-7b", "paligemma-3b"}
+    assert required <= set(MODELS)
+    assert all(MODELS[alias].family in FAMILIES for alias in required)
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    for family in ("kosmos-2", "florence2", "instructblip", VLM_FAMILY):
+        assert family in result.output
+    for alias in required:
+        assert alias in result.output
