@@ -147,3 +147,13 @@ def test_compose_describes_tables_tones_and_empty_photos():
     assert compose([horse], [], None, "black-and-white") == "a black-and-white close-up of a horse"
     assert compose([], [], Hint("rocket", 0.6)) == "a photo of a rocket"
     assert compose([], [], None, "dark") == "a dark photo"
+
+
+def test_text_instructions_are_refused_not_ignored(captioner, examples):
+    from captionkit.errors import OptionError
+
+    image = examples["cat.jpg"]
+    with pytest.raises(OptionError, match="drop --prompt"):
+        captioner.caption([image], GenerationOptions(prompt="Question: what is it? Answer:"))
+    with pytest.raises(OptionError, match="--detail"):
+        captioner.caption([image], GenerationOptions(detail="detailed"))

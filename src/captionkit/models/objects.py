@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captionkit.errors import ModelUnavailableError
+from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
 
@@ -447,7 +447,14 @@ class ObjectsCaptioner:
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
                 prompts: list[str | None] | None = None) -> list[Caption]:
-        """One sentence per image; generation options and prompts do not apply to this model."""
+        """One sentence per image; generation options do not apply, and text instructions are refused."""
+        asked = [name for name, value in (("--prompt", options.prompt or any(prompts or [])),
+                                          ("--detail", options.detail), ("--system", options.system),
+                                          ("--language", options.language),
+                                          ("--candidates", options.candidates > 1)) if value]
+        if asked:
+            raise OptionError(f"the objects captioner takes no text instructions: drop {', '.join(asked)} "
+                              "or pick a model that does (see `captionkit models`)")
         if not images:
             return []
         rgb = [image.convert("RGB") for image in images]
