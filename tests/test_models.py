@@ -187,3 +187,14 @@ def test_vit_gpt2_refuses_a_prompt(tiny_models, photos):
     captioner = load(str(tiny_models["vit-gpt2"]), FP32)
     with pytest.raises(OptionError, match="does not take a text prompt"):
         captioner.caption(photos[:1], GenerationOptions(prompt="a photo of"))
+
+
+def test_decode_target_follows_each_processor_convention():
+    from transformers import BlipImageProcessor, CLIPImageProcessor, Qwen2VLImageProcessor
+
+    from captionkit.models.hf import _input_size
+
+    assert _input_size(BlipImageProcessor(size={"height": 384, "width": 384})) == 384
+    assert _input_size(CLIPImageProcessor(size={"shortest_edge": 224})) == 224
+    # Qwen2-VL keeps pixel budgets in `size`: 3136..1003520 pixels means about 1001 px a side
+    assert _input_size(Qwen2VLImageProcessor()) == 1001

@@ -215,13 +215,16 @@ def _weight_kwargs(options: LoadOptions, device: torch.device, dtype: torch.dtyp
 
 
 def _input_size(image_processor) -> int | None:
+    """The side the processor resizes to, so the decoder can shrink big photos to about that."""
     size = getattr(image_processor, "size", None)
-    if isinstance(size, dict):
-        for key in ("shortest_edge", "height", "width"):
-            if key in size:
-                return int(size[key])
-    if hasattr(size, "height") and size.height:
-        return int(size.height)
-    if hasattr(size, "shortest_edge") and size.shortest_edge:
-        return int(size.shortest_edge)
+    if size is None:
+        return None
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    shortest, longest = get("shortest_edge"), get("longest_edge")
+    if shortest and longest and shortest > longest ** 0.5:
+        # Qwen2-VL-style processors keep pixel budgets here, not sides: decode to the budget's side
+        return int(longest ** 0.5)
+    for key in ("shortest_edge", "height", "width"):
+        if get(key):
+            return int(get(key))
     return None
