@@ -13,24 +13,58 @@ from rich.table import Table
 
 from captionkit.errors import CaptionkitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Turn images into text: caption folders with any model, resumably.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Turn images into text: caption folders with any model, resumably.",
+)
 console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 200)
 
-Inputs = Annotated[list[str], typer.Argument(help="Image files, folders, globs, list files "
-                                                  "(one path per line) or - for stdin.")]
-OutputDir = Annotated[Path, typer.Option("--output-dir", "-o",
-                                         help="Where captions and the run store go.")]
-Formats = Annotated[str, typer.Option("--format", "-f", help="Comma-separated: captions.txt, "
-                                      "txt (sidecar per image), jsonl, csv, or all.")]
-CaptionExt = Annotated[str, typer.Option(help="Extension of per-image caption files.")]
-ClipModel = Annotated[str | None, typer.Option(help="Score captions with this CLIP-family model: "
-                                               "Hub id, folder or open_clip:ARCH/TAG.")]
-ScoreScale = Annotated[str, typer.Option(help="clipscore (the paper's 2.5 * cos, 0 to 2.5) or "
-                                         "cosine100 (100 * cos, 0 to 100).")]
-Beside = Annotated[bool, typer.Option("--beside-images", help="Write per-image caption files "
-                                      "next to the images instead of under --output-dir.")]
+Inputs = Annotated[
+    list[str],
+    typer.Argument(help="Image files, folders, globs, list files (one path per line) or - for stdin."),
+]
+OutputDir = Annotated[
+    Path,
+    typer.Option(
+        "--output-dir", "-o", help="Where captions and the run store go.", rich_help_panel="Outputs"
+    ),
+]
+Formats = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        "-f",
+        help="Comma-separated: captions.txt, txt (sidecar per image), jsonl, csv, or all.",
+        rich_help_panel="Outputs",
+    ),
+]
+CaptionExt = Annotated[
+    str, typer.Option(help="Extension of per-image caption files.", rich_help_panel="Outputs")
+]
+ClipModel = Annotated[
+    str | None,
+    typer.Option(
+        help="Score captions with this CLIP-family model: Hub id, folder or open_clip:ARCH/TAG.",
+        rich_help_panel="CLIP scoring",
+    ),
+]
+ScoreScale = Annotated[
+    str,
+    typer.Option(
+        help="clipscore (the paper's 2.5 * cos, 0 to 2.5) or cosine100 (100 * cos, 0 to 100).",
+        rich_help_panel="CLIP scoring",
+    ),
+]
+Beside = Annotated[
+    bool,
+    typer.Option(
+        "--beside-images",
+        help="Write per-image caption files next to the images instead of under --output-dir.",
+        rich_help_panel="Outputs",
+    ),
+]
 
 
 def _quiet_transformers() -> None:
@@ -43,77 +77,190 @@ def _quiet_transformers() -> None:
 @app.command()
 def caption(
     inputs: Inputs,
-    model: Annotated[str, typer.Option("--model", "-m", help="Alias, Hub id, local directory, "
-                                       "openai:MODEL or hf-api:MODEL (remote endpoints), "
-                                       "or auto (blip-large if cached, else objects).")] = "auto",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Alias, Hub id, local directory, "
+            "openai:MODEL or hf-api:MODEL (remote endpoints), "
+            "or auto (blip-large if cached, else objects).",
+            rich_help_panel="Model and hardware",
+        ),
+    ] = "auto",
     output_dir: OutputDir = Path("captionkit-out"),
-    recursive: Annotated[bool, typer.Option("--recursive", "-r")] = False,
-    ext: Annotated[str | None, typer.Option(help="Only these extensions, e.g. jpg,png.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", rich_help_panel="Inputs")] = False,
+    ext: Annotated[
+        str | None, typer.Option(help="Only these extensions, e.g. jpg,png.", rich_help_panel="Inputs")
+    ] = None,
     formats: Formats = "captions.txt,jsonl",
     caption_extension: CaptionExt = ".txt",
     beside_images: Beside = False,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: auto).",
-                                                   min=1)] = None,
-    workers: Annotated[int | None, typer.Option(help="Decoding threads.", min=1)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over, ignoring earlier results.")] = False,
-    retry_failed: Annotated[bool, typer.Option(help="Try earlier failures again.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed, unreadable ones included "
-                                         "(without it only model failures do).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    max_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels "
-                                            "(decompression bombs).")] = 100_000_000,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    load_in_8bit: Annotated[bool, typer.Option(help="8-bit weights (CUDA + bitsandbytes).")] = False,
-    load_in_4bit: Annotated[bool, typer.Option(help="4-bit weights (CUDA + bitsandbytes).")] = False,
-    api_base: Annotated[str | None, typer.Option(help="Remote endpoints: server base URL, e.g. "
-                                                 "http://localhost:8000/v1.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Remote endpoints: requests in flight.",
-                                             min=1)] = 4,
-    timeout: Annotated[float, typer.Option(help="Remote endpoints: seconds per request.",
-                                           min=0.001)] = 60.0,
-    max_retries: Annotated[int, typer.Option(help="Remote endpoints: retries on 429, 5xx and "
-                                             "timeouts.", min=0)] = 5,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
-    min_new_tokens: Annotated[int | None, typer.Option(min=0)] = None,
-    num_beams: Annotated[int, typer.Option(min=1)] = 1,
-    repetition_penalty: Annotated[float | None, typer.Option()] = None,
-    length_penalty: Annotated[float | None, typer.Option()] = None,
-    no_repeat_ngram_size: Annotated[int | None, typer.Option(min=0)] = None,
-    do_sample: Annotated[bool, typer.Option(help="Sample instead of greedy/beam search.")] = False,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    top_p: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    prompt: Annotated[str | None, typer.Option(help="Text the caption starts from or answers "
-                                                    "(models that take text).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="CSV of `image path,prompt` rows (paths "
-                                                     "relative to it): each listed image is asked "
-                                                     "its own prompt, others --prompt.")] = None,
-    detail: Annotated[str | None, typer.Option(help="brief, detailed or more-detailed: the "
-                                               "family's own prompt for that level (Kosmos-2, "
-                                               "Florence-2, InstructBLIP, VLMs).")] = None,
-    system: Annotated[str | None, typer.Option(help="Chat VLMs: a system message.")] = None,
-    language: Annotated[str | None, typer.Option(help="Chat VLMs: ask for captions in this "
-                                                 "language, e.g. French.")] = None,
-    draw_boxes: Annotated[Path | None, typer.Option(help="Write copies of the images with their "
-                                                    "grounded phrases' boxes here "
-                                                    "(Kosmos-2).")] = None,
-    candidates: Annotated[int, typer.Option(help="Generate N captions per image (beams, or samples "
-                                            "with --do-sample) and keep the best CLIPScore.",
-                                            min=1)] = 1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Images per batch (default: auto).", min=1, rich_help_panel="Model and hardware"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding threads.", min=1, rich_help_panel="Inputs")
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Start over, ignoring earlier results.", rich_help_panel="Resume and exit code"),
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Try earlier failures again.", rich_help_panel="Resume and exit code")
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 1 if any image failed, unreadable ones included (without it only model failures do).",
+            rich_help_panel="Resume and exit code",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel="Outputs")
+    ] = False,
+    max_pixels: Annotated[
+        int,
+        typer.Option(help="Refuse images with more pixels (decompression bombs).", rich_help_panel="Inputs"),
+    ] = 100_000_000,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Model and hardware")
+    ] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto, float32, bfloat16 or float16.", rich_help_panel="Model and hardware")
+    ] = "auto",
+    load_in_8bit: Annotated[
+        bool, typer.Option(help="8-bit weights (CUDA + bitsandbytes).", rich_help_panel="Model and hardware")
+    ] = False,
+    load_in_4bit: Annotated[
+        bool, typer.Option(help="4-bit weights (CUDA + bitsandbytes).", rich_help_panel="Model and hardware")
+    ] = False,
+    api_base: Annotated[
+        str | None,
+        typer.Option(
+            help="Remote endpoints: server base URL, e.g. http://localhost:8000/v1.",
+            rich_help_panel="Remote endpoints",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int,
+        typer.Option(help="Remote endpoints: requests in flight.", min=1, rich_help_panel="Remote endpoints"),
+    ] = 4,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Remote endpoints: seconds per request.", min=0.001, rich_help_panel="Remote endpoints"
+        ),
+    ] = 60.0,
+    max_retries: Annotated[
+        int,
+        typer.Option(
+            help="Remote endpoints: retries on 429, 5xx and timeouts.",
+            min=0,
+            rich_help_panel="Remote endpoints",
+        ),
+    ] = 5,
+    max_new_tokens: Annotated[int, typer.Option(min=1, rich_help_panel="Generation")] = 30,
+    min_new_tokens: Annotated[int | None, typer.Option(min=0, rich_help_panel="Generation")] = None,
+    num_beams: Annotated[int, typer.Option(min=1, rich_help_panel="Generation")] = 1,
+    repetition_penalty: Annotated[float | None, typer.Option(rich_help_panel="Generation")] = None,
+    length_penalty: Annotated[float | None, typer.Option(rich_help_panel="Generation")] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option(min=0, rich_help_panel="Generation")] = None,
+    do_sample: Annotated[
+        bool, typer.Option(help="Sample instead of greedy/beam search.", rich_help_panel="Generation")
+    ] = False,
+    temperature: Annotated[float | None, typer.Option(rich_help_panel="Generation")] = None,
+    top_p: Annotated[float | None, typer.Option(rich_help_panel="Generation")] = None,
+    seed: Annotated[int | None, typer.Option(rich_help_panel="Generation")] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="Text the caption starts from or answers (models that take text).",
+            rich_help_panel="Generation",
+        ),
+    ] = None,
+    prompt_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of `image path,prompt` rows (paths "
+            "relative to it): each listed image is asked "
+            "its own prompt, others --prompt.",
+            rich_help_panel="Generation",
+        ),
+    ] = None,
+    detail: Annotated[
+        str | None,
+        typer.Option(
+            help="brief, detailed or more-detailed: the "
+            "family's own prompt for that level (Kosmos-2, "
+            "Florence-2, InstructBLIP, VLMs).",
+            rich_help_panel="Generation",
+        ),
+    ] = None,
+    system: Annotated[
+        str | None, typer.Option(help="Chat VLMs: a system message.", rich_help_panel="Generation")
+    ] = None,
+    language: Annotated[
+        str | None,
+        typer.Option(
+            help="Chat VLMs: ask for captions in this language, e.g. French.", rich_help_panel="Generation"
+        ),
+    ] = None,
+    draw_boxes: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write copies of the images with their grounded phrases' boxes here (Kosmos-2).",
+            rich_help_panel="Outputs",
+        ),
+    ] = None,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="Generate N captions per image (beams, or samples "
+            "with --do-sample) and keep the best CLIPScore.",
+            min=1,
+            rich_help_panel="Generation",
+        ),
+    ] = 1,
     clip_model: ClipModel = None,
-    min_score: Annotated[float | None, typer.Option(help="Captions scoring below this fail the "
-                                                    "quality gate (uses the default CLIP model "
-                                                    "without --clip-model).")] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            help="Captions scoring below this fail the "
+            "quality gate (uses the default CLIP model "
+            "without --clip-model).",
+            rich_help_panel="CLIP scoring",
+        ),
+    ] = None,
     score_scale: ScoreScale = "clipscore",
-    failed_dir: Annotated[Path | None, typer.Option(help="Copy images that fail the gate here, "
-                                                    "with their caption file.")] = None,
-    move: Annotated[bool, typer.Option(help="Move failed images into --failed-dir instead of "
-                                       "copying them.")] = False,
-    keep_failed: Annotated[bool, typer.Option(help="Keep failed images in captions.txt and "
-                                              "the caption files.")] = False,
-    copy_images: Annotated[bool, typer.Option(help="Copy the captioned (passing) images into "
-                                              "--output-dir, a caption file beside each.")] = False,
+    failed_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Copy images that fail the gate here, with their caption file.",
+            rich_help_panel="CLIP scoring",
+        ),
+    ] = None,
+    move: Annotated[
+        bool,
+        typer.Option(
+            help="Move failed images into --failed-dir instead of copying them.",
+            rich_help_panel="CLIP scoring",
+        ),
+    ] = False,
+    keep_failed: Annotated[
+        bool,
+        typer.Option(
+            help="Keep failed images in captions.txt and the caption files.", rich_help_panel="CLIP scoring"
+        ),
+    ] = False,
+    copy_images: Annotated[
+        bool,
+        typer.Option(
+            help="Copy the captioned (passing) images into --output-dir, a caption file beside each.",
+            rich_help_panel="CLIP scoring",
+        ),
+    ] = False,
 ) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
@@ -124,51 +271,89 @@ def caption(
     from captionkit.pipeline import Pipeline, RunOptions
 
     generation = GenerationOptions(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, seed=seed, prompt=prompt, candidates=candidates, detail=detail, system=system,
-        language=language)
-    gate_options = GateOptions(clip_model=clip_model, min_score=min_score, score_scale=score_scale,
-                               failed_dir=failed_dir, move=move, keep_failed=keep_failed,
-                               copy_images=copy_images)
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        prompt=prompt,
+        candidates=candidates,
+        detail=detail,
+        system=system,
+        language=language,
+    )
+    gate_options = GateOptions(
+        clip_model=clip_model,
+        min_score=min_score,
+        score_scale=score_scale,
+        failed_dir=failed_dir,
+        move=move,
+        keep_failed=keep_failed,
+        copy_images=copy_images,
+    )
     run_options = RunOptions(
-        output_dir=output_dir, recursive=recursive,
+        output_dir=output_dir,
+        recursive=recursive,
         extensions=tuple(e.strip() for e in ext.split(",")) if ext else None,
-        formats=tuple(parse_formats(formats)), caption_extension=caption_extension,
-        sidecars_beside_images=beside_images, batch_size=batch_size, workers=workers,
-        overwrite=overwrite, retry_failed=retry_failed,
-        max_pixels=max_pixels or sources.DEFAULT_MAX_PIXELS, progress=not quiet,
-        gate=gate_options, prompt_file=prompt_file, draw_boxes=draw_boxes)
+        formats=tuple(parse_formats(formats)),
+        caption_extension=caption_extension,
+        sidecars_beside_images=beside_images,
+        batch_size=batch_size,
+        workers=workers,
+        overwrite=overwrite,
+        retry_failed=retry_failed,
+        max_pixels=max_pixels or sources.DEFAULT_MAX_PIXELS,
+        progress=not quiet,
+        gate=gate_options,
+        prompt_file=prompt_file,
+        draw_boxes=draw_boxes,
+    )
     if model == "auto":
         model, reason = choose_auto()
         console.print(f"model: {reason}")
     _quiet_transformers()
     # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
     scorer = load_scorer(gate_options, generation, device)
-    captioner = load(model, LoadOptions(device=device, dtype=dtype, load_in_8bit=load_in_8bit,
-                                        load_in_4bit=load_in_4bit, api_base=api_base,
-                                        concurrency=concurrency, timeout=timeout,
-                                        max_retries=max_retries))
+    captioner = load(
+        model,
+        LoadOptions(
+            device=device,
+            dtype=dtype,
+            load_in_8bit=load_in_8bit,
+            load_in_4bit=load_in_4bit,
+            api_base=api_base,
+            concurrency=concurrency,
+            timeout=timeout,
+            max_retries=max_retries,
+        ),
+    )
     summary = Pipeline(captioner, generation, run_options, scorer).run(inputs)
     _print_summary(summary)
     if failed_dir is not None:
-        console.print(f"  {summary.set_aside} images below {min_score:g} with their captions "
-                      f"{'moved' if move else 'copied'} to {failed_dir}")
+        console.print(
+            f"  {summary.set_aside} images below {min_score:g} with their captions "
+            f"{'moved' if move else 'copied'} to {failed_dir}"
+        )
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
 
 
 def _print_summary(summary) -> None:
     failed = len(summary.failed)
-    parts = [f"[bold]{summary.done}[/] captioned", f"{summary.skipped} already done",
-             f"{failed} failed"]
+    parts = [f"[bold]{summary.done}[/] captioned", f"{summary.skipped} already done", f"{failed} failed"]
     if summary.duplicates:
         parts.append(f"{summary.duplicates} identical to another file")
     if summary.failed_earlier:
         parts.append(f"{summary.failed_earlier} failed earlier (--retry-failed to retry)")
-    console.print(", ".join(parts) + f" in {summary.seconds:.1f}s "
-                  f"({summary.images_per_second:.2f} images/s) with {summary.model_id}")
+    console.print(
+        ", ".join(parts) + f" in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.2f} images/s) with {summary.model_id}"
+    )
     for name, reason in summary.failed[:20]:
         console.print(f"  [red]failed[/] {name}: {reason}", markup=True, highlight=False)
     if failed > 20:
@@ -198,19 +383,23 @@ def models() -> None:
 
     table = Table("alias", "source", "family", "params", "license", "memory", "cached")
     for spec in MODELS.values():
-        cached = "built-in" if spec.source == "built-in" else (
-            "yes" if hub.cached_snapshot(spec.source) else "no")
-        table.add_row(spec.alias, spec.source, spec.family, spec.params, spec.license,
-                      spec.memory, cached)
+        cached = (
+            "built-in" if spec.source == "built-in" else ("yes" if hub.cached_snapshot(spec.source) else "no")
+        )
+        table.add_row(spec.alias, spec.source, spec.family, spec.params, spec.license, spec.memory, cached)
     out.print(table)
     families = Table("family (read from config.json)", "aliases")
     for family in FAMILIES:
         families.add_row(family, ", ".join(s.alias for s in MODELS.values() if s.family == family))
     out.print(families)
-    out.print("Any Hub id or local directory of these families works too: --model ORG/NAME "
-              "or --model ./checkpoint; any other image-text-to-text checkpoint runs as a chat VLM")
-    out.print("Remote endpoints: --model openai:MODEL --api-base URL (OpenAI-compatible servers) "
-              "or --model hf-api:ORG/NAME (Hugging Face Inference API)")
+    out.print(
+        "Any Hub id or local directory of these families works too: --model ORG/NAME "
+        "or --model ./checkpoint; any other image-text-to-text checkpoint runs as a chat VLM"
+    )
+    out.print(
+        "Remote endpoints: --model openai:MODEL --api-base URL (OpenAI-compatible servers) "
+        "or --model hf-api:ORG/NAME (Hugging Face Inference API)"
+    )
 
 
 @app.command("export")
@@ -220,10 +409,13 @@ def export_command(
     to: Annotated[Path | None, typer.Option(help="Write here instead of OUTPUT_DIR.")] = None,
     caption_extension: CaptionExt = ".txt",
     beside_images: Beside = False,
-    model: Annotated[str | None, typer.Option(help="Export this model's results (default: the "
-                                              "latest run's).")] = None,
-    keep_failed: Annotated[bool, typer.Option(help="Keep images that failed the quality gate in "
-                                              "captions.txt and the caption files.")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="Export this model's results (default: the latest run's).")
+    ] = None,
+    keep_failed: Annotated[
+        bool,
+        typer.Option(help="Keep images that failed the quality gate in captions.txt and the caption files."),
+    ] = False,
 ) -> None:
     """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
     from captionkit.exporters import ExportOptions, export, parse_formats
@@ -236,8 +428,12 @@ def export_command(
     try:
         key = store.latest_options_key()
         if model is not None:
-            keys = [row[0] for row in store.db.execute(
-                "SELECT options_key FROM runs WHERE model_id = ? ORDER BY id DESC", (model,))]
+            keys = [
+                row[0]
+                for row in store.db.execute(
+                    "SELECT options_key FROM runs WHERE model_id = ? ORDER BY id DESC", (model,)
+                )
+            ]
             if not keys:
                 raise CaptionkitError(f"{db}: no run with model {model!r}")
             key = keys[0]
@@ -246,26 +442,32 @@ def export_command(
         results = list(store.results(key))
     finally:
         store.close()
-    written = export(results, parse_formats(formats),
-                     ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed))
-    console.print(f"exported {sum(r.status == 'done' for r in results)} captions to "
-                  f"{len(written)} file(s)")
+    written = export(
+        results,
+        parse_formats(formats),
+        ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed),
+    )
+    console.print(f"exported {sum(r.status == 'done' for r in results)} captions to {len(written)} file(s)")
 
 
 @app.command()
 def score(
-    captions: Annotated[Path, typer.Argument(help="captions.txt, JSONL, CSV, or a folder of "
-                                             "caption files.")],
-    images: Annotated[Path | None, typer.Option(help="Where the images are (default: the "
-                                                "captions file's folder), searched recursively.")] = None,
-    references: Annotated[Path | None, typer.Option(help="Reference captions in any dataset "
-                                                    "format, for RefCLIPScore.")] = None,
+    captions: Annotated[Path, typer.Argument(help="captions.txt, JSONL, CSV, or a folder of caption files.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the images are (default: the captions file's folder), searched recursively."
+        ),
+    ] = None,
+    references: Annotated[
+        Path | None, typer.Option(help="Reference captions in any dataset format, for RefCLIPScore.")
+    ] = None,
     clip_model: ClipModel = None,
     score_scale: ScoreScale = "clipscore",
-    min_score: Annotated[float | None, typer.Option(help="Mark captions below this as not "
-                                                    "passed.")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for "
-                                         "a table.")] = Path("scores.jsonl"),
+    min_score: Annotated[float | None, typer.Option(help="Mark captions below this as not passed.")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for a table.")
+    ] = Path("scores.jsonl"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Score existing captions against their images with CLIP, without captioning again."""
@@ -280,16 +482,17 @@ def score(
         console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]
     for result in unscored[:20]:
-        console.print(f"  [red]not scored[/] {escape(f'{result.name}: {result.error}')}",
-                      highlight=False)
+        console.print(f"  [red]not scored[/] {escape(f'{result.name}: {result.error}')}", highlight=False)
     if len(unscored) > 20:
         console.print(f"  ... and {len(unscored) - 20} more (see {output})")
     writer = write_csv if output.suffix.lower() == ".csv" else write_jsonl
     writer(scored.results, ExportOptions(output.parent), name=output.name)
     scores, passed = tally(scored.results)
     if not scores:
-        raise CaptionkitError(f"no image found for any of the {len(scored.results)} captions under "
-                              f"{scored.images}: pass --images DIR")
+        raise CaptionkitError(
+            f"no image found for any of the {len(scored.results)} captions under "
+            f"{scored.images}: pass --images DIR"
+        )
     _print_scores(scores, min_score, passed)
     refs = [r.extras["ref_clip_score"] for r in scored.results if "ref_clip_score" in r.extras]
     if refs:
@@ -299,30 +502,44 @@ def score(
 
 @app.command("evaluate")
 def evaluate_command(
-    predictions: Annotated[Path | None, typer.Option(help="Captions to score: captions.txt, JSONL, "
-                                                     "CSV, COCO results JSON or sidecars.")] = None,
-    references: Annotated[Path | None, typer.Option(help="Reference captions in any dataset "
-                                                    "format (Flickr, COCO, Karpathy, CSV, ...).")] = None,
-    split: Annotated[str | None, typer.Option(help="test, val, train or all: a Karpathy split, or "
-                                              "the --dataset split (default test).")] = None,
-    split_file: Annotated[Path | None, typer.Option(help="Image names to keep, one a line "
-                                                    "(Flickr_8k.testImages.txt).")] = None,
-    images: Annotated[Path | None, typer.Option(help="The images' folder, for thumbnails and "
-                                                "--clip-model.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="flickr8k, flickr30k or coco: caption its "
-                                                "split with --model, then score it.")] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Captions to score: captions.txt, JSONL, CSV, COCO results JSON or sidecars."),
+    ] = None,
+    references: Annotated[
+        Path | None,
+        typer.Option(help="Reference captions in any dataset format (Flickr, COCO, Karpathy, CSV, ...)."),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="test, val, train or all: a Karpathy split, or the --dataset split (default test)."
+        ),
+    ] = None,
+    split_file: Annotated[
+        Path | None, typer.Option(help="Image names to keep, one a line (Flickr_8k.testImages.txt).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="The images' folder, for thumbnails and --clip-model.")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="flickr8k, flickr30k or coco: caption its split with --model, then score it."),
+    ] = None,
     root: Annotated[Path | None, typer.Option(help="The --dataset folder.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Captioner for --dataset: "
-                                              "alias, Hub id or local directory.")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated: bleu, meteor, rouge, cider, "
-                                         "spice.")] = "bleu,meteor,rouge,cider,spice",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Captioner for --dataset: alias, Hub id or local directory."),
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated: bleu, meteor, rouge, cider, spice.")
+    ] = "bleu,meteor,rouge,cider,spice",
     clip_model: ClipModel = None,
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Report files; with "
-                                             "--dataset, captions and store.")] = Path("captionkit-eval"),
-    limit: Annotated[int | None, typer.Option(help="Caption only the split's first N images.",
-                                              min=1)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: auto).",
-                                                   min=1)] = None,
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Report files; with --dataset, captions and store.")
+    ] = Path("captionkit-eval"),
+    limit: Annotated[int | None, typer.Option(help="Caption only the split's first N images.", min=1)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: auto).", min=1)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
@@ -334,9 +551,17 @@ def evaluate_command(
     from captionkit.options import GenerationOptions, LoadOptions
     from captionkit.report import print_summary
 
-    check_inputs(predictions=predictions, references=references, dataset=dataset, root=root,
-                 model=model, split_file=split_file, images=images, limit=limit,
-                 clip_model=clip_model)
+    check_inputs(
+        predictions=predictions,
+        references=references,
+        dataset=dataset,
+        root=root,
+        model=model,
+        split_file=split_file,
+        images=images,
+        limit=limit,
+        clip_model=clip_model,
+    )
     chosen = parse_metrics(metrics)
     generation = GenerationOptions(max_new_tokens=max_new_tokens, num_beams=num_beams)
     load_options = LoadOptions(device=device, dtype=dtype)
@@ -349,14 +574,31 @@ def evaluate_command(
         scorer = load_scorer(clip_model, device=device)
     if dataset is not None:
         evaluation = evaluate_dataset(
-            dataset, root, model, output_dir, split=split or "test", limit=limit,
-            generation=generation, load_options=load_options, batch_size=batch_size,
-            progress=not quiet, metrics=chosen, clip_scorer=scorer)
+            dataset,
+            root,
+            model,
+            output_dir,
+            split=split or "test",
+            limit=limit,
+            generation=generation,
+            load_options=load_options,
+            batch_size=batch_size,
+            progress=not quiet,
+            metrics=chosen,
+            clip_scorer=scorer,
+        )
         _print_summary(evaluation.run)
     else:
-        evaluation = evaluate_files(predictions, references, output_dir, split=split,
-                                    split_file=split_file, images=images, metrics=chosen,
-                                    clip_scorer=scorer)
+        evaluation = evaluate_files(
+            predictions,
+            references,
+            output_dir,
+            split=split,
+            split_file=split_file,
+            images=images,
+            metrics=chosen,
+            clip_scorer=scorer,
+        )
     print_summary(evaluation.result, out)
     for path in evaluation.files.values():
         console.print(f"wrote {path}", soft_wrap=True)
