@@ -1,0 +1,95 @@
+"""What the benchmarks share: the machine's description and matmul peak, FLOP counts, memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_WORK = Path(os.environ.get("CAPTIONKIT_BENCH_DIR", Path.home() / ".cache" / "captionkit-bench"))
+GEMM_SIZE = 2048
+
+
+def machine(device: torch.device) -> dict:
+    """The hardware and software a result was measured on, and how busy the machine was."""
+    import PIL
+    import transformers
+
+    from captionkit.device import cpu_has_fast_bf16
+
+    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "pillow": PIL.__version__, "device": str(device), "load_average": os.getloadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """The best GFLOP/s of a square GEMM in `dtype`, the ceiling any model in that dtype can reach."""
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device).to(dtype)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device).to(dtype)
+    flops = 2 * GEMM_SIZE ** 3
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    with torch.inference_mode():
+        a @ b
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, flops / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(run) -> int:
+    """FLOPs of the matrix multiplications (linear, bmm, conv, attention) that `run()` performs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        run()
+    return counter.get_total_flops()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far.
+
+    VmHWM, not ru_maxrss: Linux carries a parent's peak into ru_maxrss across fork and exec.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0

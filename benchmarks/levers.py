@@ -1,0 +1,285 @@
+"""Each speed lever measured against captionkit's default, interleaved in one process.
+
+Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-base):
+  batch    captionkit's captioner at batch sizes 8, 1, 4, 16, 32 (model only: images pre-decoded);
+  dtype    float32, bfloat16 weights, bfloat16 autocast, int8 dynamic quantization;
+  compile  torch.compile of the vision encoder: compile time, then steady-state speed;
+  threads  torch intra-op threads 1 vs all cores, and decode workers 1/2/4 over the whole pipeline;
+  attention captionkit's fused (SDPA) BLIP vision attention against transformers' eager one, and
+           whether transformers' own `attn_implementation="sdpa"` and a static KV cache run;
+  draft    JPEG draft-decoding variants for the 12 MP files: decode time and caption changes.
+Every variant but `threads`'s workers sees the same decoded images; captions are compared with
+the default's, since a lever that changes captions is only acceptable as an opt-in.
+
+    python benchmarks/levers.py batch --out benchmarks/results/levers-batch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import images  # noqa: E402
+import models  # noqa: E402
+from throughput import GENERATE, TOKENS  # noqa: E402
+
+from captionkit import sources  # noqa: E402
+from captionkit.models import load  # noqa: E402
+from captionkit.options import GenerationOptions, LoadOptions  # noqa: E402
+
+GEN = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+BATCH = 16  # captionkit's default on a CPU
+
+
+def captioner_for(path: Path, dtype: str = "float32"):
+    return load(str(path), LoadOptions(device="cpu", dtype=dtype))
+
+
+def batched(captioner, batch_size: int, context: Callable = torch.inference_mode):
+    def run(pictures: list) -> list[str]:
+        texts = []
+        with context():
+            for start in range(0, len(pictures), batch_size):
+                texts += [c.text for c in captioner.caption(pictures[start:start + batch_size], GEN)]
+        return texts
+    return run
+
+
+def compare(variants: dict[str, Callable], pictures: list, runs: int) -> dict:
+    """Median images/s of each variant over `runs` interleaved passes, and caption agreement."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    captions: dict[str, list[str]] = {}
+    for run in range(runs):
+        names = list(variants)
+        for name in names[run % len(names):] + names[:run % len(names)]:
+            started = time.perf_counter()
+            captions[name] = variants[name](pictures)
+            seconds[name].append(time.perf_counter() - started)
+            print(f"run {run + 1}/{runs} {name:24s} {len(pictures) / seconds[name][-1]:7.3f} images/s",
+                  flush=True)
+    reference = captions[next(iter(variants))]
+    rows = {}
+    for name in variants:
+        rates = [len(pictures) / s for s in seconds[name]]
+        rows[name] = {"images_per_second": common.median(rates), "runs": rates,
+                      "same_captions_as_first": sum(a == b for a, b in zip(captions[name], reference,
+                                                                           strict=True)) / len(reference)}
+    first = rows[next(iter(variants))]["images_per_second"]
+    for row in rows.values():
+        row["speedup"] = row["images_per_second"] / first
+    return rows
+
+
+def group_batch(path: Path, pictures: list, args) -> dict:
+    captioner = captioner_for(path)
+    batched(captioner, BATCH)(pictures[:BATCH])
+    return compare({f"batch {n}": batched(captioner, n) for n in args.batch_sizes}, pictures, args.runs)
+
+
+def group_dtype(path: Path, pictures: list, args) -> dict:
+    fp32 = captioner_for(path)
+    bf16 = captioner_for(path, "bfloat16")
+    int8 = copy.deepcopy(fp32)
+    started = time.perf_counter()
+    torch.ao.quantization.quantize_dynamic(int8.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    quantize_seconds = time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def autocast():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+
+    variants = {"float32": batched(fp32, BATCH), "bfloat16 weights": batched(bf16, BATCH),
+                "bfloat16 autocast": batched(fp32, BATCH, autocast), "int8 dynamic": batched(int8, BATCH)}
+    for variant in variants.values():
+        variant(pictures[:2])
+    rows = compare(variants, pictures, args.runs)
+    rows["int8 dynamic"]["quantize_seconds"] = quantize_seconds
+    for dtype in (torch.float32, torch.bfloat16):
+        rows[f"matmul peak {dtype}"] = {"gflops": common.matmul_peak(dtype, torch.device("cpu"))}
+    return rows
+
+
+def group_compile(path: Path, pictures: list, args) -> dict:
+    eager = captioner_for(path)
+    compiled = captioner_for(path)
+    compiled.model.vision_model.compile()
+    batched(eager, BATCH)(pictures[:BATCH])
+    started = time.perf_counter()
+    batched(compiled, BATCH)(pictures[:BATCH])
+    first_batch = time.perf_counter() - started
+    rows = compare({"eager": batched(eager, BATCH), "compiled vision encoder": batched(compiled, BATCH)},
+                   pictures, args.runs)
+    gained = 1 / rows["eager"]["images_per_second"] - 1 / rows["compiled vision encoder"]["images_per_second"]
+    compile_seconds = first_batch - BATCH / rows["compiled vision encoder"]["images_per_second"]
+    rows["compile"] = {"first_batch_seconds": first_batch, "compile_seconds": compile_seconds,
+                       "seconds_saved_per_image": gained,
+                       "break_even_images": compile_seconds / gained if gained > 0 else None}
+    return rows
+
+
+def group_threads(path: Path, pictures: list, args) -> dict:
+    from captionkit.pipeline import Pipeline, RunOptions
+
+    captioner = captioner_for(path)
+    cores = torch.get_num_threads()
+
+    def threads(count: int):
+        def run(pictures: list) -> list[str]:
+            torch.set_num_threads(count)
+            try:
+                return batched(captioner, BATCH)(pictures)
+            finally:
+                torch.set_num_threads(cores)
+        return run
+
+    batched(captioner, BATCH)(pictures[:BATCH])
+    rows = {"torch threads": compare({f"{cores} torch threads": threads(cores), "1 torch thread": threads(1)},
+                                     pictures, args.runs)}
+    files = [str(p) for p in image_paths(args)]
+    out = Path(args.work) / "levers-out"
+
+    def workers(count: int):
+        def run(_: list) -> list[str]:
+            shutil.rmtree(out, ignore_errors=True)
+            Pipeline(captioner, GEN, RunOptions(output_dir=out, workers=count, progress=False)).run(files)
+            records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+            return [r["caption"] for r in sorted(records, key=lambda r: r["path"])]
+        return run
+
+    rows["decode workers"] = compare({f"{n} workers": workers(n) for n in (4, 1, 2)}, files, args.runs)
+    return rows
+
+
+def group_attention(path: Path, pictures: list, args) -> dict:
+    """captionkit's fused vision attention against transformers' eager one; what else loads."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    fused = captioner_for(path)
+    eager = captioner_for(path)
+    for layer in eager.model.vision_model.encoder.layers:
+        vars(layer.self_attn).pop("forward", None)
+    for captioner in (fused, eager):
+        batched(captioner, BATCH)(pictures[:BATCH])
+    rows = compare({"fused (sdpa) vision attention": batched(fused, BATCH),
+                    "eager vision attention": batched(eager, BATCH)}, pictures, args.runs)
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = processor(images=pictures[:BATCH], return_tensors="pt")
+    for name, load_kwargs, generate_kwargs in [
+        ("transformers attn_implementation=sdpa", {"attn_implementation": "sdpa"}, {}),
+        ("static cache", {}, {"cache_implementation": "static"}),
+    ]:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs).eval()
+            with torch.inference_mode():
+                model.generate(**inputs, **GENERATE, **generate_kwargs)
+                started = time.perf_counter()
+                model.generate(**inputs, **GENERATE, **generate_kwargs)
+            seconds = time.perf_counter() - started
+            rows[name] = {"runs": True, "images_per_second": len(pictures[:BATCH]) / seconds}
+        except Exception as err:  # noqa: BLE001 - the failure is the finding
+            rows[name] = {"runs": False, "error": f"{type(err).__name__}: {err}"[:300]}
+        print(name, rows[name], flush=True)
+    return rows
+
+
+def group_draft(path: Path, pictures: list, args) -> dict:
+    """JPEG decoding variants for the 12 MP files: decode time, and whether captions change."""
+    captioner = captioner_for(path)
+    size = captioner.input_size
+    files = [(p.name, p.read_bytes()) for p in image_paths(args) if "-12mp" in p.name]
+
+    def full(name: str, data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def captionkit(name: str, data: bytes) -> Image.Image:
+        return sources.decode(data, name, size)
+
+    def eighth(name: str, data: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (image.width // 8, image.height // 8))
+        return image.convert("RGB")
+
+    def twice(name: str, data: bytes) -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (2 * size, 2 * size))
+        image = image.convert("RGB")
+        return image.reduce(max(1, min(image.size) // size))
+
+    decoders = {"full decode": full, "captionkit: draft to >= input size": captionkit,
+                "draft 1/8 (just under the input size)": eighth,
+                "draft to >= 2x input, then integer reduce": twice}
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(args.runs):
+        for name, decode in decoders.items():
+            started = time.perf_counter()
+            for file in files:
+                decode(*file)
+            times[name].append((time.perf_counter() - started) / len(files) * 1000)
+    rows, reference = {}, None
+    for name, decode in decoders.items():
+        decoded = [decode(*file) for file in files]
+        captions = batched(captioner, BATCH)(decoded)
+        reference = reference or captions
+        rows[name] = {"decode_ms": common.median(times[name]), "decoded_size": list(decoded[0].size),
+                      "same_captions_as_full_decode": sum(a == b for a, b in zip(captions, reference,
+                                                                                 strict=True)) / len(files)}
+        print(name, rows[name], flush=True)
+    return rows
+
+
+GROUPS = {"batch": group_batch, "dtype": group_dtype, "compile": group_compile,
+          "threads": group_threads, "attention": group_attention, "draft": group_draft}
+
+
+def image_paths(args) -> list[Path]:
+    return images.make_folder(Path(args.work) / "images", args.images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("group", choices=sorted(GROUPS))
+    parser.add_argument("--model", default="blip-base", choices=sorted(models.FULL))
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(n) for n in s.split(",")],
+                        default=[8, 1, 4, 16, 32], help="for the batch group; the first is the reference")
+    parser.add_argument("--work", default=str(common.DEFAULT_WORK))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = models.build(args.model, Path(args.work) / "models" / f"{args.model}-full")
+    captioner = captioner_for(path)
+    pictures = [sources.load_image(p, captioner.input_size) for p in image_paths(args)]
+    del captioner
+    result = {"machine": common.machine(torch.device("cpu")), "group": args.group, "model": args.model,
+              "images": len(pictures), "runs": args.runs, "generate": GENERATE,
+              "results": GROUPS[args.group](path, pictures, args)}
+    result["machine"]["load_average_after"] = os.getloadavg()
+    print(json.dumps(result["results"], indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The benchmark harness runs end to end on tiny models, and the speed paths it measures are correct.
+
+Correctness only: no timing is asserted (CI machines are too noisy for that).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captionkit.device import pick_dtype
+from captionkit.models import load
+from captionkit.options import GenerationOptions, LoadOptions
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+GEN = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_throughput_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script("throughput.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
+               cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["settings"]["dtype"] == "float32" and result["settings"]["images"] == 3
+    assert set(result["contenders"]) == {"naive", "pipeline-8", "captionkit"}
+    for row in result["contenders"].values():
+        assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
+        assert len(row["runs"]) == 1 and row["ratio_to_naive"] > 0
+    # float32 captions from batches and threads are the naive loop's, word for word
+    assert result["contenders"]["captionkit"]["identical_to_naive"] == 1.0
+    assert result["captions"]["captionkit"] == result["captions"]["naive"]
+    assert all(result["captions"]["naive"])
+    summary = result["summary"]
+    assert summary["matmul_peak_gflops"] > 0 and result["model"]["flops_per_image"] > 0
+    assert 0 < summary["captionkit_fraction_of_peak"] < 1
+
+
+def test_decode_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "decode.json"
+    run_script("decode.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert set(result["ms_per_image"]) == {"full decode", "captionkit decode", "full -> model input",
+                                           "captionkit -> model input"}
+    assert min(result["settings"]["captionkit_decoded_size"]) >= 384
+    assert result["model_input_mean_abs_difference"] < 0.05
+
+
+def test_batch_captions_equal_single_captions_in_float32(blip_dir, photos):
+    captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
+    batched = [c.text for c in captioner.caption(photos, GEN)]
+    single = [captioner.caption([image], GEN)[0].text for image in photos]
+    assert batched == single and len(set(batched)) > 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_and_bfloat16_paths_run(blip_dir, photos, dtype):
+    captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype=dtype))
+    assert next(captioner.model.parameters()).dtype == getattr(torch, dtype)
+    captions = captioner.caption(photos, GEN)
+    assert len(captions) == len(photos) and all(c.text for c in captions)
+
+
+def test_auto_dtype_is_float32_on_cpus_without_fast_bfloat16(monkeypatch):
+    from captionkit import device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    assert pick_dtype("auto", torch.device("cpu")) is torch.float32
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert pick_dtype("auto", torch.device("cpu")) is torch.bfloat16
+
+
+def test_fused_blip_vision_attention_matches_transformers(blip_dir, photos):
+    from transformers import BlipForConditionalGeneration
+
+    captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
+    eager = BlipForConditionalGeneration.from_pretrained(blip_dir).eval()
+    pixels = captioner.processor(images=photos, return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        fused_out = captioner.model.vision_model(pixel_values=pixels)[0]
+        eager_out = eager.vision_model(pixel_values=pixels)[0]
+    assert "forward" in vars(captioner.model.vision_model.encoder.layers[0].self_attn)
+    torch.testing.assert_close(fused_out, eager_out, rtol=1e-4, atol=1e-4)
