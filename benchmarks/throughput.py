@@ -5,7 +5,9 @@ Contenders:
               `model.generate`, one image at a time;
   pipeline-N  transformers' `pipeline("image-text-to-text")` with `batch_size=N` over the same files
               (transformers 5 removed `image-to-text`; an empty text prompt makes it caption);
-  captionkit  the `captionkit caption` path: sources, decode threads, batches, run store, exporters.
+  captionkit  the `captionkit caption` path: sources, decode threads, batches, run store, exporters;
+  captionkit-VARIANT  the same with an opt-in mode (`--variants int8,full-decode`): `--quantize int8`,
+              or `--full-decode` (every JPEG pixel decoded, as the naive loop does).
 
 Every contender generates exactly 20 tokens per image (min_new_tokens = max_new_tokens = 20), runs
 once to warm up, then `--runs` times interleaved (the order rotates) so load from other processes
@@ -39,6 +41,7 @@ import models  # noqa: E402
 TOKENS = 20
 QUICK_THUMBNAIL = 48
 GENERATE = {"max_new_tokens": TOKENS, "min_new_tokens": TOKENS, "do_sample": False, "num_beams": 1}
+VARIANTS = ("", "int8", "full-decode")
 
 
 class Naive:
@@ -97,22 +100,26 @@ class HFPipeline:
 class Captionkit:
     """`captionkit caption FILES -o OUT` with the model already loaded (as for every contender)."""
 
-    name = "captionkit"
-
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, work: Path) -> None:
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, work: Path,
+                 variant: str = "") -> None:
         from captionkit.models import load
         from captionkit.options import GenerationOptions, LoadOptions
 
-        self.captioner = load(str(path), LoadOptions(device=str(device), dtype=str(dtype).split(".")[1]))
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown captionkit variant {variant!r}: use {', '.join(VARIANTS[1:])}")
+        quantize = "int8" if variant == "int8" else None
+        dtype_name = "auto" if quantize else str(dtype).split(".")[1]
+        self.captioner = load(str(path), LoadOptions(device=str(device), dtype=dtype_name, quantize=quantize))
         self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+        self.full_decode = variant == "full-decode"
         self.out = work / "captionkit-out"
 
     def __call__(self, paths: list[Path]) -> list[str]:
         from captionkit.pipeline import Pipeline, RunOptions
 
         shutil.rmtree(self.out, ignore_errors=True)
-        summary = Pipeline(self.captioner, self.generation,
-                           RunOptions(output_dir=self.out, progress=False)).run([str(p) for p in paths])
+        options = RunOptions(output_dir=self.out, progress=False, full_decode=self.full_decode)
+        summary = Pipeline(self.captioner, self.generation, options).run([str(p) for p in paths])
         if summary.failed:
             raise RuntimeError(f"captionkit failed on {summary.failed}")
         records = [json.loads(line) for line in (self.out / "captions.jsonl").read_text().splitlines()]
@@ -123,8 +130,8 @@ class Captionkit:
 def make_contender(name: str, path: Path, device: torch.device, dtype: torch.dtype, work: Path):
     if name == "naive":
         return Naive(path, device, dtype)
-    if name == "captionkit":
-        return Captionkit(path, device, dtype, work)
+    if name.startswith("captionkit"):
+        return Captionkit(path, device, dtype, work, name.removeprefix("captionkit").removeprefix("-"))
     return HFPipeline(path, device, dtype, int(name.split("-")[1]))
 
 
@@ -206,7 +213,8 @@ def main() -> None:
     device, dtype = resolve(args)
     path = model_path(args)
     paths = image_paths(args)
-    names = ["naive", *(f"pipeline-{n}" for n in args.pipeline_batch_sizes), "captionkit"]
+    names = ["naive", *(f"pipeline-{n}" for n in args.pipeline_batch_sizes), "captionkit",
+             *(f"captionkit-{variant}" for variant in args.variants)]
     work = Path(args.work)
     peak = common.matmul_peak(dtype, device)
     result: dict = {"machine": common.machine(device), "settings": {
@@ -295,6 +303,11 @@ def summarize(rows: dict, best_pipeline: str | None, flops: int, peak: float) ->
     if best_pipeline:
         summary["best_pipeline"] = best_pipeline
         summary["captionkit_vs_best_pipeline"] = captionkit / rows[best_pipeline]["images_per_second"]
+    for name in (n for n in rows if n.startswith("captionkit-")):
+        summary[f"{name}_vs_naive"] = rows[name]["ratio_to_naive"]
+        if best_pipeline:
+            summary[f"{name}_vs_best_pipeline"] = (rows[name]["images_per_second"]
+                                                   / rows[best_pipeline]["images_per_second"])
     if "peak_rss_mb" in rows["captionkit"]:
         summary["captionkit_rss_vs_naive"] = rows["captionkit"]["peak_rss_mb"] / rows["naive"]["peak_rss_mb"]
     return summary
@@ -325,6 +338,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=8, help="images in the untimed first pass")
     parser.add_argument("--pipeline-batch-sizes", type=lambda s: [int(n) for n in s.split(",")],
                         default=[8], help="comma-separated; each is a contender")
+    parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                        help="comma-separated opt-in captionkit modes, each a contender: "
+                             "int8 (--quantize int8), full-decode (--full-decode)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--work", default=str(common.DEFAULT_WORK), help="models and images are kept here")

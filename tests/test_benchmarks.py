@@ -31,16 +31,20 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_throughput_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
     run_script("throughput.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
-               cwd=tmp_path)
+               "--variants", "int8,full-decode", cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result["settings"]["dtype"] == "float32" and result["settings"]["images"] == 3
-    assert set(result["contenders"]) == {"naive", "pipeline-8", "captionkit"}
+    assert set(result["contenders"]) == {"naive", "pipeline-8", "captionkit", "captionkit-int8",
+                                         "captionkit-full-decode"}
     for row in result["contenders"].values():
         assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
         assert len(row["runs"]) == 1 and row["ratio_to_naive"] > 0
     # float32 captions from batches and threads are the naive loop's, word for word
     assert result["contenders"]["captionkit"]["identical_to_naive"] == 1.0
     assert result["captions"]["captionkit"] == result["captions"]["naive"]
+    assert result["captions"]["captionkit-full-decode"] == result["captions"]["naive"]
+    assert all(result["captions"]["captionkit-int8"])
+    assert result["summary"]["captionkit-int8_vs_naive"] > 0
     assert all(result["captions"]["naive"])
     summary = result["summary"]
     assert summary["matmul_peak_gflops"] > 0 and result["model"]["flops_per_image"] > 0

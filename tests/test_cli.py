@@ -126,3 +126,14 @@ def test_unreadable_file_is_reported(blip_dir, photo_dir, tmp_path):
     proc = captionkit("caption", images, "--model", blip_dir, "-o", tmp_path / "out", "-q",
                       "--dtype", "float32", "--max-new-tokens", "3")
     assert "permission denied" in proc.stderr
+
+
+def test_int8_run_does_not_reuse_float32_captions(blip_dir, photo_dir, tmp_path):
+    common = ["caption", photo_dir, "--model", blip_dir, "-o", tmp_path / "out", "--max-new-tokens",
+              "5", "-q", "--format", "jsonl"]
+    assert "8 captioned" in captionkit(*common, "--dtype", "float32").stderr
+    int8 = captionkit(*common, "--quantize", "int8")
+    assert "8 captioned" in int8.stderr, int8.stderr
+    assert "8 already" in captionkit(*common, "--quantize", "int8").stderr
+    refused = captionkit(*common, "--quantize", "int8", "--model", "objects", check=False)
+    assert refused.returncode == 2 and "--quantize" in refused.stderr

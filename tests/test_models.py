@@ -198,3 +198,42 @@ def test_decode_target_follows_each_processor_convention():
     assert _input_size(CLIPImageProcessor(size={"shortest_edge": 224})) == 224
     # Qwen2-VL keeps pixel budgets in `size`: 3136..1003520 pixels means about 1001 px a side
     assert _input_size(Qwen2VLImageProcessor()) == 1001
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "vit-gpt2", "blip2"])
+def test_int8_quantization_swaps_every_linear_layer_and_still_captions(family, tiny_models, photos):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    captioner = load(str(tiny_models[family]), LoadOptions(quantize="int8"))
+    modules = list(captioner.model.modules())
+    assert captioner.device.type == "cpu" and captioner.variant == "int8"
+    assert not [m for m in modules if type(m) is torch.nn.Linear]
+    assert sum(isinstance(m, DynamicInt8Linear) for m in modules) >= 4
+    options = GenerationOptions(max_new_tokens=5, min_new_tokens=5)
+    captions = [c.text for c in captioner.caption(photos[:3], options)]
+    assert all(captions) and captions == [c.text for c in captioner.caption(photos[:3], options)]
+
+
+def test_int8_vision_features_stay_close_to_float32(blip_dir, photos):
+    fp32, int8 = load(str(blip_dir), FP32), load(str(blip_dir), LoadOptions(quantize="int8"))
+    pixels = fp32.encode(photos[:2], None)["pixel_values"]
+    with torch.inference_mode():
+        exact = fp32.model.vision_model(pixel_values=pixels).pooler_output
+        quantized = int8.model.vision_model(pixel_values=pixels).pooler_output
+    assert not torch.equal(exact, quantized)  # really quantized
+    assert torch.nn.functional.cosine_similarity(exact, quantized).min() > 0.98
+
+
+def test_int8_refuses_what_it_cannot_do(blip_dir):
+    with pytest.raises(OptionError, match="--quantize 'int4': use int8"):
+        LoadOptions(quantize="int4")
+    with pytest.raises(OptionError, match="runs on the CPU"):
+        LoadOptions(quantize="int8", device="cuda")
+    with pytest.raises(OptionError, match="drop --dtype bfloat16"):
+        LoadOptions(quantize="int8", dtype="bfloat16")
+    with pytest.raises(OptionError, match="pass one"):
+        LoadOptions(quantize="int8", load_in_8bit=True)
+    with pytest.raises(OptionError, match="not to objects"):
+        load("objects", LoadOptions(quantize="int8"))
+    with pytest.raises(OptionError, match="not to openai:gpt-4o"):
+        load("openai:gpt-4o", LoadOptions(quantize="int8", api_base="http://127.0.0.1:9/v1"))

@@ -150,3 +150,25 @@ def test_non_utf8_file_names_go_all_the_way_through(captioner, photo_dir, tmp_pa
     record = json.loads((out / "captions.jsonl").read_text(encoding="utf-8"))
     assert record["status"] == "done" and record["image"] == "caf\ufffd.png"
     assert run(captioner, [images], out).skipped == 1, "resume finds the file by its real bytes"
+
+
+def test_full_decode_gives_the_model_every_pixel(captioner, photos, tmp_path, monkeypatch):
+    from PIL import Image
+
+    big = tmp_path / "big" / "astronaut.jpg"
+    big.parent.mkdir()
+    photos[0].resize((2048, 2048)).save(big, quality=92)
+    seen: list[tuple[int, int]] = []
+    caption = captioner.caption
+
+    def spy(images, options, prompts=None):
+        seen.extend(image.size for image in images)
+        return caption(images, options, prompts)
+
+    monkeypatch.setattr(captioner, "caption", spy)
+    run(captioner, [big], tmp_path / "drafted")
+    run(captioner, [big], tmp_path / "full", full_decode=True)
+    drafted, full = seen
+    assert full == (2048, 2048) and captioner.input_size <= min(drafted) < 2048 // 2
+    reference = caption([Image.open(big).convert("RGB")], GEN)[0].text
+    assert captions_txt(tmp_path / "full") == {"astronaut.jpg": reference}

@@ -124,6 +124,14 @@ def caption(
         int,
         typer.Option(help="Refuse images with more pixels (decompression bombs).", rich_help_panel="Inputs"),
     ] = 100_000_000,
+    full_decode: Annotated[
+        bool,
+        typer.Option(
+            help="Decode big JPEGs in full before resizing, exactly as the model's processor would "
+            "(slower; by default they are decoded at a reduced scale still >= the model's input).",
+            rich_help_panel="Inputs",
+        ),
+    ] = False,
     device: Annotated[
         str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel="Model and hardware")
     ] = "auto",
@@ -136,6 +144,13 @@ def caption(
     load_in_4bit: Annotated[
         bool, typer.Option(help="4-bit weights (CUDA + bitsandbytes).", rich_help_panel="Model and hardware")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: dynamically quantized linear layers on the CPU, ~1.6x faster; captions may change.",
+            rich_help_panel="Model and hardware",
+        ),
+    ] = None,
     api_base: Annotated[
         str | None,
         typer.Option(
@@ -308,6 +323,7 @@ def caption(
         overwrite=overwrite,
         retry_failed=retry_failed,
         max_pixels=max_pixels or sources.DEFAULT_MAX_PIXELS,
+        full_decode=full_decode,
         progress=not quiet,
         gate=gate_options,
         prompt_file=prompt_file,
@@ -326,6 +342,7 @@ def caption(
             dtype=dtype,
             load_in_8bit=load_in_8bit,
             load_in_4bit=load_in_4bit,
+            quantize=quantize,
             api_base=api_base,
             concurrency=concurrency,
             timeout=timeout,
@@ -542,6 +559,7 @@ def evaluate_command(
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (default: auto).", min=1)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    quantize: Annotated[str | None, typer.Option(help="int8: quantized linear layers on the CPU.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 30,
     num_beams: Annotated[int, typer.Option(min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -564,7 +582,7 @@ def evaluate_command(
     )
     chosen = parse_metrics(metrics)
     generation = GenerationOptions(max_new_tokens=max_new_tokens, num_beams=num_beams)
-    load_options = LoadOptions(device=device, dtype=dtype)
+    load_options = LoadOptions(device=device, dtype=dtype, quantize=quantize)
     scorer = None
     if dataset is not None or clip_model is not None:
         _quiet_transformers()

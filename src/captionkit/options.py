@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from captionkit.errors import OptionError
 
 DETAIL_LEVELS = ("brief", "detailed", "more-detailed")
+QUANTIZE_MODES = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class LoadOptions:
     dtype: str = "auto"
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    quantize: str | None = None
+    """CPU only: "int8" runs linear layers as dynamically quantized int8 (faster; captions may change)."""
     api_base: str | None = None
     """Remote endpoints (`openai:`, `hf-api:`): the server's base URL."""
     concurrency: int = 4
@@ -108,6 +111,16 @@ class LoadOptions:
             raise OptionError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.load_in_8bit and self.load_in_4bit:
             raise OptionError("--load-in-8bit and --load-in-4bit are mutually exclusive")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise OptionError(f"--quantize {self.quantize!r}: use {', '.join(QUANTIZE_MODES)}")
+        if self.quantize and (self.load_in_8bit or self.load_in_4bit):
+            raise OptionError("--quantize is for the CPU; --load-in-8bit/--load-in-4bit for CUDA: pass one")
+        if self.quantize and self.device not in ("auto", "cpu"):
+            raise OptionError(f"--quantize {self.quantize} runs on the CPU: use --device cpu, or on a GPU "
+                              "--load-in-8bit or --dtype bfloat16")
+        if self.quantize and self.dtype not in ("auto", "float32"):
+            raise OptionError(f"--quantize {self.quantize} starts from float32 weights: "
+                              f"drop --dtype {self.dtype}")
         if self.api_base is not None and not self.api_base.startswith(("http://", "https://")):
             raise OptionError("--api-base must be an http:// or https:// URL, e.g. http://localhost:8000/v1")
         if self.concurrency < 1:

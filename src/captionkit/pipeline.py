@@ -41,6 +41,8 @@ class RunOptions:
     overwrite: bool = False
     retry_failed: bool = False
     max_pixels: int = sources.DEFAULT_MAX_PIXELS
+    full_decode: bool = False
+    """Decode every pixel of big JPEGs, as the model's own processor would, instead of DCT drafts."""
     progress: bool = True
     gate: GateOptions = field(default_factory=GateOptions)
     prompt_file: Path | None = None
@@ -131,6 +133,8 @@ def options_key(captioner: Captioner, generation: GenerationOptions,
                 scorer: ClipScorer | None = None) -> str:
     """Results are only reused for the same model, generation options and scorer."""
     key = f"{captioner.model_id}#{generation.key()}"
+    variant = getattr(captioner, "variant", "")
+    key = f"{key}#{variant}" if variant else key
     return f"{key}#{scorer.name}@{scorer.scale}" if scorer is not None else key
 
 
@@ -229,8 +233,8 @@ class Pipeline:
             data = sources.read_bytes(item.ref.path)
             item.hash = sources.content_hash(data)
             if item.reuse_key not in self._known:
-                item.image = sources.decode(data, item.ref.name, self.captioner.input_size,
-                                            self.options.max_pixels)
+                target = None if self.options.full_decode else self.captioner.input_size
+                item.image = sources.decode(data, item.ref.name, target, self.options.max_pixels)
         except ImageError as err:
             item.error = err.reason
         return item

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from captionkit.device import pick_device, pick_dtype
+from captionkit.device import pick_device, pick_dtype, quantize_int8
 from captionkit.errors import OptionError
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
@@ -33,8 +33,11 @@ class HFCaptioner:
         import transformers
 
         self.model_id = model_id
-        self.device = pick_device(options.device)
-        self.dtype = pick_dtype(options.dtype, self.device)
+        # int8 quantization runs on the CPU from float32 weights, whatever `auto` would pick.
+        self.device = torch.device("cpu") if options.quantize else pick_device(options.device)
+        self.dtype = torch.float32 if options.quantize else pick_dtype(options.dtype, self.device)
+        # Part of the store's key: int8 captions are not the float model's.
+        self.variant = options.quantize or ""
         self.processor = self.load_processor(path)
         model_cls = getattr(transformers, self.model_class)
         self.model = model_cls.from_pretrained(path, **_weight_kwargs(options, self.device,
@@ -42,6 +45,8 @@ class HFCaptioner:
         if not (options.load_in_8bit or options.load_in_4bit):
             self.model.to(self.device)
         self.model.eval()
+        if options.quantize:
+            quantize_int8(self.model)
         self.input_size = _input_size(self.image_processor)
 
     def load_processor(self, path: Path):

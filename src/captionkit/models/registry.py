@@ -137,10 +137,14 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     if name == "auto":
         name, _ = choose_auto()
     scheme, sep, rest = name.partition(":")
-    if sep and scheme in SCHEMES and not Path(name).exists():
-        return _factory(SCHEMES[scheme])(rest, options)
+    remote = sep and scheme in SCHEMES and not Path(name).exists()
     spec = MODELS.get(name)
-    if spec is not None and spec.family == "objects":
+    builtin = spec is not None and spec.family == "objects"
+    if options.quantize and (remote or builtin):
+        raise OptionError(f"--quantize applies to transformers models run here, not to {name}")
+    if remote:
+        return _factory(SCHEMES[scheme])(rest, options)
+    if builtin:
         return _factory(FAMILIES["objects"])(options)
     source = spec.source if spec else name
     path = hub.resolve(source)
