@@ -80,15 +80,30 @@ def test_batch_equals_one_at_a_time_in_float32(family, tiny_models, photos):
     assert len(set(batched)) > 1, "the tiny model should see differences between photos"
 
 
-def test_mixed_prompts_in_one_batch_match_separate_calls(tiny_models, photos):
-    captioner = load(str(tiny_models["blip"]), FP32)
+@pytest.mark.parametrize("family", ["blip", "git", "blip2", "blip2-t5"])
+def test_prompts_of_equal_length_share_a_generate_call(family, tiny_models, photos, monkeypatch):
+    captioner = load(str(tiny_models[family]), FP32)
     options = GenerationOptions(max_new_tokens=5)
-    prompts = ["a photo of", None, "a picture of", None]
-    mixed = [c.text for c in captioner.caption(photos[:4], options, prompts)]
-    for image, prompt, text in zip(photos[:4], prompts, mixed, strict=True):
+    by_length: dict[int, list[str]] = {}
+    for text in ["a photo of", "a picture of", "an image of", "the photo of", "a view of", "a dog",
+                 "a close up photo of a", "two cats on a street"]:
+        length = captioner.encode(photos[:1], text)["input_ids"].shape[1]
+        by_length.setdefault(length, []).append(text)
+    same = next(texts for texts in by_length.values() if len(texts) >= 2)
+    other = next(texts[0] for texts in by_length.values() if texts[0] not in same)
+    prompts = [same[0], None, same[1], other, same[1], None]
+    calls = []
+    generate = captioner.model.generate
+    monkeypatch.setattr(captioner.model, "generate",
+                        lambda **kw: calls.append(len(kw["pixel_values"])) or generate(**kw))
+    mixed = [c.text for c in captioner.caption(photos[:6], options, prompts)]
+    assert sorted(calls) == [1, 2, 3], "equal-length prompts stack; the others run apart"
+    monkeypatch.undo()
+    for image, prompt, text in zip(photos[:6], prompts, mixed, strict=True):
         single = captioner.caption([image], GenerationOptions(max_new_tokens=5, prompt=prompt))
         assert single[0].text == text
-    assert mixed[0].startswith("a photo of")
+    if family == "blip":
+        assert mixed[0].startswith(same[0]) and mixed[2].startswith(same[1])
 
 
 def test_family_detected_from_config(tiny_models):

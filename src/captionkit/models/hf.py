@@ -93,27 +93,40 @@ class HFCaptioner:
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
                 prompts: list[str | None] | None = None) -> list[Caption]:
-        """Caption a batch; images with different prompts are generated in separate groups."""
+        """Caption a batch; images asked different prompts share a `generate` call when they can."""
         prompts = prompts or [options.prompt] * len(images)
         if not self.accepts_prompt and any(p is not None for p in prompts):
             raise OptionError(f"{self.model_id} does not take a text prompt: drop --prompt")
         asked = {prompt: self.prompt_for(prompt, options) for prompt in set(prompts)}
-        prompts = [asked[prompt] for prompt in prompts]
-        groups: dict[str | None, list[int]] = defaultdict(list)
-        for index, prompt in enumerate(prompts):
-            groups[prompt].append(index)
         texts: list[list[str]] = [[]] * len(images)
-        for prompt, indices in groups.items():
-            for index, found in zip(indices, self._generate([images[i] for i in indices], prompt,
-                                                            options), strict=True):
+        for indices, inputs in self.batched_inputs(images, [asked[p] for p in prompts]):
+            for index, found in zip(indices, self._generate(inputs, options), strict=True):
                 texts[index] = found
         return [Caption(found[0], {"candidates": [{"text": text} for text in found]}
                         if len(found) > 1 else {}) for found in texts]
 
-    def _generate(self, images: list[Image.Image], prompt: str | None,
-                  options: GenerationOptions) -> list[list[str]]:
-        """Each image's `options.candidates` captions, the model's best first."""
-        inputs = self.encode(images, prompt)
+    def batched_inputs(self, images: list[Image.Image],
+                       prompts: list[str | None]) -> list[tuple[list[int], dict]]:
+        """(image indices, model inputs) for each `generate` call the batch needs.
+
+        Each prompt's images are encoded together; then prompts whose inputs have the same shapes
+        (the same token length) are stacked into one call. Nothing is padded, so every caption is
+        the one its image would get alone.
+        """
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for index, prompt in enumerate(prompts):
+            groups[prompt].append(index)
+        stacks: dict[object, tuple[list[int], list[dict]]] = {}
+        for prompt, indices in groups.items():
+            inputs = self.encode([images[i] for i in indices], prompt)
+            key = _row_shapes(inputs, len(indices)) or ("alone", prompt)
+            stack = stacks.setdefault(key, ([], []))
+            stack[0].extend(indices)
+            stack[1].append(inputs)
+        return [(indices, _stacked(parts)) for indices, parts in stacks.values()]
+
+    def _generate(self, inputs: dict, options: GenerationOptions) -> list[list[str]]:
+        """Each input row's `options.candidates` captions, the model's best first."""
         inputs = {key: _to(value, self.device, self.dtype) for key, value in inputs.items()}
         if options.seed is not None:
             torch.manual_seed(options.seed)
@@ -218,6 +231,19 @@ def _sdpa_attention(attention, hidden_states: torch.Tensor, **kwargs) -> tuple[t
     query, key, value = qkv.permute(2, 0, 3, 1, 4)
     context = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=attention.scale)
     return attention.projection(context.transpose(1, 2).reshape(batch, length, width)), None
+
+
+def _row_shapes(inputs: dict, rows: int) -> tuple | None:
+    """What inputs must share to be stacked: every value a tensor of `rows` rows, these shapes."""
+    if not all(isinstance(v, torch.Tensor) and v.dim() and len(v) == rows for v in inputs.values()):
+        return None  # e.g. Qwen2-VL's pixel values are patches, not one row per image
+    return tuple(sorted((key, tuple(value.shape[1:]), value.dtype) for key, value in inputs.items()))
+
+
+def _stacked(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def _to(value, device: torch.device, dtype: torch.dtype):
