@@ -8,7 +8,9 @@ Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-
   attention captionkit's fused (SDPA) BLIP vision attention against transformers' eager one, and
            whether transformers' own `attn_implementation="sdpa"` and a static KV cache run;
   draft    JPEG draft-decoding variants for the 12 MP files: time to the model input (decode and
-           the model's processor) and caption changes.
+           the model's processor) and caption changes;
+  prompts  per-image prompts (8 distinct, 3 or 4 words): one generate call per prompt against
+           captionkit's stacking of equal-length prompts into one call.
 Every variant but `threads`'s workers sees the same decoded images; captions are compared with
 the default's, since a lever that changes captions is only acceptable as an opt-in.
 
@@ -261,8 +263,44 @@ def group_draft(path: Path, pictures: list, args) -> dict:
     return rows
 
 
+def group_prompts(path: Path, pictures: list, args) -> dict:
+    """Per-image prompts (as from --prompt-file): one generate call per distinct prompt, against
+    captionkit's stacking of equal-length prompts into one call."""
+    captioner = captioner_for(path)
+    vocabulary = models.words(200)[100:]
+    # 8 distinct prompts of 3 or 4 words, each image asked one of them, as a question file would
+    distinct = [" ".join(vocabulary[i * 4:i * 4 + 3 + i % 2]) for i in range(8)]
+    prompts = [distinct[i % len(distinct)] for i in range(len(pictures))]
+
+    def per_prompt(batch: list, asked: list) -> list[str]:
+        texts: list[str] = [""] * len(batch)
+        for prompt in dict.fromkeys(asked):
+            indices = [i for i, p in enumerate(asked) if p == prompt]
+            found = captioner.caption([batch[i] for i in indices], GEN, [prompt] * len(indices))
+            for index, caption in zip(indices, found, strict=True):
+                texts[index] = caption.text
+        return texts
+
+    def stacked(batch: list, asked: list) -> list[str]:
+        return [c.text for c in captioner.caption(batch, GEN, asked)]
+
+    def over_batches(run_batch: Callable) -> Callable:
+        def run(pictures: list) -> list[str]:
+            texts = []
+            with torch.inference_mode():
+                for start in range(0, len(pictures), BATCH):
+                    texts += run_batch(pictures[start:start + BATCH], prompts[start:start + BATCH])
+            return texts
+        return run
+
+    over_batches(stacked)(pictures[:BATCH])
+    return compare({"one generate call per prompt": over_batches(per_prompt),
+                    "equal-length prompts stacked": over_batches(stacked)}, pictures, args.runs)
+
+
 GROUPS = {"batch": group_batch, "dtype": group_dtype, "compile": group_compile,
-          "threads": group_threads, "attention": group_attention, "draft": group_draft}
+          "threads": group_threads, "attention": group_attention, "draft": group_draft,
+          "prompts": group_prompts}
 
 
 def image_paths(args) -> list[Path]:
