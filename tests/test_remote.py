@@ -6,6 +6,7 @@ import base64
 import email.utils
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,13 @@ from PIL import Image
 
 from captionkit.errors import ModelNotFoundError, OptionError
 from captionkit.models import load, remote
-from captionkit.models.remote import AccessError, EndpointUnreachableError, PartialFailure
+from captionkit.models.remote import (
+    FAILING_STREAK,
+    AccessError,
+    EndpointFailingError,
+    EndpointUnreachableError,
+    PartialFailure,
+)
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.pipeline import Pipeline, RunOptions, default_batch_size
 
@@ -278,6 +285,23 @@ def test_failing_second_half_is_retried_later_with_the_same_outputs(server, phot
     again = run(openai(server), photo_dir, out, retry_failed=True)
     assert again.skipped == 4 and again.done == 4 and not again.failed
     assert done_captions(out) == expected_captions(photo_dir)
+
+
+@pytest.mark.parametrize("connect", [openai, hf_api])
+def test_a_server_failing_image_after_image_stops_the_run(photos, tmp_path, connect):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(3 * FAILING_STREAK):  # distinct images, so none is deduplicated
+        photos[index % len(photos)].resize((40 + index, 30)).save(folder / f"{index:02d}.png")
+    with FakeServer(models=("llava", HF_MODEL)) as server:
+        server.healthy_for = 2
+        with pytest.raises(EndpointFailingError, match=f"{FAILING_STREAK} images in a row got no "
+                                                       "caption.*HTTP 503.*run the same command again"):
+            run(connect(server, concurrency=2, max_retries=1), folder, tmp_path / "out")
+    # stopped well before trying every image twice; the two captioned ones are kept
+    assert len(server.requests) < 2 * 3 * FAILING_STREAK
+    with sqlite3.connect(tmp_path / "out" / "captionkit.db") as db:
+        assert db.execute("SELECT count(*) FROM results WHERE status = 'done'").fetchone() == (2,)
 
 
 @pytest.mark.parametrize("connect", [openai, hf_api])

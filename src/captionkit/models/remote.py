@@ -37,6 +37,8 @@ JPEG_QUALITY = 90
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 MAX_RETRY_AFTER_SECONDS = 120.0
+FAILING_STREAK = 16
+"""Images in a row that got no caption after every retry before a run stops: the server is down."""
 
 
 class AccessError(CaptionkitError):
@@ -45,6 +47,10 @@ class AccessError(CaptionkitError):
 
 class EndpointUnreachableError(CaptionkitError):
     """The endpoint could not be connected to, even after retries."""
+
+
+class EndpointFailingError(CaptionkitError):
+    """The endpoint answers, but with server errors for image after image, even after retries."""
 
 
 class PartialFailure(Exception):
@@ -91,6 +97,8 @@ class RemoteCaptioner:
         self.preferred_batch_size = options.concurrency
         self.timeout = options.timeout
         self.max_retries = options.max_retries
+        self._streak = 0  # images in a row whose retries all failed
+        self._streak_lock = threading.Lock()
 
     def caption(
         self,
@@ -124,7 +132,10 @@ class RemoteCaptioner:
         jpeg = _jpeg(image)
         for attempt in range(self.max_retries + 1):
             try:
-                return _caption(self._request(jpeg, options, prompt))
+                caption = _caption(self._request(jpeg, options, prompt))
+                with self._streak_lock:
+                    self._streak = 0
+                return caption
             except _Rejected as err:
                 return self._redact(str(err))
             except _Transient as err:
@@ -141,6 +152,14 @@ class RemoteCaptioner:
             raise EndpointUnreachableError(self._redact(
                 f"{self.model_id}: cannot reach {self.endpoint} ({failure.reason}; {attempts}). Images "
                 "captioned so far are saved: run the same command again to resume"))
+        with self._streak_lock:
+            self._streak += 1
+            streak = self._streak
+        if streak >= FAILING_STREAK:
+            raise EndpointFailingError(self._redact(
+                f"{self.model_id}: {streak} images in a row got no caption from {self.endpoint} "
+                f"(last: {failure.reason}; {attempts} each). Images captioned so far are saved: "
+                "run the same command again to resume once the server recovers"))
         return self._redact(f"{failure.reason} ({attempts}; --retry-failed tries again)")
 
     def _request(self, jpeg: bytes, options: GenerationOptions, prompt: str | None) -> list[str]:
