@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -78,11 +77,8 @@ def peak_rss_mb() -> float:
 
     VmHWM, not ru_maxrss: Linux carries a parent's peak into ru_maxrss across fork and exec.
     """
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as status:  # Linux, like rss_mb
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def rss_mb() -> float:

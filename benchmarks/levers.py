@@ -1,4 +1,4 @@
-"""Each speed lever measured against captionkit's default, interleaved in one process.
+"""Each speed lever measured against a reference (the first variant listed), interleaved in one process.
 
 Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-base):
   batch    captionkit's captioner at batch sizes 8, 1, 4, 16, 32 (model only: images pre-decoded);
@@ -7,12 +7,11 @@ Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-
   threads  torch intra-op threads 1 vs all cores, and decode workers 1/2/4 over the whole pipeline;
   attention captionkit's fused (SDPA) BLIP vision attention against transformers' eager one, and
            whether transformers' own `attn_implementation="sdpa"` and a static KV cache run;
-  draft    JPEG draft-decoding variants for the 12 MP files: time to the model input (decode and
-           the model's processor) and caption changes;
   prompts  per-image prompts (8 distinct, 3 or 4 words): one generate call per prompt against
            captionkit's stacking of equal-length prompts into one call.
 Every variant but `threads`'s workers sees the same decoded images; captions are compared with
-the default's, since a lever that changes captions is only acceptable as an opt-in.
+the reference's, since a lever that changes captions is only acceptable as an opt-in. JPEG draft
+decoding is measured by decode.py.
 
     python benchmarks/levers.py batch --out benchmarks/results/levers-batch.json
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import json
 import os
 import shutil
@@ -32,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -42,6 +39,7 @@ import models  # noqa: E402
 from throughput import GENERATE, TOKENS  # noqa: E402
 
 from captionkit import sources  # noqa: E402
+from captionkit.device import quantize_int8  # noqa: E402
 from captionkit.models import load  # noqa: E402
 from captionkit.options import GenerationOptions, LoadOptions  # noqa: E402
 
@@ -99,7 +97,7 @@ def group_dtype(path: Path, pictures: list, args) -> dict:
     bf16 = captioner_for(path, "bfloat16")
     int8 = copy.deepcopy(fp32)
     started = time.perf_counter()
-    torch.ao.quantization.quantize_dynamic(int8.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    quantize_int8(int8.model)  # what --quantize int8 does
     quantize_seconds = time.perf_counter() - started
 
     @contextlib.contextmanager
@@ -201,68 +199,6 @@ def group_attention(path: Path, pictures: list, args) -> dict:
     return rows
 
 
-def group_draft(path: Path, pictures: list, args) -> dict:
-    """JPEG decoding variants for the 12 MP files: time to the model input, and caption changes."""
-    captioner = captioner_for(path)
-    size = captioner.input_size
-    files = [(p.name, p.read_bytes()) for p in image_paths(args) if "-12mp" in p.name]
-
-    def drafted(data: bytes, scale: int) -> Image.Image:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (scale * size, scale * size))
-        return image.convert("RGB")
-
-    def full(name: str, data: bytes) -> Image.Image:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-
-    def captionkit(name: str, data: bytes) -> Image.Image:
-        return sources.decode(data, name, size)
-
-    def eighth(name: str, data: bytes) -> Image.Image:
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (image.width // 8, image.height // 8))
-        return image.convert("RGB")
-
-    def twice(name: str, data: bytes) -> Image.Image:
-        return drafted(data, 2)
-
-    def twice_resized(name: str, data: bytes) -> Image.Image:
-        image = drafted(data, 2)
-        scale = 2 * size / min(image.size)
-        return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-
-    def twice_reduced(name: str, data: bytes) -> Image.Image:
-        image = drafted(data, 2)
-        return image.reduce(max(1, min(image.size) // size))
-
-    decoders = {"full decode": full, "captionkit (sources.decode)": captionkit,
-                "draft 1/8 (just under the input size)": eighth, "draft to >= 2x input": twice,
-                "draft to >= 2x input, bicubic to 2x input": twice_resized,
-                "draft to >= 2x input, integer reduce to >= input": twice_reduced}
-
-    def to_model_input(decode):
-        return lambda *file: captioner.encode([decode(*file)], None)
-
-    times: dict[str, list[float]] = {name: [] for name in decoders}
-    for _ in range(args.runs):
-        for name, decode in decoders.items():
-            started = time.perf_counter()
-            for file in files:
-                to_model_input(decode)(*file)
-            times[name].append((time.perf_counter() - started) / len(files) * 1000)
-    rows, reference = {}, None
-    for name, decode in decoders.items():
-        decoded = [decode(*file) for file in files]
-        captions = batched(captioner, BATCH)(decoded)
-        reference = reference or captions
-        rows[name] = {"to_model_input_ms": common.median(times[name]),
-                      "decoded_size": list(decoded[0].size),
-                      "same_captions_as_full_decode": sum(a == b for a, b in zip(captions, reference,
-                                                                                 strict=True)) / len(files)}
-        print(name, rows[name], flush=True)
-    return rows
-
-
 def group_prompts(path: Path, pictures: list, args) -> dict:
     """Per-image prompts (as from --prompt-file): one generate call per distinct prompt, against
     captionkit's stacking of equal-length prompts into one call."""
@@ -299,8 +235,7 @@ def group_prompts(path: Path, pictures: list, args) -> dict:
 
 
 GROUPS = {"batch": group_batch, "dtype": group_dtype, "compile": group_compile,
-          "threads": group_threads, "attention": group_attention, "draft": group_draft,
-          "prompts": group_prompts}
+          "threads": group_threads, "attention": group_attention, "prompts": group_prompts}
 
 
 def image_paths(args) -> list[Path]:

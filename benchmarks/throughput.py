@@ -108,8 +108,10 @@ class Captionkit:
         if variant not in VARIANTS:
             raise SystemExit(f"unknown captionkit variant {variant!r}: use {', '.join(VARIANTS[1:])}")
         quantize = "int8" if variant == "int8" else None
-        dtype_name = "auto" if quantize else str(dtype).split(".")[1]
-        self.captioner = load(str(path), LoadOptions(device=str(device), dtype=dtype_name, quantize=quantize))
+        # int8 runs on the CPU from float32 weights, whatever device and dtype the others use
+        load_options = (LoadOptions(device="cpu", quantize=quantize) if quantize
+                        else LoadOptions(device=str(device), dtype=str(dtype).split(".")[1]))
+        self.captioner = load(str(path), load_options)
         self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
         self.full_decode = variant == "full-decode"
         self.out = work / "captionkit-out"
@@ -158,19 +160,18 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
-def measure_memory(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
-    """Peak memory of each contender, each in a fresh process (they run side by side)."""
+def measure_memory(names: list[str]) -> dict[str, dict]:
+    """Peak memory of each contender, each in a fresh process, one after another (side by side,
+    big models could push each other into swap and shrink the resident peaks)."""
+    reports = {}
     with tempfile.TemporaryDirectory() as work:
-        children = {name: subprocess.Popen(
-            [sys.executable, __file__, *sys.argv[1:], "--memory-child", name, "--child-work",
-             str(Path(work) / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name in names}
-        reports = {}
-        for name, child in children.items():
-            stdout, stderr = child.communicate()
+        for name in names:
+            child = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--memory-child", name, "--child-work",
+                 str(Path(work) / name)], capture_output=True, text=True, check=False)
             if child.returncode != 0:
-                raise RuntimeError(f"memory run of {name} failed:\n{stderr[-3000:]}")
-            reports[name] = json.loads(stdout.strip().splitlines()[-1])
+                raise RuntimeError(f"memory run of {name} failed:\n{child.stderr[-3000:]}")
+            reports[name] = json.loads(child.stdout.strip().splitlines()[-1])
     return reports
 
 
@@ -259,7 +260,7 @@ def main() -> None:
         rows[name] = {"images_per_second": common.median(rates), "runs": rates,
                       "identical_to_naive": same / len(reference),
                       "stable_across_runs": all(c == captions[name][0] for c in captions[name])}
-    memory = {} if args.no_memory else measure_memory(args, names)
+    memory = {} if args.no_memory else measure_memory(names)
     for name in names:
         rows[name]["ratio_to_naive"] = rows[name]["images_per_second"] / rows["naive"]["images_per_second"]
         rows[name].update(memory.get(name, {}))

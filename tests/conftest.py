@@ -51,3 +51,24 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def blip_dir(tiny_models) -> Path:
     return tiny_models["blip"]
+
+
+@pytest.fixture(scope="session")
+def blip_fp32(blip_dir):
+    """The tiny BLIP loaded once in float32 on the CPU, for tests that only caption with it."""
+    from captionkit.models import load
+    from captionkit.options import LoadOptions
+
+    return load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return tiny.build_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def scorer(tiny_clip):
+    from captionkit.scoring import load_scorer
+
+    return load_scorer(str(tiny_clip), device="cpu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -49,13 +50,19 @@ def captioner(family_models):
     return get
 
 
-def reference(name: str, path: Path, images, max_new_tokens: int, prompt: str,
-              system: str | None = None) -> list[str]:
-    """The model cards' recipes, one image at a time: processor + generate + decode."""
+@functools.cache
+def _reference_model(path: Path):
+    """Plain transformers' processor and model for a checkpoint, loaded once per test session."""
     import transformers
 
     processor = transformers.AutoProcessor.from_pretrained(path)
-    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    return processor, transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+
+
+def reference(name: str, path: Path, images, max_new_tokens: int, prompt: str,
+              system: str | None = None) -> list[str]:
+    """The model cards' recipes, one image at a time: processor + generate + decode."""
+    processor, model = _reference_model(path)
     texts = []
     for image in images:
         text = prompt

@@ -12,30 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_scoring import LONG, tiny_clip  # noqa: F401 - tiny_clip is a fixture
+from test_scoring import LONG
 from typer.testing import CliRunner
 
 from captionkit import sources
 from captionkit.cli import app
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.gate import GateOptions, find_images, score_existing
-from captionkit.models import load
+from captionkit.gate import GateOptions, locate_images, score_existing
 from captionkit.models.base import Caption
-from captionkit.options import GenerationOptions, LoadOptions
+from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions
-from captionkit.scoring import load_scorer
 
 GEN = GenerationOptions(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def captioner(blip_dir):
-    return load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_clip):  # noqa: F811 - the imported fixture
-    return load_scorer(str(tiny_clip), device="cpu")
+def captioner(blip_fp32):
+    return blip_fp32
 
 
 def run(captioner, scorer, inputs, out, generation=GEN, **gate):
@@ -131,7 +124,7 @@ def test_move_takes_failed_images_out_of_the_input(captioner, scorer, photo_dir,
     assert {p.name: p.read_bytes() for p in failed.iterdir()} == before
 
 
-def test_copy_images_reproduces_the_folder_script_layout(baseline, blip_dir, tiny_clip,  # noqa: F811
+def test_copy_images_reproduces_the_folder_script_layout(baseline, blip_dir, tiny_clip,
                                                          photo_dir, tmp_path):
     out, failed = resumed(baseline, tmp_path), tmp_path / "failed"
     result = CliRunner().invoke(app, [
@@ -272,7 +265,7 @@ def test_min_score_without_clip_model_needs_the_default_model(photo_dir, blip_di
     assert not (tmp_path / "out").exists(), "nothing is captioned before the scorer loads"
 
 
-def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_dir,  # noqa: F811
+def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_dir,
                                              tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text((baseline[0] / "captions.txt").read_text() + "ghost.png: a cat\n")
@@ -323,6 +316,6 @@ def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("top.png", "a/b/deep.jpg", "a/side.webp"):
         (tmp_path / name).write_bytes(b"")
-    assert find_images(["top.png", "deep.jpg", "side", "missing.png"], tmp_path) == {
+    assert locate_images(["top.png", "deep.jpg", "side", "missing.png"], tmp_path) == {
         "top.png": tmp_path / "top.png", "deep.jpg": tmp_path / "a/b/deep.jpg",
         "side": tmp_path / "a/side.webp"}

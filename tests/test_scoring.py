@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-from tiny import corpus
+from tiny import CLIP_CONTEXT as CONTEXT
+from tiny import clip_tokenizer, clip_tower_sizes
 
 from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
 from captionkit.scoring import (
@@ -21,7 +22,6 @@ from captionkit.scoring import (
     load_scorer,
 )
 
-CONTEXT = 16  # small, so that ordinary captions already overflow the text encoder
 CAPTIONS = ["a man in a white suit", "a cat on a table", "a red cup of coffee",
             "a train next to a building"]
 # Each sentence fits the 16-token context with the prefix, two together do not.
@@ -29,55 +29,12 @@ LONG = ("a young man is standing in the snow. two small dogs are playing on the 
         "a woman is looking at the sky! an old train near the water.")
 
 
-def _tokenizer():
-    """A word-level CLIP-style tokenizer trained from scratch: <|startoftext|> words <|endoftext|>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bos, eos = "<|startoftext|>", "<|endoftext|>"
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    lines = [*corpus(), PREFIX, ". , ; ! ? cup coffee suit"]
-    tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=[bos, eos, "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)),
-                                                  (eos, tok.token_to_id(eos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
-                                   pad_token=eos, unk_token="<unk>", model_max_length=CONTEXT)
-
-
-def _tower_sizes(vocab: int) -> tuple[dict, dict]:
-    text = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": CONTEXT}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
-    return text, vision
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = _tokenizer()
-    text, vision = _tower_sizes(len(tokenizer))
-    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    directory = tmp_path_factory.mktemp("tiny-clip")
-    model.save_pretrained(directory)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_siglip(tmp_path_factory):
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
 
-    tokenizer = _tokenizer()
-    text, vision = _tower_sizes(len(tokenizer))
+    tokenizer = clip_tokenizer()
+    text, vision = clip_tower_sizes(len(tokenizer))
     torch.manual_seed(0)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     images = SiglipImageProcessor(size={"height": 32, "width": 32})
@@ -91,11 +48,6 @@ def tiny_siglip(tmp_path_factory):
 def pictures(photos) -> list[Image.Image]:
     """Four of the shared real photos, one per caption in CAPTIONS."""
     return photos[:len(CAPTIONS)]
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_clip) -> ClipScorer:
-    return load_scorer(str(tiny_clip), device="cpu")
 
 
 def _hf_reference(directory):

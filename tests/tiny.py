@@ -1,7 +1,7 @@
 """Random-weight captioning models built from configs, saved like Hub checkpoints.
 
-Tests use the tiny sizes; benchmarks use the same builders with full-size configs (speed does not
-depend on weight values). Tokenizers are trained from scratch with `tokenizers`.
+Tiny sizes for the tests (and the benchmarks' `--quick` runs); the benchmarks' full-size
+architectures live in benchmarks/models.py. Tokenizers are trained from scratch with `tokenizers`.
 """
 
 from __future__ import annotations
@@ -71,22 +71,18 @@ def bpe_tokenizer(extra_special: tuple[str, ...] = ()):
     return fast
 
 
-def _vision(size: str, image_size: int) -> dict:
-    if size == "full":
-        return {}
+def _vision(image_size: int = 32) -> dict:
     return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 2, "image_size": image_size, "patch_size": 8}
 
 
-def _bert_text(size: str, vocab: int) -> dict:
-    if size == "full":
-        return {"vocab_size": max(vocab, 30524)}
+def _bert_text(vocab: int) -> dict:
     return {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64}
 
 
-def build_blip(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """BLIP for conditional generation (BLIP-base architecture when size='full')."""
+def build_blip(directory: Path, seed: int = 0) -> Path:
+    """BLIP for conditional generation."""
     from transformers import (
         BlipConfig,
         BlipForConditionalGeneration,
@@ -96,29 +92,27 @@ def build_blip(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
 
     tokenizer = wordpiece_tokenizer(extra_special=("[DEC]",))
     tokenizer.bos_token = "[DEC]"
-    image_size = 384 if size == "full" else 32
-    text = _bert_text(size, len(tokenizer))
+    image_size = 32
+    text = _bert_text(len(tokenizer))
     text.update(bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
                 sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = _vision(size, image_size)
-    vision["image_size"] = image_size
+    vision = _vision(image_size)
     config = BlipConfig(text_config=text, vision_config=vision)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
     processor = BlipProcessor(BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer)
-    return _save(directory, model, processor, size)
+    return _save(directory, model, processor)
 
 
-def build_git(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """GIT (GIT-base architecture when size='full')."""
+def build_git(directory: Path, seed: int = 0) -> Path:
+    """GIT."""
     from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
 
     tokenizer = wordpiece_tokenizer()
-    image_size = 224 if size == "full" else 32
-    vision = _vision(size, image_size)
-    vision.update(image_size=image_size, patch_size=16 if size == "full" else 8)
-    text = _bert_text(size, len(tokenizer))
+    image_size = 32
+    vision = _vision(image_size)
+    text = _bert_text(len(tokenizer))
     config = GitConfig(vision_config=vision, bos_token_id=tokenizer.cls_token_id,
                        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
                        **text)
@@ -126,11 +120,11 @@ def build_git(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     model = GitForCausalLM(config).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
-    return _save(directory, model, GitProcessor(image_processor, tokenizer), size)
+    return _save(directory, model, GitProcessor(image_processor, tokenizer))
 
 
-def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A ViT encoder + GPT-2 decoder (nlpconnect/vit-gpt2 architecture when size='full')."""
+def build_vit_gpt2(directory: Path, seed: int = 0) -> Path:
+    """A ViT encoder + GPT-2 decoder (the nlpconnect/vit-gpt2 recipe)."""
     from transformers import (
         GPT2Config,
         VisionEncoderDecoderConfig,
@@ -140,12 +134,10 @@ def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     )
 
     tokenizer = bpe_tokenizer()
-    image_size = 224 if size == "full" else 32
-    vision = _vision(size, image_size)
-    vision.update(image_size=image_size, patch_size=16 if size == "full" else 8)
-    decoder = {"vocab_size": max(len(tokenizer), 50257) if size == "full" else len(tokenizer)}
-    if size != "full":
-        decoder.update(n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    image_size = 32
+    vision = _vision(image_size)
+    decoder = {"vocab_size": len(tokenizer), "n_embd": 32, "n_layer": 2, "n_head": 2,
+               "n_positions": 64}
     eos = tokenizer.eos_token_id
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         ViTConfig(**vision), GPT2Config(bos_token_id=eos, eos_token_id=eos, **decoder))
@@ -157,7 +149,7 @@ def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     model.generation_config.decoder_start_token_id = eos
     model.generation_config.pad_token_id = eos
     model.generation_config.eos_token_id = eos
-    _spread(model, size)
+    _spread(model)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -165,8 +157,8 @@ def build_vit_gpt2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     return directory
 
 
-def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
-    """BLIP-2 with an OPT language model (BLIP-2 OPT-2.7b architecture when size='full')."""
+def build_blip2(directory: Path, seed: int = 0) -> Path:
+    """BLIP-2 with an OPT language model."""
     from transformers import (
         Blip2Config,
         Blip2ForConditionalGeneration,
@@ -176,22 +168,12 @@ def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     )
 
     tokenizer = bpe_tokenizer(extra_special=("<image>",))
-    num_query = 32 if size == "full" else 4
-    image_size = 224 if size == "full" else 32
-    if size == "full":
-        vision = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39,
-                  "num_attention_heads": 16, "image_size": 224, "patch_size": 14}
-        qformer: dict = {}
-        opt = OPTConfig.from_dict({"hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
-                                   "num_attention_heads": 32, "vocab_size": 50272,
-                                   "word_embed_proj_dim": 2560})
-    else:
-        vision = _vision(size, image_size)
-        qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 2, "encoder_hidden_size": 32, "vocab_size": 64}
-        opt = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64,
-                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
-                        word_embed_proj_dim=32)
+    num_query, image_size = 4, 32
+    vision = _vision(image_size)
+    qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "encoder_hidden_size": 32, "vocab_size": 64}
+    opt = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32)
     eos = tokenizer.eos_token_id
     opt.bos_token_id = opt.eos_token_id = opt.pad_token_id = eos
     config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=opt.to_dict(),
@@ -202,7 +184,7 @@ def build_blip2(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
     processor = Blip2Processor(BlipImageProcessor(size={"height": image_size,
                                                         "width": image_size}),
                                tokenizer, num_query_tokens=num_query)
-    return _save(directory, model, processor, size)
+    return _save(directory, model, processor)
 
 
 def unigram_tokenizer(extra_special: tuple[str, ...] = ()):
@@ -223,7 +205,7 @@ def unigram_tokenizer(extra_special: tuple[str, ...] = ()):
                            extra_ids=0, additional_special_tokens=list(extra_special))
 
 
-def build_blip2_t5(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_blip2_t5(directory: Path, seed: int = 0) -> Path:
     """BLIP-2 with a Flan-T5 language model (an encoder-decoder: generate returns only new tokens)."""
     from transformers import (
         Blip2Config,
@@ -239,32 +221,31 @@ def build_blip2_t5(directory: Path, size: str = "tiny", seed: int = 0) -> Path:
                   eos_token_id=tokenizer.eos_token_id)
     qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 2, "encoder_hidden_size": 32, "vocab_size": 64}
-    config = Blip2Config(vision_config=_vision(size, 32), qformer_config=qformer,
+    config = Blip2Config(vision_config=_vision(), qformer_config=qformer,
                          text_config=t5.to_dict(), num_query_tokens=4,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer,
                                num_query_tokens=4)
-    return _save(directory, model, processor, size)
+    return _save(directory, model, processor)
 
 
 BUILDERS = {"blip": build_blip, "git": build_git, "vit-gpt2": build_vit_gpt2,
             "blip2": build_blip2, "blip2-t5": build_blip2_t5}
 
 
-def _spread(model, size: str) -> None:
+def _spread(model) -> None:
     """Tiny models at the default init ignore their input; wider weights make captions differ."""
-    if size == "full":
-        return
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1:
                 parameter.normal_(std=0.2)
 
 
-def _save(directory: Path, model, processor, size: str) -> Path:
-    _spread(model, size)
+def _save(directory: Path, model, processor, spread: bool = True) -> Path:
+    if spread:
+        _spread(model)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -319,11 +300,11 @@ def build_kosmos2(directory: Path, seed: int = 0) -> Path:
             "attention_heads": 2, "max_position_embeddings": 256,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id}
-    config = Kosmos2Config(text_config=text, vision_config=_vision("tiny", 32),
+    config = Kosmos2Config(text_config=text, vision_config=_vision(),
                            latent_query_num=processor.num_image_tokens)
     torch.manual_seed(seed)
     model = Kosmos2ForConditionalGeneration(config).eval()
-    _spread(model, "tiny")
+    _spread(model)
     with torch.no_grad():
         # zero embeddings (tied to the output layer) keep the processor's grounding tokens from
         # winning most steps of a random model, which would leave the captions empty
@@ -333,7 +314,7 @@ def build_kosmos2(directory: Path, seed: int = 0) -> Path:
         for parameter in model.image_to_text_projection.parameters():
             if parameter.dim() > 1:
                 parameter.mul_(3)
-    return _save(directory, model, processor, "full")
+    return _save(directory, model, processor, spread=False)  # spread above, then adjusted
 
 
 def build_florence2(directory: Path, seed: int = 0) -> Path:
@@ -367,7 +348,7 @@ def build_florence2(directory: Path, seed: int = 0) -> Path:
     config = Florence2Config(text_config=text, vision_config=vision,
                              image_token_id=tokenizer.image_token_id)
     torch.manual_seed(seed)
-    return _save(directory, Florence2ForConditionalGeneration(config).eval(), processor, "tiny")
+    return _save(directory, Florence2ForConditionalGeneration(config).eval(), processor)
 
 
 def build_instructblip(directory: Path, seed: int = 0) -> Path:
@@ -389,14 +370,14 @@ def build_instructblip(directory: Path, seed: int = 0) -> Path:
     qformer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 2, "encoder_hidden_size": 32,
                "vocab_size": len(qformer_tokenizer), "pad_token_id": qformer_tokenizer.pad_token_id}
-    config = InstructBlipConfig(vision_config=_vision("tiny", 32), qformer_config=qformer,
+    config = InstructBlipConfig(vision_config=_vision(), qformer_config=qformer,
                                 text_config=opt.to_dict(), num_query_tokens=4,
                                 image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config).eval()
     processor = InstructBlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}),
                                       tokenizer, qformer_tokenizer, num_query_tokens=4)
-    return _save(directory, model, processor, "tiny")
+    return _save(directory, model, processor)
 
 
 # A LLaVA-1.5-like template written for the tests: "SYSTEM: ...\nUSER: <image> ...\nASSISTANT:".
@@ -441,12 +422,12 @@ def build_llava(directory: Path, seed: int = 0) -> Path:
             "num_key_value_heads": 2, "max_position_embeddings": 256,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id}
-    config = LlavaConfig(vision_config={"model_type": "clip_vision_model", **_vision("tiny", 32)},
+    config = LlavaConfig(vision_config={"model_type": "clip_vision_model", **_vision()},
                          text_config=text, image_token_index=tokenizer.image_token_id,
                          image_seq_length=16, vision_feature_select_strategy="default",
                          vision_feature_layer=-2)
     torch.manual_seed(seed)
-    return _save(directory, LlavaForConditionalGeneration(config).eval(), processor, "tiny")
+    return _save(directory, LlavaForConditionalGeneration(config).eval(), processor)
 
 
 # A ChatML template like Qwen2-VL's, written for the tests.
@@ -500,7 +481,7 @@ def build_qwen2_vl(directory: Path, seed: int = 0) -> Path:
            for name, token in vision_tokens.items()}
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     torch.manual_seed(seed)
-    return _save(directory, Qwen2VLForConditionalGeneration(config).eval(), processor, "tiny")
+    return _save(directory, Qwen2VLForConditionalGeneration(config).eval(), processor)
 
 
 def build_paligemma(directory: Path, seed: int = 0) -> Path:
@@ -526,13 +507,63 @@ def build_paligemma(directory: Path, seed: int = 0) -> Path:
             "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256,
             "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id}
-    vision = {"model_type": "siglip_vision_model", **_vision("tiny", 32), "projection_dim": 32}
+    vision = {"model_type": "siglip_vision_model", **_vision(), "projection_dim": 32}
     config = PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=32,
                              hidden_size=32, image_token_index=tokenizer.image_token_id)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
-    _spread(model, "tiny")
+    _spread(model)
     with torch.no_grad():
         # as for Kosmos-2: keep the 1,152 location and segmentation tokens from crowding out words
         model.get_input_embeddings().weight[words:] = 0
-    return _save(directory, model, processor, "full")
+    return _save(directory, model, processor, spread=False)  # spread above, then adjusted
+
+
+# The CLIP scorer of tests/test_scoring.py and tests/test_gate.py.
+
+CLIP_CONTEXT = 16  # small, so that ordinary captions already overflow the text encoder
+
+
+def clip_tokenizer():
+    """A word-level CLIP-style tokenizer trained from scratch: <|startoftext|> words <|endoftext|>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    from captionkit.scoring import PREFIX
+
+    lines = [*corpus(), PREFIX, ". , ; ! ? cup coffee suit"]
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=[bos, eos, "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)),
+                                                  (eos, tok.token_to_id(eos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   pad_token=eos, unk_token="<unk>", model_max_length=CLIP_CONTEXT)
+
+
+def clip_tower_sizes(vocab: int) -> tuple[dict, dict]:
+    text = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": CLIP_CONTEXT}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    return text, vision
+
+
+def build_clip(directory: Path) -> Path:
+    """A CLIP model for the CLIPScore tests, saved like a Hub checkpoint."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    text, vision = clip_tower_sizes(len(tokenizer))
+    text.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
+    return directory

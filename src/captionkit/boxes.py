@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from captionkit import sources
 from captionkit.errors import ImageError
+from captionkit.exporters import relative_path
 from captionkit.store import Result
 
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -55,12 +56,10 @@ def annotate(image: Image.Image, entities: list[dict]) -> Image.Image:
 def _mirrored(name: str, directory: Path) -> Path:
     """`DIR/sub/photo.jpg` for an image exported as `sub/photo.jpg`; formats Pillow cannot write
     become PNG."""
-    relative = PurePosixPath(name)
-    if relative.is_absolute() or ".." in relative.parts:
-        relative = PurePosixPath(relative.name)
+    relative = relative_path(name)
     if Image.registered_extensions().get(relative.suffix.lower()) not in Image.SAVE:
         relative = relative.with_suffix(relative.suffix + ".png")
-    return directory / Path(*relative.parts)
+    return directory / relative
 
 
 def _save(image: Image.Image, path: Path) -> None:

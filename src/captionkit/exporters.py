@@ -83,14 +83,14 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
     """One caption file per image (the convention of LoRA dataset tools)."""
     if not options.caption_extension.startswith("."):
         raise OptionError(f"--caption-extension {options.caption_extension!r} must start with '.'")
-    written = []
-    for result in results:
-        if not listed(result, options):
-            continue
-        path = sidecar_path(result, options)
-        atomic_write(path, _one_line(result.caption or "") + "\n")
-        written.append(path)
-    return written
+    return [write_sidecar(result, options) for result in results if listed(result, options)]
+
+
+def write_sidecar(result: Result, options: ExportOptions) -> Path:
+    """The result's caption file, written atomically; returns its path."""
+    path = sidecar_path(result, options)
+    atomic_write(path, _one_line(result.caption or "") + "\n")
+    return path
 
 
 def _record(result: Result) -> dict:

@@ -24,7 +24,7 @@ from captionkit.datasets import (
     read_references,
 )
 from captionkit.errors import CaptionkitError, ImageError, OptionError
-from captionkit.exporters import ExportOptions, atomic_write, listed, relative_path, sidecar_path
+from captionkit.exporters import ExportOptions, listed, relative_path, write_sidecar
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions
 from captionkit.store import Result
@@ -142,8 +142,7 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
         if options.failed_dir is None or result.extras.get("passed") is not False:
             continue
         if _put(result.path, options.failed_dir / relative_path(result.name), options.move):
-            side = ExportOptions(options.failed_dir, export.caption_extension)
-            atomic_write(sidecar_path(result, side), " ".join((result.caption or "").split()) + "\n")
+            write_sidecar(result, ExportOptions(options.failed_dir, export.caption_extension))
             set_aside += 1
     return set_aside
 
@@ -199,7 +198,7 @@ class ScoredCaptions:
     images: Path
 
 
-def find_images(names: Iterable[str], root: Path) -> dict[str, Path]:
+def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
     """Each name's image: `root/name`, else the file with that base name anywhere under `root` (or
     with that stem, for a sidecar's name); names with no image are left out."""
     names = list(names)
@@ -231,7 +230,7 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
     if refs is not None:
         problems += refs.problems
         ref_names = match_images(predictions.captions, refs.captions)
-    paths = find_images(predictions.captions, root)
+    paths = locate_images(predictions.captions, root)
     results = [Result(path=paths.get(name, root / name), name=name, status="failed", caption=text,
                       error=None if name in paths else f"no image file for it under {root}")
                for name, text in predictions.captions.items()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -119,6 +120,11 @@ class _Item:
         return self.hash, self.prompt
 
 
+def _prompt_of(row) -> str | None:
+    """The per-image prompt a stored result was asked, if any."""
+    return json.loads(row["extras"] or "{}").get("prompt")
+
+
 def default_batch_size(captioner: Captioner) -> int:
     """Batches big enough to keep the hardware busy; CUDA out-of-memory halves them at run time."""
     preferred = getattr(captioner, "preferred_batch_size", None)
@@ -207,9 +213,6 @@ class Pipeline:
                  summary: RunSummary) -> list[_Item]:
         """The images this run still has to caption; done and failed ones are skipped."""
         previous = store.previous(self.key)
-        # a per-image prompt is part of what was asked, so a changed one means a new caption
-        asked = {os.fsencode(r.path): r.extras.get("prompt")
-                 for r in (store.results(self.key) if previous else ())}
         todo = []
         for ref in refs:
             item = _Item(ref, prompt=self.prompts.get(str(ref.path)))
@@ -221,7 +224,8 @@ class Pipeline:
             row = previous.get(os.fsencode(ref.path))
             unchanged = row is not None and (row["size"], row["mtime_ns"]) == (item.size,
                                                                                 item.mtime_ns)
-            if unchanged and row["status"] == "done" and asked.get(os.fsencode(ref.path)) == item.prompt:
+            # a per-image prompt is part of what was asked, so a changed one means a new caption
+            if unchanged and row["status"] == "done" and _prompt_of(row) == item.prompt:
                 summary.skipped += 1
             elif unchanged and row["status"] == "failed" and not self.options.retry_failed:
                 summary.failed_earlier += 1

@@ -103,7 +103,7 @@ class Store:
 
     def previous(self, options_key: str) -> dict[bytes, sqlite3.Row]:
         """Earlier outcomes by raw path, to decide what a resumed run skips."""
-        rows = self.db.execute("SELECT path, status, size, mtime_ns, hash FROM results "
+        rows = self.db.execute("SELECT path, status, size, mtime_ns, hash, extras FROM results "
                                "WHERE options_key = ?", (options_key,))
         return {bytes(row["path"]): row for row in rows}
 

@@ -107,13 +107,13 @@ def detect_family(path: Path) -> str:
         model_type = json.loads(config_file.read_text()).get("model_type", "")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelNotFoundError(f"{config_file}: unreadable config ({err})") from err
-    if model_type not in FAMILIES and _image_text_to_text(model_type):
+    if model_type in FAMILIES:
+        return model_type
+    if _image_text_to_text(model_type):
         return VLM_FAMILY
-    if model_type not in FAMILIES:
-        known = ", ".join(sorted(f for f in FAMILIES if f != "objects"))
-        raise ModelNotFoundError(f"{path}: model type {model_type!r} is not a captioner captionkit "
-                                 f"knows (families: {known})")
-    return model_type
+    known = ", ".join(sorted(f for f in FAMILIES if f != "objects"))
+    raise ModelNotFoundError(f"{path}: model type {model_type!r} is not a captioner captionkit "
+                             f"knows (families: {known})")
 
 
 def _image_text_to_text(model_type: str) -> bool:
