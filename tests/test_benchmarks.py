@@ -96,3 +96,25 @@ def test_fused_blip_vision_attention_matches_transformers(blip_dir, photos):
         eager_out = eager.vision_model(pixel_values=pixels)[0]
     assert "forward" in vars(captioner.model.vision_model.encoder.layers[0].self_attn)
     torch.testing.assert_close(fused_out, eager_out, rtol=1e-4, atol=1e-4)
+
+
+def test_blip_vision_encoder_on_the_cpu_takes_one_image_at_a_time(blip_fp32, photos):
+    vision = blip_fp32.model.vision_model
+    pixels = blip_fp32.processor(images=photos, return_tensors="pt").pixel_values
+    rows_per_call = []
+    hook = vision.embeddings.register_forward_hook(
+        lambda module, args, output: rows_per_call.append(len(output)))
+    try:
+        with torch.inference_mode():
+            batch = vision(pixel_values=pixels, output_hidden_states=True)
+            assert rows_per_call == [1] * len(photos)
+            alone = [vision(pixel_values=row, output_hidden_states=True) for row in pixels.split(1)]
+    finally:
+        hook.remove()
+    # the batch's features are each image's own, exactly, hidden states of every layer included
+    assert batch.last_hidden_state.shape[0] == len(photos) > 1
+    for key in ("last_hidden_state", "pooler_output"):
+        assert torch.equal(batch[key], torch.cat([one[key] for one in alone]))
+    assert len(batch.hidden_states) == len(alone[0].hidden_states)
+    for layer, states in enumerate(batch.hidden_states):
+        assert torch.equal(states, torch.cat([one.hidden_states[layer] for one in alone]))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from captionkit import boxes, gate, sources
-from captionkit.device import return_big_frees_to_the_os
+from captionkit.device import set_malloc_thresholds
 from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export
 from captionkit.gate import GateOptions
@@ -163,7 +163,7 @@ class Pipeline:
         """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
         options = self.options
         started = time.perf_counter()
-        return_big_frees_to_the_os()
+        set_malloc_thresholds()
         options.output_dir.mkdir(parents=True, exist_ok=True)
         refs, problems = sources.discover(inputs, recursive=options.recursive,
                                           extensions=options.extensions,
