@@ -6,6 +6,7 @@ Correctness only: no timing is asserted (CI machines are too noisy for that).
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_decode_quick_runs_end_to_end(tmp_path):
                                            "captionkit -> model input"}
     assert min(result["settings"]["captionkit_decoded_size"]) >= 384
     assert result["model_input_mean_abs_difference"] < 0.05
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
+def test_allocator_quick_runs_every_setting(tmp_path):
+    out = tmp_path / "allocator.json"
+    run_script("allocator.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == ["captionkit", "batched-1mib", "one-at-a-time-1mib", "batched-glibc"]
+    for row in rows.values():
+        assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
+        assert row["page_faults_per_image"] > 0
+        # where memory comes from never changes a caption
+        assert row["same_captions_as_first"] is True
 
 
 def test_batch_captions_equal_single_captions_in_float32(blip_dir, photos):
