@@ -87,7 +87,7 @@ def set_malloc_thresholds() -> bool:
 
     Memory fresh from the OS costs a page fault per 4 KiB on first touch, so recycling the blocks a
     model allocates and frees on every call is faster (with one-image vision passes, BLIP-base
-    ~1.1x); giving batch-sized blocks (a batch's attention caches) back keeps peak RSS near what is
+    ~1.06x); giving batch-sized blocks (a batch's attention caches) back keeps peak RSS near what is
     live, which glibc's defaults do not: they raise the threshold after the first big free, and
     big blocks then fragment heaps that never shrink (benchmarks/RESULTS.md). True when applied;
     other C libraries are left alone.

@@ -233,7 +233,7 @@ def _one_image_at_a_time(encoder: torch.nn.Module) -> None:
     BLIP's encoder is compute-bound already at one image, so batching it gains nothing here, while
     a batch's activations (100+ MB tensors) would come fresh from the OS, a page fault per 4 KiB,
     on every call. One image's activations stay under the size glibc recycles
-    (`device.set_malloc_thresholds`): BLIP-base captions ~1.1x faster, and every image's features
+    (`device.set_malloc_thresholds`): BLIP-base captions ~1.06x faster, and every image's features
     are exactly the ones it gets alone.
     """
     forward = encoder.forward
