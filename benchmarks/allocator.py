@@ -30,9 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import images  # noqa: E402
-import models  # noqa: E402
-from throughput import QUICK_THUMBNAIL, TOKENS  # noqa: E402
+from throughput import TOKENS, image_paths, model_path  # noqa: E402
 
 SETTINGS = ("captionkit", "batched-1mib", "one-at-a-time-1mib", "batched-glibc")
 
@@ -81,13 +79,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 images, 1 run (CI)")
     parser.add_argument("--out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.set_defaults(model="blip-base")  # what throughput's model_path/image_paths read
     args = parser.parse_args()
-    size = "tiny" if args.quick else "full"
-    model = models.build("blip-base", Path(args.work) / "models" / f"blip-base-{size}", quick=args.quick)
-    folder = "images-quick" if args.quick else "images"
-    pictures = images.make_folder(Path(args.work) / folder, 3 if args.quick else args.images,
-                                  thumbnail=QUICK_THUMBNAIL if args.quick else None)
-    runs = 1 if args.quick else args.runs
+    if args.quick:
+        args.images, args.runs = 3, 1
+    model, pictures, runs = model_path(args), image_paths(args), args.runs
     if args.child:
         with tempfile.TemporaryDirectory() as work:
             print(json.dumps(child(args.child, model, pictures, runs, Path(work))))

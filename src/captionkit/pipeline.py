@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
 from captionkit.prompts import read_prompt_file
-from captionkit.store import DB_NAME, Result, Store
+from captionkit.store import DB_NAME, Result, Store, extras_of
 
 if TYPE_CHECKING:
     from captionkit.scoring import ClipScorer
@@ -118,11 +117,6 @@ class _Item:
     def reuse_key(self) -> tuple[str | None, str | None]:
         """Identical files share one caption only when they are asked the same prompt."""
         return self.hash, self.prompt
-
-
-def _prompt_of(row) -> str | None:
-    """The per-image prompt a stored result was asked, if any."""
-    return json.loads(row["extras"] or "{}").get("prompt")
 
 
 def default_batch_size(captioner: Captioner) -> int:
@@ -225,7 +219,7 @@ class Pipeline:
             unchanged = row is not None and (row["size"], row["mtime_ns"]) == (item.size,
                                                                                 item.mtime_ns)
             # a per-image prompt is part of what was asked, so a changed one means a new caption
-            if unchanged and row["status"] == "done" and _prompt_of(row) == item.prompt:
+            if unchanged and row["status"] == "done" and extras_of(row).get("prompt") == item.prompt:
                 summary.skipped += 1
             elif unchanged and row["status"] == "failed" and not self.options.retry_failed:
                 summary.failed_earlier += 1

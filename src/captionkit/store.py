@@ -111,7 +111,7 @@ class Store:
         """Finished captions by content hash, so identical files are captioned once."""
         rows = self.db.execute("SELECT hash, caption, extras FROM results WHERE options_key = ? "
                                "AND status = 'done' AND hash IS NOT NULL", (options_key,))
-        return {row["hash"]: (row["caption"], json.loads(row["extras"] or "{}")) for row in rows}
+        return {row["hash"]: (row["caption"], extras_of(row)) for row in rows}
 
     def record(self, results: Iterable[Result], options_key: str, run_id: int) -> None:
         """Write a batch in one transaction: after a crash it is either all there or absent."""
@@ -133,7 +133,7 @@ class Store:
         for row in rows:
             yield Result(path=Path(os.fsdecode(bytes(row["path"]))), name=row["name"],
                          status=row["status"], caption=row["caption"],
-                         extras=json.loads(row["extras"] or "{}"), error=row["error"],
+                         extras=extras_of(row), error=row["error"],
                          hash=row["hash"], size=row["size"], mtime_ns=row["mtime_ns"],
                          seconds=row["seconds"], model_id=row["model_id"])
 
@@ -145,3 +145,8 @@ class Store:
             self.db.execute("BEGIN")
             self.db.executemany("UPDATE results SET extras = ? WHERE path = ? AND options_key = ?",
                                 rows)
+
+
+def extras_of(row: sqlite3.Row) -> dict:
+    """A stored row's extras (prompt, candidates, score...), decoded."""
+    return json.loads(row["extras"] or "{}")
