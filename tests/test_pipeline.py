@@ -177,17 +177,17 @@ def test_full_decode_gives_the_model_every_pixel(captioner, photos, tmp_path, mo
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_malloc_recycles_small_frees_and_returns_big_ones(tmp_path):
+def test_malloc_recycles_small_frees_and_returns_big_ones():
     # Pipeline.run sets these thresholds: blocks under 16 MiB are reused without new page faults,
     # bigger ones go back to the OS when freed (glibc's defaults keep them after the first big free;
     # returning every block of 1 MiB or more, as captionkit once did, faults on each reuse).
     script = """
 import ctypes, resource, sys
-from captionkit.device import set_malloc_thresholds
+from captionkit.device import M_MMAP_THRESHOLD, set_malloc_thresholds
 if sys.argv[1] == "tuned":
     assert set_malloc_thresholds()
 if sys.argv[1] == "return-all":
-    assert ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    assert ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
 def faults():
