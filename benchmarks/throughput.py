@@ -6,8 +6,9 @@ Contenders:
   pipeline-N  transformers' `pipeline("image-text-to-text")` with `batch_size=N` over the same files
               (transformers 5 removed `image-to-text`; an empty text prompt makes it caption);
   captionkit  the `captionkit caption` path: sources, decode threads, batches, run store, exporters;
-  captionkit-VARIANT  the same with an opt-in mode (`--variants int8,full-decode`): `--quantize int8`,
-              or `--full-decode` (every JPEG pixel decoded, as the naive loop does).
+  captionkit-VARIANT  the same with an opt-in mode (`--variants int8,full-decode,batch-64`):
+              `--quantize int8`, `--full-decode` (every JPEG pixel decoded, as the naive loop
+              does), `--batch-size N` (batch-N) or `--workers N` (workers-N).
 
 Every contender generates exactly 20 tokens per image (min_new_tokens = max_new_tokens = 20), runs
 once to warm up, then `--runs` times interleaved (the order rotates) so load from other processes
@@ -42,6 +43,7 @@ TOKENS = 20
 QUICK_THUMBNAIL = 48
 GENERATE = {"max_new_tokens": TOKENS, "min_new_tokens": TOKENS, "do_sample": False, "num_beams": 1}
 VARIANTS = ("", "int8", "full-decode")
+SIZED_VARIANTS = ("batch", "workers")
 
 
 class Naive:
@@ -105,8 +107,10 @@ class Captionkit:
         from captionkit.models import load
         from captionkit.options import GenerationOptions, LoadOptions
 
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown captionkit variant {variant!r}: use {', '.join(VARIANTS[1:])}")
+        sized = dict(_sized(variant) or ())
+        if variant not in VARIANTS and not sized:
+            raise SystemExit(f"unknown captionkit variant {variant!r}: use "
+                             f"{', '.join(VARIANTS[1:])}, batch-N or workers-N")
         quantize = "int8" if variant == "int8" else None
         # int8 runs on the CPU from float32 weights, whatever device and dtype the others use
         load_options = (LoadOptions(device="cpu", quantize=quantize) if quantize
@@ -114,19 +118,27 @@ class Captionkit:
         self.captioner = load(str(path), load_options)
         self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
         self.full_decode = variant == "full-decode"
+        self.batch_size, self.workers = sized.get("batch"), sized.get("workers")
         self.out = work / "captionkit-out"
 
     def __call__(self, paths: list[Path]) -> list[str]:
         from captionkit.pipeline import Pipeline, RunOptions
 
         shutil.rmtree(self.out, ignore_errors=True)
-        options = RunOptions(output_dir=self.out, progress=False, full_decode=self.full_decode)
+        options = RunOptions(output_dir=self.out, progress=False, full_decode=self.full_decode,
+                             batch_size=self.batch_size, workers=self.workers)
         summary = Pipeline(self.captioner, self.generation, options).run([str(p) for p in paths])
         if summary.failed:
             raise RuntimeError(f"captionkit failed on {summary.failed}")
         records = [json.loads(line) for line in (self.out / "captions.jsonl").read_text().splitlines()]
         by_path = {record["path"]: record["caption"] for record in records}
         return [by_path[str(path.resolve())] for path in paths]
+
+
+def _sized(variant: str) -> tuple[tuple[str, int]] | None:
+    """("batch", 64) for "batch-64"; None for anything else."""
+    kind, _, number = variant.partition("-")
+    return ((kind, int(number)),) if kind in SIZED_VARIANTS and number.isdigit() else None
 
 
 def make_contender(name: str, path: Path, device: torch.device, dtype: torch.dtype, work: Path):
@@ -249,7 +261,7 @@ def main() -> None:
             took, texts = timed(contenders[name], paths, device)
             seconds[name].append(took)
             captions[name].append(texts)
-            print(f"run {run + 1}/{args.runs} {name:12s} {len(paths) / took:7.3f} images/s", flush=True)
+            print(f"run {run + 1}/{args.runs} {name:20s} {len(paths) / took:7.3f} images/s", flush=True)
     del contenders, naive
 
     reference = captions["naive"][0]
@@ -315,16 +327,24 @@ def summarize(rows: dict, best_pipeline: str | None, flops: int, peak: float) ->
 
 
 def print_table(result: dict) -> None:
-    settings, summary = result["settings"], result["summary"]
+    settings, summary, rows = result["settings"], result["summary"], result["contenders"]
     print(f"\n{settings['model']} ({settings['size']}), {settings['images']} images, {settings['dtype']}, "
           f"{TOKENS} tokens, median of {settings['runs']} runs on {result['machine']['device']}")
-    print(f"{'contender':12s} {'images/s':>9s} {'x naive':>8s} {'peak RSS MB':>12s} {'same as naive':>14s}")
-    for name, row in result["contenders"].items():
+    # columns only some runs have: GPU memory, agreement with another dtype's naive captions
+    extra = sorted({key for row in rows.values() for key in row if key == "peak_gpu_mb"
+                    or key.startswith("identical_to_") and key != "identical_to_naive"})
+    headers = ["peak GPU MB" if key == "peak_gpu_mb"
+               else "same as " + key.removeprefix("identical_to_").replace("_", " ") for key in extra]
+    print(f"{'contender':20s} {'images/s':>9s} {'x naive':>8s} {'peak RSS MB':>12s} {'same as naive':>14s}"
+          + "".join(f" {header:>22s}" for header in headers))
+    for name, row in rows.items():
         rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "-"
-        print(f"{name:12s} {row['images_per_second']:9.3f} {row['ratio_to_naive']:8.2f} {rss:>12s} "
-              f"{row['identical_to_naive']:14.0%}")
+        cells = ["-" if key not in row else f"{row[key]:.0f}" if key == "peak_gpu_mb" else f"{row[key]:.0%}"
+                 for key in extra]
+        print(f"{name:20s} {row['images_per_second']:9.3f} {row['ratio_to_naive']:8.2f} {rss:>12s} "
+              f"{row['identical_to_naive']:14.0%}" + "".join(f" {cell:>22s}" for cell in cells))
     for name, reason in result["unavailable"].items():
-        print(f"{name:12s} unavailable: {reason}")
+        print(f"{name:20s} unavailable: {reason}")
     print(f"FLOPs/image {result['model']['flops_per_image'] / 1e9:.1f} G; matmul peak "
           f"{summary['matmul_peak_gflops']:.0f} GFLOP/s -> limit {summary['limit_images_per_second']:.3f} "
           f"images/s; captionkit at {summary['captionkit_fraction_of_peak']:.0%} of it")
@@ -341,7 +361,8 @@ def parse_args() -> argparse.Namespace:
                         default=[8], help="comma-separated; each is a contender")
     parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
                         help="comma-separated opt-in captionkit modes, each a contender: "
-                             "int8 (--quantize int8), full-decode (--full-decode)")
+                             "int8 (--quantize int8), full-decode (--full-decode), "
+                             "batch-N (--batch-size N), workers-N (--workers N)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--work", default=str(common.DEFAULT_WORK), help="models and images are kept here")
