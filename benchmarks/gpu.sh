@@ -16,7 +16,7 @@ case $part in
     args=(--model blip-base --dtype float32 --images 96 --pipeline-batch-sizes 8,32) ;;
   blip-base-bfloat16)
     args=(--model blip-base --dtype bfloat16 --images 96 --pipeline-batch-sizes 8,32
-          --variants batch-64,workers-16 --compare-to "$out/blip-base-float32.json") ;;
+          --variants batch-32,workers-16 --compare-to "$out/blip-base-float32.json") ;;
   blip2)
     args=(--model blip2-opt-2.7b --dtype bfloat16 --images 64 --pipeline-batch-sizes 8,32) ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

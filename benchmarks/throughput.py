@@ -107,17 +107,19 @@ class Captionkit:
         from captionkit.models import load
         from captionkit.options import GenerationOptions, LoadOptions
 
-        sized = dict(_sized(variant) or ())
-        if variant not in VARIANTS and not sized:
-            raise SystemExit(f"unknown captionkit variant {variant!r}: use "
-                             f"{', '.join(VARIANTS[1:])}, batch-N or workers-N")
-        quantize = "int8" if variant == "int8" else None
+        modes = variant.split("+")  # "batch-32+workers-8": both at once
+        sized = dict(pair for mode in modes for pair in _sized(mode) or ())
+        unknown = [mode for mode in modes if mode not in VARIANTS and not _sized(mode)]
+        if unknown:
+            raise SystemExit(f"unknown captionkit variant {unknown[0]!r}: use "
+                             f"{', '.join(VARIANTS[1:])}, batch-N or workers-N, joined by +")
+        quantize = "int8" if "int8" in modes else None
         # int8 runs on the CPU from float32 weights, whatever device and dtype the others use
         load_options = (LoadOptions(device="cpu", quantize=quantize) if quantize
                         else LoadOptions(device=str(device), dtype=str(dtype).split(".")[1]))
         self.captioner = load(str(path), load_options)
         self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
-        self.full_decode = variant == "full-decode"
+        self.full_decode = "full-decode" in modes
         self.batch_size, self.workers = sized.get("batch"), sized.get("workers")
         self.out = work / "captionkit-out"
 
@@ -362,7 +364,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=[],
                         help="comma-separated opt-in captionkit modes, each a contender: "
                              "int8 (--quantize int8), full-decode (--full-decode), "
-                             "batch-N (--batch-size N), workers-N (--workers N)")
+                             "batch-N (--batch-size N), workers-N (--workers N); "
+                             "join modes with + (batch-32+workers-8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--work", default=str(common.DEFAULT_WORK), help="models and images are kept here")

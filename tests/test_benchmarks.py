@@ -32,11 +32,11 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_throughput_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
     run_script("throughput.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
-               "--variants", "int8,full-decode", cwd=tmp_path)
+               "--variants", "int8,full-decode,batch-2+workers-1", cwd=tmp_path)
     result = json.loads(out.read_text())
     assert result["settings"]["dtype"] == "float32" and result["settings"]["images"] == 3
     assert set(result["contenders"]) == {"naive", "pipeline-8", "captionkit", "captionkit-int8",
-                                         "captionkit-full-decode"}
+                                         "captionkit-full-decode", "captionkit-batch-2+workers-1"}
     for row in result["contenders"].values():
         assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
         assert len(row["runs"]) == 1 and row["ratio_to_naive"] > 0
@@ -44,12 +44,28 @@ def test_throughput_quick_runs_end_to_end(tmp_path):
     assert result["contenders"]["captionkit"]["identical_to_naive"] == 1.0
     assert result["captions"]["captionkit"] == result["captions"]["naive"]
     assert result["captions"]["captionkit-full-decode"] == result["captions"]["naive"]
+    assert result["captions"]["captionkit-batch-2+workers-1"] == result["captions"]["naive"]
     assert all(result["captions"]["captionkit-int8"])
     assert result["summary"]["captionkit-int8_vs_naive"] > 0
     assert all(result["captions"]["naive"])
     summary = result["summary"]
     assert summary["matmul_peak_gflops"] > 0 and result["model"]["flops_per_image"] > 0
     assert 0 < summary["captionkit_fraction_of_peak"] < 1
+
+
+def test_throughput_reports_agreement_with_another_dtypes_captions(tmp_path):
+    """How bf16 and fp16 runs (the GPU's) report their share of float32's captions."""
+    work, float32, bfloat16 = tmp_path / "work", tmp_path / "float32.json", tmp_path / "bfloat16.json"
+    run_script("throughput.py", "--quick", "--no-memory", "--work", str(work), "--out", str(float32),
+               cwd=tmp_path)
+    done = run_script("throughput.py", "--quick", "--no-memory", "--dtype", "bfloat16", "--work", str(work),
+                      "--compare-to", str(float32), "--out", str(bfloat16), cwd=tmp_path)
+    result = json.loads(bfloat16.read_text())
+    reference = json.loads(float32.read_text())["captions"]["naive"]
+    for name, row in result["contenders"].items():
+        same = sum(a == b for a, b in zip(result["captions"][name], reference, strict=True))
+        assert row["identical_to_float32_naive"] == same / len(reference)
+    assert "same as float32 naive" in done.stdout
 
 
 def test_decode_quick_runs_end_to_end(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from captionkit.options import GenerationOptions
-from captionkit.pipeline import Pipeline, RunOptions
+from captionkit.pipeline import Pipeline, RunOptions, default_batch_size
 
 GEN = GenerationOptions(max_new_tokens=6)
 
@@ -138,6 +138,13 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(captioner, photo_dir, 
     assert flaky.batch_sizes[:3] == [8, 4, 2] and max(flaky.batch_sizes[2:]) == 2
     run(captioner, [photo_dir], tmp_path / "plain", batch_size=8)
     assert captions_txt(tmp_path / "out") == captions_txt(tmp_path / "plain")
+
+
+def test_default_batch_size_follows_the_device(captioner):
+    # 16 on a CPU; 64 on CUDA, where out-of-memory halves it (above) for models that need less
+    assert captioner.device.type == "cpu" and default_batch_size(captioner) == 16
+    on_gpu = type("OnGpu", (), {"device": torch.device("cuda")})()
+    assert default_batch_size(on_gpu) == 64
 
 
 def test_non_utf8_file_names_go_all_the_way_through(captioner, photo_dir, tmp_path):
