@@ -2,7 +2,7 @@
 # The CUDA half of benchmarks/RESULTS.md, in three parts that each fit a 10-minute slot:
 #   bash benchmarks/gpu.sh OUT_DIR blip-base-float32   # the float32 reference captions
 #   bash benchmarks/gpu.sh OUT_DIR blip-base-bfloat16  # captionkit's default dtype on a GPU
-#   bash benchmarks/gpu.sh OUT_DIR blip2               # BLIP-2 OPT-2.7b (3.9B) in bfloat16
+#   bash benchmarks/gpu.sh OUT_DIR blip2               # BLIP-2 OPT-2.7b (3.7B) in bfloat16
 # Each writes OUT_DIR/PART.json and OUT_DIR/PART.log. PYTHON picks the interpreter (python3).
 set -euo pipefail
 out=${1:?usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2}

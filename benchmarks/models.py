@@ -174,7 +174,7 @@ def _blip2(name: str):
                     pad_token_id=eos)
     config = Blip2Config(vision_config=vision, text_config=opt.to_dict(), num_query_tokens=32,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    # 3.9B parameters: built in bfloat16, on the GPU when there is one (random init of 3.9B
+    # 3.7B parameters: built in bfloat16, on the GPU when there is one (random init of 3.7B
     # weights takes minutes on a CPU, seconds on a GPU).
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
