@@ -108,7 +108,7 @@ class Captionkit:
         from captionkit.options import GenerationOptions, LoadOptions
 
         modes = variant.split("+")  # "batch-32+workers-8": both at once
-        sized = dict(pair for mode in modes for pair in _sized(mode) or ())
+        sized = dict(filter(None, map(_sized, modes)))
         unknown = [mode for mode in modes if mode not in VARIANTS and not _sized(mode)]
         if unknown:
             raise SystemExit(f"unknown captionkit variant {unknown[0]!r}: use "
@@ -137,10 +137,10 @@ class Captionkit:
         return [by_path[str(path.resolve())] for path in paths]
 
 
-def _sized(variant: str) -> tuple[tuple[str, int]] | None:
-    """("batch", 64) for "batch-64"; None for anything else."""
-    kind, _, number = variant.partition("-")
-    return ((kind, int(number)),) if kind in SIZED_VARIANTS and number.isdigit() else None
+def _sized(mode: str) -> tuple[str, int] | None:
+    """("batch", 64) for "batch-64"; None for any other mode."""
+    kind, _, number = mode.partition("-")
+    return (kind, int(number)) if kind in SIZED_VARIANTS and number.isdigit() else None
 
 
 def make_contender(name: str, path: Path, device: torch.device, dtype: torch.dtype, work: Path):

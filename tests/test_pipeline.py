@@ -141,7 +141,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(captioner, photo_dir, 
 
 
 def test_default_batch_size_follows_the_device(captioner):
-    # 16 on a CPU; 64 on CUDA, where out-of-memory halves it (above) for models that need less
+    # 16 on a CPU; 64 on CUDA, halved on out-of-memory (above) for models too big for it
     assert captioner.device.type == "cpu" and default_batch_size(captioner) == 16
     on_gpu = type("OnGpu", (), {"device": torch.device("cuda")})()
     assert default_batch_size(on_gpu) == 64
