@@ -30,9 +30,21 @@ def test_record_and_read_back_with_non_utf8_paths(tmp_path):
     back = list(store.results("m#1"))
     assert [r.path for r in back] == [tmp_path / "b.jpg", odd]
     assert back[1].extras == {"score": 0.5}
-    assert store.captions_by_hash("m#1") == {"h1": ("a cat", {"score": 0.5})}
+    assert store.captions_by_content("m#1") == {("h1", None): ("a cat", {"score": 0.5})}
     assert set(store.previous("m#1")) == {os.fsencode(odd), os.fsencode(tmp_path / "b.jpg")}
     assert store.latest_options_key() == "m#1"
+
+
+def test_identical_files_asked_different_prompts_keep_both_captions(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    run = store.start_run("m", "m#1", {})
+    asked = {"a.jpg": "what is it?", "copy of a.jpg": "what colour is it?", "b.jpg": None}
+    store.record([Result(path=tmp_path / name, name=name, status="done", caption=f"answer to {prompt}",
+                         extras={"prompt": prompt} if prompt else {}, hash="same bytes", model_id="m")
+                  for name, prompt in asked.items()], "m#1", run)
+    assert store.captions_by_content("m#1") == {
+        ("same bytes", prompt): (f"answer to {prompt}", {"prompt": prompt} if prompt else {})
+        for prompt in asked.values()}
 
 
 def test_results_of_other_option_sets_are_separate(tmp_path):

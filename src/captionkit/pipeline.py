@@ -259,8 +259,7 @@ class Pipeline:
 
     def _caption_all(self, items: list[_Item], store: Store, run_id: int,
                      summary: RunSummary) -> None:
-        self._known = {(digest, extras.get("prompt")): (text, extras)
-                       for digest, (text, extras) in store.captions_by_hash(self.key).items()}
+        self._known = store.captions_by_content(self.key)
         with _progress(len(items), self.options.progress) as advance:
             batch: list[_Item] = []
             for item in self._decoded(items):

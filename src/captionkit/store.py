@@ -107,11 +107,16 @@ class Store:
                                "WHERE options_key = ?", (options_key,))
         return {bytes(row["path"]): row for row in rows}
 
-    def captions_by_hash(self, options_key: str) -> dict[str, tuple[str, dict]]:
-        """Finished captions by content hash, so identical files are captioned once."""
+    def captions_by_content(self, options_key: str) -> dict[tuple[str, str | None], tuple[str, dict]]:
+        """Finished captions by (content hash, the image's own prompt), so identical files asked
+        the same thing are captioned once."""
         rows = self.db.execute("SELECT hash, caption, extras FROM results WHERE options_key = ? "
                                "AND status = 'done' AND hash IS NOT NULL", (options_key,))
-        return {row["hash"]: (row["caption"], extras_of(row)) for row in rows}
+        found = {}
+        for row in rows:
+            extras = extras_of(row)
+            found[row["hash"], extras.get("prompt")] = (row["caption"], extras)
+        return found
 
     def record(self, results: Iterable[Result], options_key: str, run_id: int) -> None:
         """Write a batch in one transaction: after a crash it is either all there or absent."""
