@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu.sh OUT_DIR blip2               # BLIP-2 OPT-2.7b (3.7B) in bfloat16
 # Each writes OUT_DIR/PART.json and OUT_DIR/PART.log. PYTHON picks the interpreter (python3).
 set -euo pipefail
-out=${1:?usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2}
-part=${2:?usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2}
+usage="usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2"
+out=${1:?$usage}
+part=${2:?$usage}
 python=${PYTHON:-python3}
 throughput="$(dirname "$0")/throughput.py"
 mkdir -p "$out"
@@ -19,7 +20,7 @@ case $part in
           --variants batch-32,workers-16 --compare-to "$out/blip-base-float32.json") ;;
   blip2)
     args=(--model blip2-opt-2.7b --dtype bfloat16 --images 64 --pipeline-batch-sizes 8,32) ;;
-  *) echo "unknown part $part" >&2; exit 2 ;;
+  *) echo "unknown part $part; $usage" >&2; exit 2 ;;
 esac
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" "$throughput" --device cuda "${args[@]}" --out "$out/$part.json" 2>&1 | tee "$out/$part.log"
