@@ -83,13 +83,35 @@ def test_allocator_quick_runs_every_setting(tmp_path):
     out = tmp_path / "allocator.json"
     run_script("allocator.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
     rows = json.loads(out.read_text())["results"]
-    assert list(rows) == ["captionkit", "batched-1mib", "one-at-a-time-1mib", "batched-glibc"]
+    assert list(rows) == ["captionkit", "batched-1mib", "one-at-a-time-1mib", "batched-glibc", "kept-32mib"]
     for row in rows.values():
         assert row["images_per_second"] > 0 and row["peak_rss_mb"] > 0
         assert row["page_faults_per_image"] > 0
         # where memory comes from never changes a caption
         assert row["same_captions_as_first"] is True
 
+
+
+@pytest.mark.parametrize(("model", "encoders"), [
+    ("blip-base", ["encoder vision_model"]),
+    ("blip2-opt-2.7b", ["encoder vision_model", "encoder qformer"]),
+    ("vit-gpt2", ["encoder encoder"]),
+    ("git-base", ["encoder git.image_encoder"]),
+])
+def test_breakdown_accounts_for_a_whole_batch(tmp_path, model, encoders):
+    out = tmp_path / "breakdown.json"
+    run_script("breakdown.py", "--quick", "--model", model, "--work", str(tmp_path / "work"),
+               "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    stages = result["seconds_per_batch"]
+    assert list(stages) == ["processor", *encoders, "decoder, first call",
+                            "decoder, later steps (x19)", "rest", "total"]
+    # every stage was seen, and the stages add up to the batch's wall time
+    assert all(stages[name] > 0 for name in stages if name != "rest")
+    assert stages["rest"] >= 0
+    assert sum(stages[name] for name in stages if name != "total") == pytest.approx(stages["total"])
+    assert result["settings"]["batch"] == 2 and "gpu_busy_share" not in result
+    assert result["page_faults_per_batch"] >= 0
 
 def test_batch_captions_equal_single_captions_in_float32(blip_dir, photos):
     captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
