@@ -127,7 +127,7 @@ def gpu_busy_share(captioner, images: list) -> float:
         captioner.caption(images, generation)
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    kernels = sum(event.device_time for event in prof.events()
+    kernels = sum(event.device_time_total for event in prof.events()
                   if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     return kernels / wall
 
