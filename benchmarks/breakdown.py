@@ -4,7 +4,7 @@ Times one `captioner.caption` batch (the call the pipeline makes) with forward h
 family's modules, synchronizing the GPU at each boundary so every stage's wall time is its own:
 
   processor             the model's processor, images to tensors (host);
-  vision encoder ...    each encoder module the family runs once per batch;
+  encoder MODULE        each encoder module the family runs once per batch (`STAGES`);
   decoder, first call   the first decoding step, with the cross-attention caches it builds;
   decoder, later steps  every later step, one token for the whole batch each;
   rest                  what no hook covers: `generate`'s loop, logits processing, the tokenizer.
@@ -175,18 +175,17 @@ def main() -> None:
     if args.quick:
         args.batch, args.runs = 2, 1
     device, dtype = resolve(args)
-    captioner = load(str(model_path(args)), LoadOptions(device=str(device), dtype=str(dtype).split(".")[1],
+    dtype_name = str(dtype).removeprefix("torch.")
+    captioner = load(str(model_path(args)), LoadOptions(device=str(device), dtype=dtype_name,
                                                         quantize=args.quantize))
-    batch = args.batch or default_batch_size(captioner)
-    args.images = batch
-    images = [load_image(path, captioner.input_size) for path in image_paths(args)][:batch]
+    args.images = args.batch or default_batch_size(captioner)  # what image_paths makes
+    images = [load_image(path, captioner.input_size) for path in image_paths(args)]
+    seconds, faults = measure(captioner, images, args.runs, device)
     result = {"machine": common.machine(device),
               "settings": {"model": args.model, "batch": len(images), "tokens": TOKENS,
-                           "dtype": str(dtype).split(".")[1], "quantize": args.quantize,
+                           "dtype": dtype_name, "quantize": args.quantize,
                            "runs": args.runs, "quick": args.quick},
-              "seconds_per_batch": {}}
-    result["seconds_per_batch"], result["page_faults_per_batch"] = measure(captioner, images, args.runs,
-                                                                           device)
+              "seconds_per_batch": seconds, "page_faults_per_batch": faults}
     if device.type == "cuda":
         result["gpu_busy_share"] = gpu_busy_share(captioner, images)
     print_table(result)
