@@ -69,11 +69,9 @@ def submodule(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
     return model
 
 
-def measure(captioner, images: list, runs: int, device: torch.device) -> tuple[dict, float]:
+def measure(captioner, images: list, generation, runs: int, device: torch.device) -> tuple[dict, float]:
     """Median seconds per stage over `runs` batches, after one warm-up batch, and the median
     number of page faults a batch took (memory fresh from the OS, a fault per 4 KiB)."""
-    from captionkit.options import GenerationOptions
-
     model = captioner.model
     encoders, decoder = STAGES[model.config.model_type]
     clock = StageClock(device)
@@ -89,7 +87,6 @@ def measure(captioner, images: list, runs: int, device: torch.device) -> tuple[d
         return inputs
 
     captioner.encode = timed_encode
-    generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
     per_run, faults = [], []
     for run in range(runs + 1):
         clock.seconds.clear()
@@ -114,13 +111,10 @@ def measure(captioner, images: list, runs: int, device: torch.device) -> tuple[d
             common.median(faults))
 
 
-def gpu_busy_share(captioner, images: list) -> float:
+def gpu_busy_share(captioner, images: list, generation) -> float:
     """Share of one batch's wall time the GPU spent running kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from captionkit.options import GenerationOptions
-
-    generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         started = time.perf_counter()
@@ -165,7 +159,7 @@ def main() -> None:
 
     from captionkit.device import set_malloc_thresholds
     from captionkit.models import load
-    from captionkit.options import LoadOptions
+    from captionkit.options import GenerationOptions, LoadOptions
     from captionkit.pipeline import default_batch_size
     from captionkit.sources import load_image
 
@@ -180,14 +174,15 @@ def main() -> None:
                                                         quantize=args.quantize))
     args.images = args.batch or default_batch_size(captioner)  # what image_paths makes
     images = [load_image(path, captioner.input_size) for path in image_paths(args)]
-    seconds, faults = measure(captioner, images, args.runs, device)
+    generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    seconds, faults = measure(captioner, images, generation, args.runs, device)
     result = {"machine": common.machine(device),
               "settings": {"model": args.model, "batch": len(images), "tokens": TOKENS,
                            "dtype": dtype_name, "quantize": args.quantize,
                            "runs": args.runs, "quick": args.quick},
               "seconds_per_batch": seconds, "page_faults_per_batch": faults}
     if device.type == "cuda":
-        result["gpu_busy_share"] = gpu_busy_share(captioner, images)
+        result["gpu_busy_share"] = gpu_busy_share(captioner, images, generation)
     print_table(result)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

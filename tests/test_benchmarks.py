@@ -91,7 +91,6 @@ def test_allocator_quick_runs_every_setting(tmp_path):
         assert row["same_captions_as_first"] is True
 
 
-
 @pytest.mark.parametrize(("model", "encoders"), [
     ("blip-base", ["encoder vision_model"]),
     ("blip2-opt-2.7b", ["encoder vision_model", "encoder qformer"]),
@@ -112,6 +111,7 @@ def test_breakdown_accounts_for_a_whole_batch(tmp_path, model, encoders):
     assert sum(stages[name] for name in stages if name != "total") == pytest.approx(stages["total"])
     assert result["settings"]["batch"] == 2 and "gpu_busy_share" not in result
     assert result["page_faults_per_batch"] >= 0
+
 
 def test_batch_captions_equal_single_captions_in_float32(blip_dir, photos):
     captioner = load(str(blip_dir), LoadOptions(device="cpu", dtype="float32"))
