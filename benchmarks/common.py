@@ -23,7 +23,8 @@ def machine(device: torch.device) -> dict:
 
     from captionkit.device import cpu_has_fast_bf16
 
-    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cpus": _usable_cpus(),
+            "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_fast_bf16": cpu_has_fast_bf16(), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
@@ -31,6 +32,11 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _usable_cpus() -> int | None:
+    """The CPUs this process may run on (fewer than `cores` under taskset or a cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _cpu_name() -> str:

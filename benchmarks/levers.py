@@ -11,7 +11,8 @@ Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-
            captionkit's stacking of equal-length prompts into one call.
 Every variant but `threads`'s workers sees the same decoded images; captions are compared with
 the reference's, since a lever that changes captions is only acceptable as an opt-in. JPEG draft
-decoding is measured by decode.py.
+decoding is measured by decode.py. `--dtype bfloat16` runs every group but dtype in bf16 (for CPUs
+with AMX); `--quick` runs a tiny model on 4 images once (CI).
 
     python benchmarks/levers.py batch --out benchmarks/results/levers-batch.json
 """
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import images  # noqa: E402
 import models  # noqa: E402
-from throughput import GENERATE, TOKENS  # noqa: E402
+from throughput import GENERATE, QUICK_THUMBNAIL, TOKENS, weights_dtype  # noqa: E402
 
 from captionkit import sources  # noqa: E402
 from captionkit.device import quantize_int8  # noqa: E402
@@ -87,7 +88,7 @@ def compare(variants: dict[str, Callable], pictures: list, runs: int) -> dict:
 
 
 def group_batch(path: Path, pictures: list, args) -> dict:
-    captioner = captioner_for(path)
+    captioner = captioner_for(path, args.dtype)
     batched(captioner, BATCH)(pictures[:BATCH])
     return compare({f"batch {n}": batched(captioner, n) for n in args.batch_sizes}, pictures, args.runs)
 
@@ -117,8 +118,8 @@ def group_dtype(path: Path, pictures: list, args) -> dict:
 
 
 def group_compile(path: Path, pictures: list, args) -> dict:
-    eager = captioner_for(path)
-    compiled = captioner_for(path)
+    eager = captioner_for(path, args.dtype)
+    compiled = captioner_for(path, args.dtype)
     compiled.model.vision_model.compile()
     batched(eager, BATCH)(pictures[:BATCH])
     started = time.perf_counter()
@@ -130,14 +131,15 @@ def group_compile(path: Path, pictures: list, args) -> dict:
     compile_seconds = first_batch - BATCH / rows["compiled vision encoder"]["images_per_second"]
     rows["compile"] = {"first_batch_seconds": first_batch, "compile_seconds": compile_seconds,
                        "seconds_saved_per_image": gained,
-                       "break_even_images": compile_seconds / gained if gained > 0 else None}
+                       "break_even_images": compile_seconds / gained if gained > 0 else None,
+                       "weights": weights_dtype(compiled.model)}
     return rows
 
 
 def group_threads(path: Path, pictures: list, args) -> dict:
     from captionkit.pipeline import Pipeline, RunOptions
 
-    captioner = captioner_for(path)
+    captioner = captioner_for(path, args.dtype)
     cores = torch.get_num_threads()
 
     def threads(count: int):
@@ -171,8 +173,8 @@ def group_attention(path: Path, pictures: list, args) -> dict:
     """captionkit's fused vision attention against transformers' eager one; what else loads."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    fused = captioner_for(path)
-    eager = captioner_for(path)
+    fused = captioner_for(path, args.dtype)
+    eager = captioner_for(path, args.dtype)
     for layer in eager.model.vision_model.encoder.layers:
         vars(layer.self_attn).pop("forward", None)
     for captioner in (fused, eager):
@@ -181,12 +183,14 @@ def group_attention(path: Path, pictures: list, args) -> dict:
                     "eager vision attention": batched(eager, BATCH)}, pictures, args.runs)
     processor = AutoProcessor.from_pretrained(path)
     inputs = processor(images=pictures[:BATCH], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
     for name, load_kwargs, generate_kwargs in [
         ("transformers attn_implementation=sdpa", {"attn_implementation": "sdpa"}, {}),
         ("static cache", {}, {"cache_implementation": "static"}),
     ]:
         try:
-            model = AutoModelForImageTextToText.from_pretrained(path, **load_kwargs).eval()
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, args.dtype),
+                                                                **load_kwargs).eval()
             with torch.inference_mode():
                 model.generate(**inputs, **GENERATE, **generate_kwargs)
                 started = time.perf_counter()
@@ -202,7 +206,7 @@ def group_attention(path: Path, pictures: list, args) -> dict:
 def group_prompts(path: Path, pictures: list, args) -> dict:
     """Per-image prompts (as from --prompt-file): one generate call per distinct prompt, against
     captionkit's stacking of equal-length prompts into one call."""
-    captioner = captioner_for(path)
+    captioner = captioner_for(path, args.dtype)
     vocabulary = models.words(200)[100:]
     # 8 distinct prompts of 3 or 4 words, each image asked one of them, as a question file would
     distinct = [" ".join(vocabulary[i * 4:i * 4 + 3 + i % 2]) for i in range(8)]
@@ -239,6 +243,8 @@ GROUPS = {"batch": group_batch, "dtype": group_dtype, "compile": group_compile,
 
 
 def image_paths(args) -> list[Path]:
+    if args.quick:
+        return images.make_folder(Path(args.work) / "images-quick", args.images, thumbnail=QUICK_THUMBNAIL)
     return images.make_folder(Path(args.work) / "images", args.images)
 
 
@@ -251,19 +257,26 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch-sizes", type=lambda s: [int(n) for n in s.split(",")],
                         default=[8, 1, 4, 16, 32], help="for the batch group; the first is the reference")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the captioners' dtype in every group but dtype, which compares dtypes")
     parser.add_argument("--work", default=str(common.DEFAULT_WORK))
+    parser.add_argument("--quick", action="store_true", help="tiny model, 4 images, 1 run (CI)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.runs = 4, 1
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    path = models.build(args.model, Path(args.work) / "models" / f"{args.model}-full")
+    size = "tiny" if args.quick else "full"
+    path = models.build(args.model, Path(args.work) / "models" / f"{args.model}-{size}", quick=args.quick)
     captioner = captioner_for(path)
     pictures = [sources.load_image(p, captioner.input_size) for p in image_paths(args)]
     del captioner
     result = {"machine": common.machine(torch.device("cpu")), "group": args.group, "model": args.model,
-              "images": len(pictures), "runs": args.runs, "generate": GENERATE,
+              "dtype": args.dtype, "size": size, "images": len(pictures), "runs": args.runs,
+              "generate": GENERATE,
               "results": GROUPS[args.group](path, pictures, args)}
     result["machine"]["load_average_after"] = os.getloadavg()
     print(json.dumps(result["results"], indent=1))

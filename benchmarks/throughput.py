@@ -87,6 +87,7 @@ class HFPipeline:
         self.name = f"pipeline-{batch_size}"
         self.batch_size = batch_size
         self.pipe = pipeline("image-text-to-text", model=str(path), device=device, dtype=dtype)
+        self.model = self.pipe.model
         if self.pipe.tokenizer.pad_token is None:  # what its error message tells users to do
             self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
 
@@ -118,6 +119,7 @@ class Captionkit:
         load_options = (LoadOptions(device="cpu", quantize=quantize) if quantize
                         else LoadOptions(device=str(device), dtype=str(dtype).split(".")[1]))
         self.captioner = load(str(path), load_options)
+        self.model = self.captioner.model
         self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
         self.full_decode = "full-decode" in modes
         self.batch_size, self.workers = sized.get("batch"), sized.get("workers")
@@ -143,9 +145,10 @@ def _sized(mode: str) -> tuple[str, int] | None:
     return (kind, int(number)) if kind in SIZED_VARIANTS and number.isdigit() else None
 
 
-def make_contender(name: str, path: Path, device: torch.device, dtype: torch.dtype, work: Path):
+def make_contender(name: str, path: Path, device: torch.device, dtype: torch.dtype, work: Path,
+                   naive_dtype: torch.dtype | None = None):
     if name == "naive":
-        return Naive(path, device, dtype)
+        return Naive(path, device, naive_dtype or dtype)
     if name.startswith("captionkit"):
         return Captionkit(path, device, dtype, work, name.removeprefix("captionkit").removeprefix("-"))
     return HFPipeline(path, device, dtype, int(name.split("-")[1]))
@@ -163,7 +166,8 @@ def memory_child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: load one contender, caption every image once, print memory."""
     device, dtype = resolve(args)
     paths = image_paths(args)
-    contender = make_contender(args.memory_child, model_path(args), device, dtype, Path(args.child_work))
+    contender = make_contender(args.memory_child, model_path(args), device, dtype, Path(args.child_work),
+                               baseline_dtype(args, device))
     after_load = common.rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,6 +200,13 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, pick_dtype(args.dtype, device)
 
 
+def baseline_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The naive loop's own dtype when `--naive-dtype` sets one (a plain script runs float32)."""
+    from captionkit.device import pick_dtype
+
+    return pick_dtype(args.naive_dtype, device) if args.naive_dtype else None
+
+
 def model_path(args: argparse.Namespace) -> Path:
     size = "tiny" if args.quick else "full"
     return models.build(args.model, Path(args.work) / "models" / f"{args.model}-{size}", quick=args.quick)
@@ -226,6 +237,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     device, dtype = resolve(args)
+    baseline = baseline_dtype(args, device)
     path = model_path(args)
     paths = image_paths(args)
     names = ["naive", *(f"pipeline-{n}" for n in args.pipeline_batch_sizes), "captionkit",
@@ -235,11 +247,12 @@ def main() -> None:
     result: dict = {"machine": common.machine(device), "settings": {
         "model": args.model, "architecture_of": models.FULL[args.model],
         "size": "tiny" if args.quick else "full", "images": len(paths), "runs": args.runs,
-        "dtype": str(dtype).split(".")[1], "generate": GENERATE, "quick": args.quick}}
+        "dtype": str(dtype).split(".")[1], "naive_dtype": str(baseline or dtype).split(".")[1],
+        "generate": GENERATE, "quick": args.quick}}
     contenders, result["unavailable"] = {}, {}
     for name in names:
         try:
-            contenders[name] = make_contender(name, path, device, dtype, work)
+            contenders[name] = make_contender(name, path, device, dtype, work, baseline)
         except (TypeError, ValueError) as err:  # transformers has no pipeline for some families
             if not name.startswith("pipeline-"):
                 raise
@@ -252,6 +265,7 @@ def main() -> None:
                        "flops_method": "torch.utils.flop_counter over one 20-token generate at batch 1"}
     result["settings"]["captionkit_batch_size"] = _captionkit_batch_size(contenders["captionkit"])
 
+    weights = {name: weights_dtype(contender.model) for name, contender in contenders.items()}
     warmup = paths[:args.warmup]
     for contender in contenders.values():
         contender(warmup)
@@ -273,7 +287,8 @@ def main() -> None:
         same = sum(a == b for a, b in zip(captions[name][0], reference, strict=True))
         rows[name] = {"images_per_second": common.median(rates), "runs": rates,
                       "identical_to_naive": same / len(reference),
-                      "stable_across_runs": all(c == captions[name][0] for c in captions[name])}
+                      "stable_across_runs": all(c == captions[name][0] for c in captions[name]),
+                      "weights": weights[name]}
     memory = {} if args.no_memory else measure_memory(names)
     for name in names:
         rows[name]["ratio_to_naive"] = rows[name]["images_per_second"] / rows["naive"]["images_per_second"]
@@ -293,6 +308,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def weights_dtype(model: torch.nn.Module) -> str:
+    """The dtype the model's floating-point weights were loaded in (what actually ran)."""
+    return str(next(p.dtype for p in model.parameters() if p.is_floating_point())).split(".")[1]
+
+
 def _captionkit_batch_size(contender: Captionkit) -> int:
     from captionkit.pipeline import default_batch_size
 
@@ -303,10 +323,11 @@ def compare_captions(rows: dict, captions: dict, files: list[str], other: Path) 
     """Each contender's agreement with another result's naive captions (say, float32's)."""
     earlier = json.loads(other.read_text())
     reference = dict(zip(earlier["captions"]["files"], earlier["captions"]["naive"], strict=True))
+    naive_in = earlier["settings"].get("naive_dtype", earlier["settings"]["dtype"])
     shared = [index for index, name in enumerate(files) if name in reference]
     for name, row in rows.items():
         same = sum(captions[name][0][i] == reference[files[i]] for i in shared)
-        row[f"identical_to_{earlier['settings']['dtype']}_naive"] = same / max(1, len(shared))
+        row[f"identical_to_{naive_in}_naive"] = same / max(1, len(shared))
 
 
 def summarize(rows: dict, best_pipeline: str | None, flops: int, peak: float) -> dict:
@@ -330,7 +351,9 @@ def summarize(rows: dict, best_pipeline: str | None, flops: int, peak: float) ->
 
 def print_table(result: dict) -> None:
     settings, summary, rows = result["settings"], result["summary"], result["contenders"]
-    print(f"\n{settings['model']} ({settings['size']}), {settings['images']} images, {settings['dtype']}, "
+    naive_in = settings.get("naive_dtype", settings["dtype"])
+    dtypes = settings["dtype"] + (f" (naive in {naive_in})" if naive_in != settings["dtype"] else "")
+    print(f"\n{settings['model']} ({settings['size']}), {settings['images']} images, {dtypes}, "
           f"{TOKENS} tokens, median of {settings['runs']} runs on {result['machine']['device']}")
     # columns only some runs have: GPU memory, agreement with another dtype's naive captions
     extra = sorted({key for row in rows.values() for key in row if key == "peak_gpu_mb"
@@ -368,6 +391,8 @@ def parse_args() -> argparse.Namespace:
                              "join modes with + (batch-32+workers-8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--naive-dtype", help="run the naive loop in this dtype instead (float32: what a "
+                        "plain script does, against captionkit's --dtype auto on a bf16 CPU)")
     parser.add_argument("--work", default=str(common.DEFAULT_WORK), help="models and images are kept here")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--compare-to", help="a float32 result JSON: also report agreement with its "

@@ -66,6 +66,19 @@ def test_throughput_reports_agreement_with_another_dtypes_captions(tmp_path):
         same = sum(a == b for a, b in zip(result["captions"][name], reference, strict=True))
         assert row["identical_to_float32_naive"] == same / len(reference)
     assert "same as float32 naive" in done.stdout
+    assert {row["weights"] for row in result["contenders"].values()} == {"bfloat16"}
+
+
+def test_throughput_runs_the_naive_loop_in_its_own_dtype(tmp_path):
+    """On a bf16 CPU captionkit's default (bf16) is measured against the float32 script users run."""
+    mixed = tmp_path / "mixed.json"
+    done = run_script("throughput.py", "--quick", "--no-memory", "--dtype", "bfloat16", "--naive-dtype",
+                      "float32", "--work", str(tmp_path / "work"), "--out", str(mixed), cwd=tmp_path)
+    result = json.loads(mixed.read_text())
+    assert result["settings"]["dtype"] == "bfloat16" and result["settings"]["naive_dtype"] == "float32"
+    weights = {name: row["weights"] for name, row in result["contenders"].items()}
+    assert weights == {"naive": "float32", "pipeline-8": "bfloat16", "captionkit": "bfloat16"}
+    assert "bfloat16 (naive in float32)" in done.stdout
 
 
 def test_decode_quick_runs_end_to_end(tmp_path):
@@ -89,6 +102,19 @@ def test_allocator_quick_runs_every_setting(tmp_path):
         assert row["page_faults_per_image"] > 0
         # where memory comes from never changes a caption
         assert row["same_captions_as_first"] is True
+
+
+def test_levers_quick_measures_compile_in_the_dtype_asked(tmp_path):
+    out = tmp_path / "compile.json"
+    run_script("levers.py", "compile", "--quick", "--dtype", "bfloat16", "--work", str(tmp_path / "work"),
+               "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and result["size"] == "tiny" and result["images"] == 4
+    rows = result["results"]
+    assert rows["eager"]["images_per_second"] > 0 and rows["compiled vision encoder"]["images_per_second"] > 0
+    # the compile time is the first batch's excess over a steady one
+    assert 0 < rows["compile"]["compile_seconds"] < rows["compile"]["first_batch_seconds"]
+    assert rows["compile"]["weights"] == "bfloat16"
 
 
 @pytest.mark.parametrize(("model", "encoders"), [

@@ -147,6 +147,17 @@ def test_default_batch_size_follows_the_device(captioner):
     assert default_batch_size(on_gpu) == 64
 
 
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs util-linux's taskset")
+def test_default_workers_follow_the_cpus_this_process_may_use():
+    # under `taskset -c 0` (as under a container's cpuset) one CPU is usable, whatever the machine has
+    code = "from captionkit.pipeline import default_workers; print(default_workers())"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code],
+                            capture_output=True, text=True, check=True)
+    assert int(pinned.stdout) == 3
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(free.stdout) == min(8, len(os.sched_getaffinity(0)) + 2)
+
+
 def test_non_utf8_file_names_go_all_the_way_through(captioner, photo_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()

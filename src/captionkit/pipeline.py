@@ -131,6 +131,19 @@ def default_batch_size(captioner: Captioner) -> int:
     return 64 if getattr(device, "type", "cpu") == "cuda" else 16
 
 
+def default_workers() -> int:
+    """Decoding threads: the CPUs this process may run on, plus two to cover file reads, at most 8.
+
+    The CPUs this process may use, not the machine's: under `taskset` or a container's cpuset,
+    threads for every core would only take turns on the allowed ones (as torch's own threads know).
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        usable = os.cpu_count() or 2
+    return min(8, usable + 2)
+
+
 def options_key(captioner: Captioner, generation: GenerationOptions,
                 scorer: ClipScorer | None = None) -> str:
     """Results are only reused for the same model, generation options and scorer."""
@@ -242,7 +255,7 @@ class Pipeline:
 
     def _decoded(self, items: list[_Item]) -> Iterator[_Item]:
         """Decoded items in order, with a bounded number decoding ahead of the model."""
-        workers = self.options.workers or min(8, (os.cpu_count() or 2) + 2)
+        workers = self.options.workers or default_workers()
         ahead = max(2 * self.batch_size, workers)
         with ThreadPoolExecutor(workers, thread_name_prefix="captionkit-decode") as pool:
             queue: deque[Future[_Item]] = deque()
