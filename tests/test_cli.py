@@ -54,6 +54,24 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     proc = captionkit("caption", tmp_path / "nope", "-o", tmp_path, "--model", "objects",
                       check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    proc = captionkit("caption", photo_dir, "-o", taken, "--model", "objects", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert f"{taken}: cannot create this output folder: {taken} is a file" in proc.stderr
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["caption"], "Missing argument 'inputs'"),
+    (["caption", "photos", "--no-such-option"], "No such option: --no-such-option"),
+    (["caption", "photos", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_bad_command_lines_get_the_usage_line_and_exit_code_2(args, said):
+    proc = captionkit(*args, check=False)
+    assert proc.returncode == 2 and said in proc.stderr and "Usage: " in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_inputs_from_stdin_and_export(blip_dir, photo_dir, tmp_path):

@@ -279,7 +279,7 @@ def caption(
 ) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
-    from captionkit.exporters import parse_formats
+    from captionkit.exporters import make_output_dir, parse_formats
     from captionkit.gate import GateOptions, load_scorer
     from captionkit.models import choose_auto, load
     from captionkit.options import GenerationOptions, LoadOptions
@@ -329,6 +329,7 @@ def caption(
         prompt_file=prompt_file,
         draw_boxes=draw_boxes,
     )
+    make_output_dir(output_dir)  # a file in the way is reported before any model loads
     if model == "auto":
         model, reason = choose_auto()
         console.print(f"model: {reason}")
@@ -639,10 +640,18 @@ def main() -> None:
         console.print("interrupted: finished batches are saved; run the same command to resume")
         sys.exit(130)
     except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+        if not (isinstance(err, _usage_errors()) and hasattr(err, "show")):
+            raise
+        err.show()  # the usage line and what was wrong with the command line
+        sys.exit(err.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What a bad command line raises: typer >= 0.29 raises its own copy of click's exceptions."""
+    kinds: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+    except ImportError:  # typer >= 0.29 no longer needs click itself
+        return tuple(kinds)
+    return (*kinds, click.ClickException)

@@ -26,9 +26,19 @@ class ExportOptions:
     """Keep images that failed the quality gate (`passed` false) in captions.txt and sidecars."""
 
 
+def make_output_dir(path: Path) -> None:
+    """Create a folder for outputs, or say in one line why it cannot be (a file in the way, say)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        raise OptionError(f"{path}: cannot create this output folder: {err.filename} is a file") from err
+    except OSError as err:
+        raise OptionError(f"{path}: cannot create this output folder: {err.strerror}") from err
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:

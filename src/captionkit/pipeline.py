@@ -16,7 +16,7 @@ from PIL import Image
 from captionkit import boxes, gate, sources
 from captionkit.device import set_malloc_thresholds
 from captionkit.errors import CaptionkitError, ImageError, OptionError
-from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export
+from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export, make_output_dir
 from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
@@ -172,7 +172,7 @@ class Pipeline:
         options = self.options
         started = time.perf_counter()
         set_malloc_thresholds()
-        options.output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(options.output_dir)
         refs, problems = sources.discover(inputs, recursive=options.recursive,
                                           extensions=options.extensions,
                                           skip_names=OUTPUT_NAMES | {DB_NAME})
