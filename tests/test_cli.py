@@ -67,6 +67,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     (["caption", "photos", "--no-such-option"], "No such option: --no-such-option"),
     (["caption", "photos", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
     (["no-such-command"], "No such command 'no-such-command'"),
+    # checked before CLIP loads (which, here, could not: the message would be about the model)
+    (["score", "no-such-captions.txt"], "path 'no-such-captions.txt' does not exist"),
+    (["score", __file__, "--images", "no-such-folder"], "dir 'no-such-folder' does not exist"),
 ])
 def test_bad_command_lines_get_the_usage_line_and_exit_code_2(args, said):
     proc = captionkit(*args, check=False)

@@ -262,6 +262,7 @@ def test_min_score_without_clip_model_needs_the_default_model(photo_dir, blip_di
                                       str(tmp_path / "out"), "--min-score", "0.3"])
     assert isinstance(result.exception, ModelUnavailableError)
     assert "openai/clip-vit-base-patch32 is not in the Hugging Face cache" in str(result.exception)
+    assert str(result.exception).endswith("or pass a local model directory with --clip-model")
     assert not (tmp_path / "out").exists(), "nothing is captioned before the scorer loads"
 
 

@@ -279,7 +279,7 @@ def caption(
 ) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
-    from captionkit.exporters import make_output_dir, parse_formats
+    from captionkit.exporters import check_output_dir, parse_formats
     from captionkit.gate import GateOptions, load_scorer
     from captionkit.models import choose_auto, load
     from captionkit.options import GenerationOptions, LoadOptions
@@ -329,7 +329,7 @@ def caption(
         prompt_file=prompt_file,
         draw_boxes=draw_boxes,
     )
-    make_output_dir(output_dir)  # a file in the way is reported before any model loads
+    check_output_dir(output_dir)  # a file in the way is reported before any model loads
     if model == "auto":
         model, reason = choose_auto()
         console.print(f"model: {reason}")
@@ -470,15 +470,20 @@ def export_command(
 
 @app.command()
 def score(
-    captions: Annotated[Path, typer.Argument(help="captions.txt, JSONL, CSV, or a folder of caption files.")],
+    captions: Annotated[
+        Path, typer.Argument(exists=True, help="captions.txt, JSONL, CSV, or a folder of caption files.")
+    ],
     images: Annotated[
         Path | None,
         typer.Option(
-            help="Where the images are (default: the captions file's folder), searched recursively."
+            exists=True,
+            file_okay=False,
+            help="Where the images are (default: the captions file's folder), searched recursively.",
         ),
     ] = None,
     references: Annotated[
-        Path | None, typer.Option(help="Reference captions in any dataset format, for RefCLIPScore.")
+        Path | None,
+        typer.Option(exists=True, help="Reference captions in any dataset format, for RefCLIPScore."),
     ] = None,
     clip_model: ClipModel = None,
     score_scale: ScoreScale = "clipscore",

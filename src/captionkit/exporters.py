@@ -36,6 +36,15 @@ def make_output_dir(path: Path) -> None:
         raise OptionError(f"{path}: cannot create this output folder: {err.strerror}") from err
 
 
+def check_output_dir(path: Path) -> None:
+    """Fail now, creating nothing, if `path` cannot become an output folder (a file in the way)."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OptionError(f"{path}: cannot create this output folder: {existing} is a file")
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
     make_output_dir(path.parent)

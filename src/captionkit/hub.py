@@ -59,8 +59,11 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return path if (path / "config.json").exists() or any(path.iterdir()) else None
 
 
-def resolve(name: str, download: bool = True) -> Path:
-    """A directory holding the model `name`: itself if local, else the Hub cache (filled if allowed)."""
+def resolve(name: str, download: bool = True, option: str = "--model") -> Path:
+    """A directory holding the model `name`: itself if local, else the Hub cache (filled if allowed).
+
+    `option` is the command-line flag that named the model, for the error messages.
+    """
     local = Path(name).expanduser()
     if local.is_dir():
         return local
@@ -70,7 +73,7 @@ def resolve(name: str, download: bool = True) -> Path:
     if cached is not None:
         return cached
     how_to = (f"download it where the Hub is reachable (`hf download {name}`) and copy the "
-              "cache (~/.cache/huggingface), or pass a local model directory with --model")
+              f"cache (~/.cache/huggingface), or pass a local model directory with {option}")
     if not download or hub_offline():
         raise ModelUnavailableError(f"{name} is not in the Hugging Face cache and the Hub is "
                                     f"offline (HF_HUB_OFFLINE): {how_to}")

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from captionkit import hub
 from captionkit.device import pick_device, pick_dtype
 from captionkit.errors import ModelNotFoundError, OptionError
-from captionkit.hub import looks_like_path, resolve
+from captionkit.hub import looks_like_path
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -261,7 +262,7 @@ def load_scorer(name: str = DEFAULT_MODEL, device: str = "auto", scale: str = "c
     if name.startswith(OPEN_CLIP):
         encoder = OpenClipEncoder(name.removeprefix(OPEN_CLIP), torch_device, torch_dtype)
     else:
-        encoder = HFEncoder(resolve(name), name, torch_device, torch_dtype)
+        encoder = HFEncoder(_resolve(name), name, torch_device, torch_dtype)
     return ClipScorer(encoder, scale=scale, batch_size=batch_size, name=name)
 
 
@@ -297,12 +298,17 @@ def histogram_text(scores: Sequence[float], bins: int = 10, width: int = 40,
     return "\n".join(lines)
 
 
+def _resolve(name: str) -> Path:
+    """hub.resolve for a CLIP model, whose errors name --clip-model."""
+    return hub.resolve(name, option="--clip-model")
+
+
 def _open_clip_source(open_clip, spec: str) -> str:
     """An open_clip `local-dir:` name for `hf-hub:REPO`, a folder, or `ARCH/TAG`, via hub.resolve."""
     if spec.startswith("hf-hub:"):
-        return f"local-dir:{resolve(spec.removeprefix('hf-hub:'))}"
+        return f"local-dir:{_resolve(spec.removeprefix('hf-hub:'))}"
     if Path(spec).expanduser().is_dir() or looks_like_path(spec):
-        return f"local-dir:{resolve(spec)}"
+        return f"local-dir:{_resolve(spec)}"
     arch, _, tag = spec.partition("/")
     hub_path = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "") if tag else ""
     if not hub_path:
@@ -311,7 +317,7 @@ def _open_clip_source(open_clip, spec: str) -> str:
                                  f"knows for {arch} ({tags}), open_clip:hf-hub:ORG/REPO, or "
                                  "open_clip:FOLDER")
     # Tags name an 'org/repo/' folder or an 'org/repo/file' on the Hub; the repo is enough.
-    return f"local-dir:{resolve('/'.join(hub_path.split('/')[:2]))}"
+    return f"local-dir:{_resolve('/'.join(hub_path.split('/')[:2]))}"
 
 
 def _split_until(text: str, fits: Callable[[str], bool],
