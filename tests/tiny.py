@@ -1,12 +1,13 @@
 """Random-weight captioning models built from configs, saved like Hub checkpoints.
 
 Tiny sizes for the tests (and the benchmarks' `--quick` runs); the benchmarks' full-size
-architectures live in benchmarks/models.py. Tokenizers are trained from scratch with `tokenizers`.
+architectures live in benchmarks/models.py. Tokenizers are made from scratch with `tokenizers`.
 """
 
 from __future__ import annotations
 
 import itertools
+import string
 from pathlib import Path
 
 import torch
@@ -31,17 +32,21 @@ def corpus(lines: int = 400) -> list[str]:
 
 
 def wordpiece_tokenizer(extra_special: tuple[str, ...] = ()):
-    """A BERT-style WordPiece tokenizer (BLIP, GIT) trained on the corpus."""
+    """A BERT-style WordPiece tokenizer (BLIP, GIT): the corpus's words, and characters for the rest.
+
+    Built, not trained: `tokenizers`' WordPiece trainer breaks ties in hash-map order, which changes
+    from process to process, so a trained vocabulary (and every model sized by it) would too.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra_special]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    tokens = [*specials, *chars, *(f"##{c}" for c in chars), *sorted(set(WORDS) - set(chars))]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(corpus(), WordPieceTrainer(vocab_size=200, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -188,17 +193,21 @@ def build_blip2(directory: Path, seed: int = 0) -> Path:
 
 
 def unigram_tokenizer(extra_special: tuple[str, ...] = ()):
-    """A T5-style Unigram tokenizer (Flan-T5) trained on the corpus."""
+    """A T5-style Unigram tokenizer (Flan-T5): the corpus's words, and characters for the rest.
+
+    Built, not trained, for the reason `wordpiece_tokenizer` gives: words score above characters,
+    so the corpus's words stay whole.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers.trainers import UnigramTrainer
     from transformers import T5TokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    specials = ["<pad>", "</s>", "<unk>", *extra_special]
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    pieces = [(token, 0.0) for token in specials] + [(f"\u2581{word}", -1.0) for word in WORDS]
+    pieces += [("\u2581", -2.0)] + [(char, -5.0) for char in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=specials.index("<unk>")))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = UnigramTrainer(vocab_size=150, unk_token="<unk>",
-                             special_tokens=["<pad>", "</s>", "<unk>", *extra_special])
-    tok.train_from_iterator(corpus(), trainer)
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
