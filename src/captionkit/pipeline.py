@@ -134,8 +134,8 @@ def default_batch_size(captioner: Captioner) -> int:
 def default_workers() -> int:
     """Decoding threads: the CPUs this process may run on, plus two to cover file reads, at most 8.
 
-    The CPUs this process may use, not the machine's: under `taskset` or a container's cpuset,
-    threads for every core would only take turns on the allowed ones (as torch's own threads know).
+    Not the machine's core count: under `taskset` or a container's cpuset, threads for every core
+    would only take turns on the allowed ones (torch sizes its own thread pool the same way).
     """
     try:
         usable = len(os.sched_getaffinity(0))

@@ -21,7 +21,6 @@ import torch
 from captionkit import hub
 from captionkit.device import pick_device, pick_dtype
 from captionkit.errors import ModelNotFoundError, OptionError
-from captionkit.hub import looks_like_path
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -307,7 +306,7 @@ def _open_clip_source(open_clip, spec: str) -> str:
     """An open_clip `local-dir:` name for `hf-hub:REPO`, a folder, or `ARCH/TAG`, via hub.resolve."""
     if spec.startswith("hf-hub:"):
         return f"local-dir:{_resolve(spec.removeprefix('hf-hub:'))}"
-    if Path(spec).expanduser().is_dir() or looks_like_path(spec):
+    if Path(spec).expanduser().is_dir() or hub.looks_like_path(spec):
         return f"local-dir:{_resolve(spec)}"
     arch, _, tag = spec.partition("/")
     hub_path = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "") if tag else ""
