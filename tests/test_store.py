@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 from pathlib import Path
@@ -64,3 +65,32 @@ def test_other_connections_see_committed_batches(tmp_path):
     store.record([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="x")], "k", run)
     other = sqlite3.connect(tmp_path / DB_NAME)
     assert other.execute("SELECT count(*) FROM results").fetchone()[0] == 1
+
+
+def _open_store_at_once(path: str, ready, errors) -> None:
+    ready.wait()  # every process opens the new store at the same moment
+    try:
+        Store(Path(path)).close()
+    except Exception as err:  # noqa: BLE001 - reported to the parent
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_runs_opening_a_new_store_at_once_all_get_its_schema(tmp_path):
+    # Two `captionkit caption -o same/` started together both found the schema missing; one
+    # failed with "table runs already exists".
+    context = multiprocessing.get_context("fork")  # the children only use sqlite3
+    errors = context.Queue()
+    for attempt in range(4):
+        path = tmp_path / f"attempt-{attempt}" / DB_NAME
+        path.parent.mkdir()
+        ready = context.Barrier(4)
+        workers = [context.Process(target=_open_store_at_once, args=(str(path), ready, errors))
+                   for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0] * 4
+        assert errors.empty(), errors.get()
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -76,9 +76,21 @@ class Store:
         self._migrate()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        """Bring the schema up to date; safe when several runs open a new store at once."""
+        for number, script in enumerate(MIGRATIONS, start=1):
+            if self._version() >= number:
+                continue
+            try:
+                self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+            except sqlite3.OperationalError:
+                # Another run may have applied it between our check and our write lock.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                if self._version() < number:
+                    raise
+
+    def _version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
