@@ -179,6 +179,13 @@ def test_python_api_accepts_paths_and_images(blip_dir, photo_dir, photos):
     from_image = model.caption([photos[0], str(photo_dir / "chelsea.png")], max_new_tokens=6)
     assert isinstance(from_path, str) and from_path == from_image[0]
     assert len(from_image) == 2
+    with pytest.raises(TypeError, match="an image path, a PIL image or a list of them, not int"):
+        model.caption(42)
+
+
+def test_python_api_run_takes_one_folder_as_a_string(photo_dir, tmp_path):
+    summary = captionkit.load("objects").run(str(photo_dir), output_dir=tmp_path / "out")
+    assert summary.failed == [] and len((tmp_path / "out" / "captions.txt").read_text().splitlines()) == 8
 
 
 def test_bfloat16_path_runs(blip_dir, photos):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -29,14 +29,19 @@ class Model:
     def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
         """Caption one image (returns a string) or a list of them (returns a list)."""
         single = isinstance(images, str | Path | Image.Image)
+        if not single and not isinstance(images, Iterable):
+            raise TypeError("caption() takes an image path, a PIL image or a list of them, "
+                            f"not {type(images).__name__}")
         batch = [images] if single else list(images)
         decoded = [sources.load_image(image, self.captioner.input_size) for image in batch]
         texts = [c.text for c in self.captioner.caption(decoded, GenerationOptions(**generation))]
         return texts[0] if single else texts
 
-    def run(self, inputs: Sequence[str], generation: GenerationOptions | None = None,
+    def run(self, inputs: str | Path | Sequence[str | Path], generation: GenerationOptions | None = None,
             **run_options) -> RunSummary:
         """Caption files/folders into an output folder, resumably (see `RunOptions`)."""
+        if isinstance(inputs, str | Path):  # one folder, not its name's characters
+            inputs = [inputs]
         return Pipeline(self.captioner, generation or GenerationOptions(),
                         RunOptions(**run_options)).run([str(i) for i in inputs])
 
