@@ -222,6 +222,9 @@ def test_unreadable_files_raise_dataset_error_with_line(tmp_path):
     unknown = write(tmp_path / "notes.txt", "just some words\n")
     with pytest.raises(DatasetError, match="cannot tell the format"):
         read_references(unknown)
+    blank = write(tmp_path / "blank.txt", "\n  \n")
+    with pytest.raises(DatasetError, match=r"blank.txt: no captions in it \(empty, or only blank lines\)"):
+        read_references(blank)
     assert issubclass(DatasetError, InputError)
 
 

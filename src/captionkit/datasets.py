@@ -343,7 +343,10 @@ def detect_format(path: Path) -> str:
         return "json"
     if suffix == ".jsonl":
         return "jsonl"
-    first = next(_lines(path), (0, ""))[1]
+    numbered_first = next(_lines(path), None)
+    if numbered_first is None:
+        raise DatasetError(f"{path}: no captions in it (empty, or only blank lines)")
+    first = numbered_first[1]
     for kind, test in _FIRST_LINE_KINDS:
         if test(first):
             return kind
