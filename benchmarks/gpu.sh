@@ -33,8 +33,9 @@ esac
 if [[ $part == cpu-2core* ]]; then
   cpu=(env CUDA_VISIBLE_DEVICES= taskset -c 0,1 "$python")
   {
-    grep -m1 "model name" /proc/cpuinfo
-    echo "bf16 units: $(grep -ow 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u | xargs)"
+    lscpu | grep -E "^(Model name|Thread|Core)"  # are CPUs 0 and 1 two cores or one core's two threads?
+    units=$(grep -ow 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u | xargs || true)
+    echo "bf16 units: ${units:-none (--dtype auto stays float32)}"
     if [ "$part" = cpu-2core ]; then
       "${cpu[@]}" "$here/throughput.py" --device cpu --dtype auto --naive-dtype float32 \
         --model blip-base --images 16 --pipeline-batch-sizes 16 --out "$out/$part.json"
