@@ -12,7 +12,9 @@ Contenders:
 
 Every contender generates exactly 20 tokens per image (min_new_tokens = max_new_tokens = 20), runs
 once to warm up, then `--runs` times interleaved (the order rotates) so load from other processes
-hits all of them alike. Peak RSS comes from one fresh subprocess per contender.
+hits all of them alike. Peak RSS comes from one fresh subprocess per contender. All contenders
+run in `--dtype`, except that `--naive-dtype float32` keeps the naive loop in float32 (a plain
+script's dtype) against captionkit's bf16 on a CPU with AMX.
 
     python benchmarks/throughput.py --model blip-base --out benchmarks/results/blip-base.json
     python benchmarks/throughput.py --quick --out /tmp/quick.json   # tiny model, < 1 minute
