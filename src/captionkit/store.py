@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DB_NAME = "captionkit.db"
+BUSY_SECONDS = 10.0
 
 MIGRATIONS = [
     """
@@ -68,12 +69,29 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # timeout: how long a write waits for another run's lock before "database is locked"
+        self.db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None,
+                                  check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=10000")
         self._migrate()
+
+    def _use_wal(self) -> None:
+        """Switch to write-ahead logging, waiting out another run doing the same to a new store.
+
+        SQLite answers "database is locked" at once, without waiting the busy timeout, when
+        another connection holds the lock this switch needs.
+        """
+        deadline = time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _migrate(self) -> None:
         """Bring the schema up to date; safe when several runs open a new store at once."""
