@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from throughput import TOKENS, image_paths, model_path  # noqa: E402
+from throughput import TOKENS, image_paths, model_path, pinned_generation  # noqa: E402
 
 SETTINGS = ("captionkit", "batched-1mib", "one-at-a-time-1mib", "batched-glibc", "kept-32mib")
 
@@ -42,7 +42,7 @@ def child(setting: str, model: Path, pictures: list[Path], runs: int, work: Path
     import captionkit.pipeline
     from captionkit.device import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     from captionkit.models import load
-    from captionkit.options import GenerationOptions, LoadOptions
+    from captionkit.options import LoadOptions
     from captionkit.pipeline import Pipeline, RunOptions
 
     captioner = load(str(model), LoadOptions(device="cpu", dtype="float32"))
@@ -57,7 +57,7 @@ def child(setting: str, model: Path, pictures: list[Path], runs: int, work: Path
         libc = ctypes.CDLL("libc.so.6")
         captionkit.pipeline.set_malloc_thresholds = lambda: bool(
             libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    generation = pinned_generation()
     rates, faults = [], []
     for run in range(runs + 1):
         out = work / f"run-{run}"

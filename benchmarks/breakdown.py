@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import models  # noqa: E402
-from throughput import TOKENS, image_paths, model_path, resolve  # noqa: E402
+from throughput import TOKENS, image_paths, model_path, pinned_generation, resolve  # noqa: E402
 
 STAGES = {
     # model_type: (encoders run once per batch, the decoder run once per generated token)
@@ -159,7 +159,7 @@ def main() -> None:
 
     from captionkit.device import set_malloc_thresholds
     from captionkit.models import load
-    from captionkit.options import GenerationOptions, LoadOptions
+    from captionkit.options import LoadOptions
     from captionkit.pipeline import default_batch_size
     from captionkit.sources import load_image
 
@@ -174,7 +174,7 @@ def main() -> None:
                                                         quantize=args.quantize))
     args.images = args.batch or default_batch_size(captioner)  # what image_paths makes
     images = [load_image(path, captioner.input_size) for path in image_paths(args)]
-    generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+    generation = pinned_generation()
     seconds, faults = measure(captioner, images, generation, args.runs, device)
     result = {"machine": common.machine(device),
               "settings": {"model": args.model, "batch": len(images), "tokens": TOKENS,

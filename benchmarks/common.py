@@ -21,9 +21,9 @@ def machine(device: torch.device) -> dict:
     import PIL
     import transformers
 
-    from captionkit.device import cpu_has_fast_bf16
+    from captionkit.device import cpu_has_fast_bf16, usable_cpus
 
-    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cpus": _usable_cpus(),
+    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
             "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_fast_bf16": cpu_has_fast_bf16(), "python": platform.python_version(),
@@ -32,11 +32,6 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _usable_cpus() -> int | None:
-    """The CPUs this process may run on (fewer than `cores` under taskset or a cpuset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _cpu_name() -> str:

@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import images  # noqa: E402
 import models  # noqa: E402
-from throughput import GENERATE, QUICK_THUMBNAIL, TOKENS, weights_dtype  # noqa: E402
+from throughput import GENERATE, QUICK_THUMBNAIL, pinned_generation, weights_dtype  # noqa: E402
 
 from captionkit import sources  # noqa: E402
 from captionkit.device import quantize_int8  # noqa: E402
 from captionkit.models import load  # noqa: E402
-from captionkit.options import GenerationOptions, LoadOptions  # noqa: E402
+from captionkit.options import LoadOptions  # noqa: E402
 
-GEN = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+GEN = pinned_generation()
 BATCH = 16  # captionkit's default on a CPU
 
 

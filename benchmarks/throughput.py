@@ -48,6 +48,13 @@ VARIANTS = ("", "int8", "full-decode")
 SIZED_VARIANTS = ("batch", "workers")
 
 
+def pinned_generation():
+    """captionkit's generation options for exactly TOKENS tokens, as GENERATE pins the others."""
+    from captionkit.options import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+
+
 class Naive:
     """One image at a time, full decode, the model's own processor: the scripts people start from."""
 
@@ -108,7 +115,7 @@ class Captionkit:
     def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, work: Path,
                  variant: str = "") -> None:
         from captionkit.models import load
-        from captionkit.options import GenerationOptions, LoadOptions
+        from captionkit.options import LoadOptions
 
         modes = variant.split("+")  # "batch-32+workers-8": both at once
         sized = dict(filter(None, map(_sized, modes)))
@@ -122,7 +129,7 @@ class Captionkit:
                         else LoadOptions(device=str(device), dtype=str(dtype).split(".")[1]))
         self.captioner = load(str(path), load_options)
         self.model = self.captioner.model
-        self.generation = GenerationOptions(max_new_tokens=TOKENS, min_new_tokens=TOKENS)
+        self.generation = pinned_generation()
         self.full_decode = "full-decode" in modes
         self.batch_size, self.workers = sized.get("batch"), sized.get("workers")
         self.out = work / "captionkit-out"

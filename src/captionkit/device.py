@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,14 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: fewer than the machine's under `taskset` or a cpuset."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 2
 
 
 def pick_device(name: str = "auto") -> torch.device:

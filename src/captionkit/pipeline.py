@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from captionkit import boxes, gate, sources
-from captionkit.device import set_malloc_thresholds
+from captionkit.device import set_malloc_thresholds, usable_cpus
 from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export, make_output_dir
 from captionkit.gate import GateOptions
@@ -137,11 +137,7 @@ def default_workers() -> int:
     Not the machine's core count: under `taskset` or a container's cpuset, threads for every core
     would only take turns on the allowed ones (torch sizes its own thread pool the same way).
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        usable = os.cpu_count() or 2
-    return min(8, usable + 2)
+    return min(8, usable_cpus() + 2)
 
 
 def options_key(captioner: Captioner, generation: GenerationOptions,
