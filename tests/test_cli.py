@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -95,20 +96,19 @@ def test_models_lists_the_registry():
         assert alias in proc.stdout
 
 
-def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photos, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
+def forty_images(photos, folder):
+    folder.mkdir()
     for index in range(40):
         photo = photos[index % len(photos)].resize((96 + index, 96))
-        photo.save(images / f"img{index:03d}.png")
-    args = ["caption", images, "--model", blip_dir, "--dtype", "float32", "--batch-size", "2",
-            "--min-new-tokens", "16", "--max-new-tokens", "16", "-q", "--format", "all"]
-    reference = tmp_path / "reference"
-    captionkit(*args, "-o", reference)
+        photo.save(folder / f"img{index:03d}.png")
+    return folder
 
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*CLI, *map(str, args), "-o", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+
+def signal_mid_run(args, out, signum) -> tuple[subprocess.Popen, int, str, str]:
+    """Run `captionkit *args -o out`, send `signum` once 6 images are stored; return what it did."""
+    proc = subprocess.Popen([*CLI, *map(str, args), "-o", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     done = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -118,10 +118,22 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photo
         except sqlite3.Error:
             done = 0
         if done >= 6:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signum)
             break
         time.sleep(0.02)
-    proc.wait()
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc, done, stdout, stderr
+
+
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photos, tmp_path):
+    images = forty_images(photos, tmp_path / "images")
+    args = ["caption", images, "--model", blip_dir, "--dtype", "float32", "--batch-size", "2",
+            "--min-new-tokens", "16", "--max-new-tokens", "16", "-q", "--format", "all"]
+    reference = tmp_path / "reference"
+    captionkit(*args, "-o", reference)
+
+    out = tmp_path / "out"
+    proc, done, _, _ = signal_mid_run(args, out, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert 6 <= done < 40
     resumed = captionkit(*args, "-o", out)
@@ -135,6 +147,24 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photo
         assert produced == expected
     for sidecar in (reference).glob("*.txt"):
         assert (out / sidecar.name).read_text() == sidecar.read_text()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_say_how_to_resume_and_keep_stdout_for_results(blip_dir, photos, tmp_path,
+                                                                        signum, code):
+    images = forty_images(photos, tmp_path / "images")
+    args = ["caption", images, "--model", blip_dir, "--dtype", "float32", "--batch-size", "2",
+            "--min-new-tokens", "16", "--max-new-tokens", "16"]
+    out = tmp_path / "out"
+    proc, done, stdout, stderr = signal_mid_run(args, out, signum)
+    assert proc.returncode == code, "the run finished before it could be interrupted"
+    assert "interrupted: finished batches are saved; run the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""  # the progress bar and messages go to stderr
+    resumed = captionkit(*args, "-o", out)
+    captioned, already = map(int, re.search(r"(\d+) captioned, (\d+) already done",
+                                            " ".join(resumed.stderr.split())).groups())
+    assert already >= done and captioned + already == 40
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from captionkit.datasets import read_predictions
 from captionkit.errors import OptionError
 from captionkit.exporters import ExportOptions, atomic_write, export, parse_formats
 from captionkit.store import Result
@@ -70,3 +71,16 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert target.read_text() == "new\n"
     assert target.stat().st_mode & 0o644 == 0o644, "outputs are readable by others, like any file"
     assert [p.name for p in tmp_path.iterdir()] == ["captions.txt"]
+
+
+def test_captions_txt_escapes_names_with_line_breaks_and_reads_them_back(tmp_path):
+    names = ["new\nline.png", "back\\slash.png", "cr\r.png", "plain: colon.png"]
+    results = [Result(path=tmp_path / name, name=name, status="done", caption=f"caption {index}",
+                      hash=f"h{index}", model_id="m") for index, name in enumerate(names)]
+    export(results, ["captions.txt"], ExportOptions(tmp_path))
+    text = (tmp_path / "captions.txt").read_text()
+    assert text.split("\n")[:2] == ["\\new\\nline.png: caption 0", "\\back\\\\slash.png: caption 1"]
+    assert text.count("\n") == len(names)
+    predictions = read_predictions(tmp_path / "captions.txt")  # keyed by base name; `\\` is a separator
+    assert predictions.captions == {"new\nline.png": "caption 0", "slash.png": "caption 1",
+                                    "cr\r.png": "caption 2", "plain": "colon.png: caption 3"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -277,6 +278,7 @@ def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ghost.png: no image file for it under" in proc.stderr
+    assert re.search(r"scoring .* 8/8", proc.stderr), proc.stderr  # the progress bar
     rows = {row["image"]: row for row in csv.DictReader(output.open())}
     assert rows["ghost.png"]["status"] == "failed" and not rows["ghost.png"]["clip_score"]
     scored = [row for name, row in rows.items() if name != "ghost.png"]

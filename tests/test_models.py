@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import captionkit
 from captionkit import hub
-from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
+from captionkit.errors import ImageError, ModelNotFoundError, ModelUnavailableError, OptionError
 from captionkit.models import MODELS, choose_auto, load
 from captionkit.models.registry import detect_family
 from captionkit.options import GenerationOptions, LoadOptions
@@ -179,8 +182,30 @@ def test_python_api_accepts_paths_and_images(blip_dir, photo_dir, photos):
     from_image = model.caption([photos[0], str(photo_dir / "chelsea.png")], max_new_tokens=6)
     assert isinstance(from_path, str) and from_path == from_image[0]
     assert len(from_image) == 2
-    with pytest.raises(TypeError, match="an image path, a PIL image or a list of them, not int"):
+    with pytest.raises(TypeError, match="or a list of them, not int"):
         model.caption(42)
+
+
+def test_python_api_accepts_bytes_files_and_arrays(photo_dir):
+    """What web handlers and OpenCV/numpy code hold: encoded bytes, file objects, RGB arrays."""
+    model = captionkit.load("objects")
+    path = photo_dir / "chelsea.png"
+    expected = model.caption(path)
+    array = np.asarray(Image.open(path).convert("RGB"))
+    with open(path, "rb") as file:
+        assert model.caption(file) == expected
+    assert model.caption(path.read_bytes()) == expected
+    assert model.caption(io.BytesIO(path.read_bytes())) == expected
+    assert model.caption(array) == expected
+    assert model.caption(np.stack([array, array])) == [expected, expected]  # N x H x W x 3: a batch
+    with pytest.raises(ImageError, match=r"<array>: an array of shape \(2, 2, 3\) and type <f8"):
+        model.caption(np.zeros((2, 2, 3)))
+    with pytest.raises(ImageError, match="<bytes>: not an image"):
+        model.caption(b"plain text, not a picture")
+    with pytest.raises(ImageError, match="https://example.com/a.jpg: a URL: captionkit reads local"):
+        model.caption("https://example.com/a.jpg")
+    with pytest.raises(TypeError, match="an image is a path, .* not int"):
+        model.caption([path, 42])
 
 
 def test_python_api_run_takes_one_folder_as_a_string(photo_dir, tmp_path):

@@ -174,6 +174,15 @@ def test_input_that_yields_nothing_is_an_input_error(tmp_path: Path, kind: str,
         discover([str(target)])
 
 
+def test_a_url_is_refused_by_name(tmp_path: Path, jpeg: bytes) -> None:
+    with pytest.raises(InputError, match="^https://example.com/a.jpg: a URL: captionkit reads local"):
+        discover(["https://example.com/a.jpg"])
+    listing = write(tmp_path / "todo.txt", b"http://example.com/b.jpg\n")
+    write(tmp_path / "a.jpg", jpeg)
+    _, problems = discover([str(listing), str(tmp_path / "a.jpg")])
+    assert problems[0].reason.startswith("a URL: captionkit reads local files")
+
+
 def test_broken_links_and_link_loops_in_folders_are_problems(album: Path) -> None:
     (album / "broken.jpg").symlink_to(album / "gone.jpg")
     (album / "loop1.jpg").symlink_to(album / "loop2.jpg")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
+import numpy as np
 from PIL import Image
 
 from captionkit import sources
@@ -13,7 +15,7 @@ from captionkit.models import load as load_captioner
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.pipeline import Pipeline, RunOptions, RunSummary
 
-ImageLike = str | Path | Image.Image
+ImageLike = str | Path | Image.Image | bytes | IO[bytes] | np.ndarray
 
 
 class Model:
@@ -28,10 +30,11 @@ class Model:
 
     def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
         """Caption one image (returns a string) or a list of them (returns a list)."""
-        single = isinstance(images, str | Path | Image.Image)
+        single = isinstance(images, str | Path | Image.Image | bytes | bytearray) or (
+            hasattr(images, "read") or len(getattr(images, "shape", ())) in (2, 3))
         if not single and not isinstance(images, Iterable):
-            raise TypeError("caption() takes an image path, a PIL image or a list of them, "
-                            f"not {type(images).__name__}")
+            raise TypeError("caption() takes an image (a path, a PIL image, encoded bytes, a binary "
+                            f"file or an RGB array) or a list of them, not {type(images).__name__}")
         batch = [images] if single else list(images)
         decoded = [sources.load_image(image, self.captioner.input_size) for image in batch]
         texts = [c.text for c in self.captioner.caption(decoded, GenerationOptions(**generation))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -492,15 +493,18 @@ def score(
         Path, typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for a table.")
     ] = Path("scores.jsonl"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score existing captions against their images with CLIP, without captioning again."""
     from captionkit.exporters import ExportOptions, write_csv, write_jsonl
     from captionkit.gate import score_existing, tally
+    from captionkit.pipeline import progress_bar
     from captionkit.scoring import DEFAULT_MODEL, load_scorer
 
     _quiet_transformers()
     scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
-    scored = score_existing(captions, scorer, images, references, min_score)
+    scored = score_existing(captions, scorer, images, references, min_score,
+                            progress=lambda total: progress_bar(total, not quiet, "scoring"))
     for problem in scored.problems[:20]:
         console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]
@@ -628,8 +632,27 @@ def evaluate_command(
         console.print(f"wrote {path}", soft_wrap=True)
 
 
+INTERRUPTED = "interrupted: finished batches are saved; run the same command to resume"
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM (a scheduler's time limit, `docker stop`). Not a KeyboardInterrupt, which
+    typer >= 0.29 turns into a silent exit code; a BaseException, so no `except Exception` stops it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` and `&` ignore SIGINT: keep that
+            signal.signal(signum, _interrupt)
     try:
         code = app(standalone_mode=False)
     except CaptionkitError as err:
@@ -641,9 +664,9 @@ def main() -> None:
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished batches are saved; run the same command to resume")
-        sys.exit(130)
+    except Interrupted as interrupt:
+        console.print(INTERRUPTED)
+        sys.exit(interrupt.exit_code)
     except Exception as err:
         if not (isinstance(err, _usage_errors()) and hasattr(err, "show")):
             raise

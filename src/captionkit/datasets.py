@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from captionkit.errors import InputError, OptionError
+from captionkit.exporters import parse_captions_txt_line
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -186,8 +187,8 @@ def _rows_record(record: dict, where: str) -> Iterator[_Row]:
 
 def _rows_captions_txt(path: Path) -> Iterator[_Row]:
     for number, line in _lines(path):
-        image, separator, caption = line.partition(": ")
-        if not separator or not image.strip() or not caption.strip():
+        image, caption = parse_captions_txt_line(line)
+        if not image.strip() or not caption.strip():
             yield _Row(f"{path}:{number}", error="expected `image.jpg: caption`")
         else:
             yield _Row(f"{path}:{number}", image.strip(), caption)

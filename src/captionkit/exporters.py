@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,9 +75,31 @@ def listed(result: Result, options: ExportOptions) -> bool:
     return result.status == "done" and (options.keep_failed or result.extras.get("passed", True))
 
 
+_NAME_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+
+
+def captions_txt_line(name: str, caption: str) -> str:
+    """One `image.jpg: caption` line. A name with a line break or backslash is escaped and the
+    line starts with a backslash, as `sha256sum` does, so every name reads back exactly."""
+    escaped = "".join(_NAME_ESCAPES.get(char, char) for char in name)
+    prefix = "" if escaped == name else "\\"
+    return f"{prefix}{escaped}: {_one_line(caption)}\n"
+
+
+def parse_captions_txt_line(line: str) -> tuple[str, str]:
+    """The (name, caption) of a captions.txt line; an empty name when it has no `: `."""
+    escaped = line.startswith("\\")
+    name, separator, caption = line[escaped:].partition(": ")
+    if not separator:
+        return "", ""
+    if escaped:
+        name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name)
+    return name, caption
+
+
 def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """`image.jpg: caption` lines, the format of the BLIP-2 folder scripts."""
-    lines = [f"{r.name}: {_one_line(r.caption or '')}\n" for r in results if listed(r, options)]
+    lines = [captions_txt_line(r.name, r.caption or "") for r in results if listed(r, options)]
     path = options.output_dir / "captions.txt"
     atomic_write(path, "".join(lines))
     return [path]

@@ -11,7 +11,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,10 +216,39 @@ def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
     return found
 
 
+@contextmanager
+def _no_progress(total: int) -> Iterator[Callable[[int], object]]:
+    yield lambda done: None
+
+
+def _score_batch(batch: list[Result], scorer: ClipScorer, references: Mapping[str, list[str]] | None,
+                 ref_names: Mapping[str, str]) -> None:
+    """Score one batch in place: `done` with its scores, or the reason its image did not load."""
+    loaded = []
+    for result in batch:
+        try:
+            loaded.append((result, sources.load_image(result.path)))
+        except ImageError as err:
+            result.error = err.reason
+    if not loaded:
+        return
+    wanted = None if references is None else [references.get(ref_names.get(r.name, ""), [])
+                                              for r, _ in loaded]
+    scores = scorer.score([image for _, image in loaded], [r.caption or "" for r, _ in loaded], wanted)
+    for (result, _), score in zip(loaded, scores, strict=True):
+        result.status = "done"
+        result.extras["clip_score"] = score.clip_score
+        if score.ref_clip_score is not None:
+            result.extras["ref_clip_score"] = score.ref_clip_score
+
+
 def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = None,
-                   references: Path | None = None, min_score: float | None = None) -> ScoredCaptions:
+                   references: Path | None = None, min_score: float | None = None,
+                   progress: Callable[[int], AbstractContextManager[Callable[[int], object]]]
+                   | None = None) -> ScoredCaptions:
     """Score the captions in a captions.txt, JSONL, CSV or sidecar folder against their images,
-    found under `images` (default: the captions file's folder); RefCLIPScore with `references`."""
+    found under `images` (default: the captions file's folder); RefCLIPScore with `references`.
+    `progress(total)`, when given, opens a bar (`pipeline.progress_bar`) advanced batch by batch."""
     captions = Path(captions)
     root = Path(images) if images is not None else captions if captions.is_dir() else captions.parent
     if not root.is_dir():
@@ -235,23 +265,10 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
                       error=None if name in paths else f"no image file for it under {root}")
                for name, text in predictions.captions.items()]
     todo = [result for result in results if result.error is None]
-    for start in range(0, len(todo), scorer.batch_size):
-        loaded = []
-        for result in todo[start:start + scorer.batch_size]:
-            try:
-                loaded.append((result, sources.load_image(result.path)))
-            except ImageError as err:
-                result.error = err.reason
-        if not loaded:
-            continue
-        wanted = None if refs is None else [refs.captions.get(ref_names.get(r.name, ""), [])
-                                            for r, _ in loaded]
-        scores = scorer.score([image for _, image in loaded], [r.caption or "" for r, _ in loaded],
-                              wanted)
-        for (result, _), score in zip(loaded, scores, strict=True):
-            result.status = "done"
-            result.extras["clip_score"] = score.clip_score
-            if score.ref_clip_score is not None:
-                result.extras["ref_clip_score"] = score.ref_clip_score
+    with (progress or _no_progress)(len(todo)) as advance:
+        for start in range(0, len(todo), scorer.batch_size):
+            batch = todo[start:start + scorer.batch_size]
+            _score_batch(batch, scorer, refs.captions if refs is not None else None, ref_names)
+            advance(len(batch))
     mark(results, min_score)
     return ScoredCaptions(results, problems, root)

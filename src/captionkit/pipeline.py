@@ -260,16 +260,20 @@ class Pipeline:
                 queue.append(pool.submit(self._load, item))
                 if len(queue) >= ahead:
                     break
-            while queue:
-                yield queue.popleft().result()
-                next_item = next(pending, None)
-                if next_item is not None:
-                    queue.append(pool.submit(self._load, next_item))
+            try:
+                while queue:
+                    yield queue.popleft().result()
+                    next_item = next(pending, None)
+                    if next_item is not None:
+                        queue.append(pool.submit(self._load, next_item))
+            finally:  # interrupted: do not decode the images queued ahead before stopping
+                for future in queue:
+                    future.cancel()
 
     def _caption_all(self, items: list[_Item], store: Store, run_id: int,
                      summary: RunSummary) -> None:
         self._known = store.captions_by_content(self.key)
-        with _progress(len(items), self.options.progress) as advance:
+        with progress_bar(len(items), self.options.progress) as advance:
             batch: list[_Item] = []
             for item in self._decoded(items):
                 batch.append(item)
@@ -366,16 +370,18 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class _progress:
-    """A rich progress bar with images/s and ETA, or nothing when hidden."""
+class progress_bar:
+    """A rich progress bar on stderr with images/s and ETA, or nothing when hidden."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, label: str = "captioning") -> None:
         self.total = total
         self.enabled = enabled and total > 0
+        self.label = label
 
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -385,9 +391,10 @@ class _progress:
             TimeRemainingColumn,
         )
 
-        self.bar = Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), transient=False)
+                            TextColumn("eta"), TimeRemainingColumn(), transient=False,
+                            console=Console(stderr=True))  # stdout stays for results
         self.bar.start()
         task = self.bar.add_task("caption", total=self.total, rate="")
         started = time.perf_counter()

@@ -139,15 +139,42 @@ def decode(data: bytes, name: str, target_size: int | None = None,
         raise ImageError(name, _failure_reason(error)) from None
 
 
-def load_image(source: str | Path | Image.Image, target_size: int | None = None) -> Image.Image:
-    """A path or a PIL image as an upright RGB image, the way the pipeline would see it."""
-    if not isinstance(source, Image.Image):
+URL_REASON = "a URL: captionkit reads local files; download it first (or pass its bytes in Python)"
+
+
+def load_image(source: object, target_size: int | None = None) -> Image.Image:
+    """A path, a PIL image, an encoded file's bytes, a binary file object or an RGB array
+    (H x W x 3 uint8, as numpy holds it) as an upright RGB image, the way the pipeline sees it."""
+    if isinstance(source, str | os.PathLike):
+        if is_url(str(source)):
+            raise ImageError(str(source), URL_REASON)
         return decode(read_bytes(Path(source)), _printable(source), target_size)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return decode(bytes(source), "<bytes>", target_size)
+    if hasattr(source, "read"):
+        return decode(source.read(), _printable(getattr(source, "name", "<stream>")), target_size)
+    if hasattr(source, "__array_interface__") and not isinstance(source, Image.Image):
+        source = _array_image(source)
+    if not isinstance(source, Image.Image):
+        raise TypeError("an image is a path, a PIL image, encoded bytes, a binary file or an "
+                        f"H x W x 3 uint8 array, not {type(source).__name__}")
     try:
         return _finish(source, target_size)
     except Exception as error:
         shown = _printable(source.filename) if getattr(source, "filename", "") else "<image>"
         raise ImageError(shown, _failure_reason(error)) from None
+
+
+def is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://"))
+
+
+def _array_image(array) -> Image.Image:
+    shape, kind = array.__array_interface__["shape"], array.__array_interface__["typestr"]
+    if kind != "|u1" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4))):
+        raise ImageError("<array>", f"an array of shape {tuple(shape)} and type {kind}: "
+                                    "expected H x W (gray) or H x W x 3/4 (RGB/RGBA) uint8")
+    return Image.fromarray(array)
 
 
 class _Unusable(Exception):
@@ -176,7 +203,7 @@ class _Finder:
             return self.file(path, _listed_name(item) if listed else os.path.basename(path), listed)
         if any(char in item for char in "*?["):
             return self.glob(item, relative_to)
-        raise _Unusable("no such file or folder")
+        raise _Unusable(URL_REASON if is_url(item) else "no such file or folder")
 
     def file(self, path: str, name: str, listed: bool) -> list[tuple[str, str]]:
         basename = os.path.basename(path)
