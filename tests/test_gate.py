@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from captionkit.gate import GateOptions, locate_images, score_existing
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions
+from captionkit.scoring import ClipScorer
+from captionkit.store import Store
 
 GEN = GenerationOptions(max_new_tokens=6)
 
@@ -279,6 +282,7 @@ def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_
     assert proc.returncode == 0, proc.stderr
     assert "ghost.png: no image file for it under" in proc.stderr
     assert re.search(r"scoring .* 8/8", proc.stderr), proc.stderr  # the progress bar
+    rows_text = output.read_text()
     rows = {row["image"]: row for row in csv.DictReader(output.open())}
     assert rows["ghost.png"]["status"] == "failed" and not rows["ghost.png"]["clip_score"]
     scored = [row for name, row in rows.items() if name != "ghost.png"]
@@ -291,6 +295,10 @@ def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_
         assert row["passed"] == str(expected >= baseline[1])
         passed += expected >= baseline[1]
     assert f"{passed} of 8 passed" in proc.stderr
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"8 scores reused from {tmp_path / 'scores.db'}" in " ".join(again.stderr.split())
+    assert output.read_text() == rows_text
 
 
 def test_score_reads_sidecar_folders_and_jsonl_with_references(baseline, scorer, photo_dir,
@@ -313,6 +321,46 @@ def test_score_reads_sidecar_folders_and_jsonl_with_references(baseline, scorer,
         {r.name: r for r in from_sidecars.results}["coffee.png"].extras["clip_score"])
     assert {n for n, r in by_name.items() if "ref_clip_score" in r.extras} == {"coffee.png",
                                                                               "horse.png"}
+
+
+class StopAfter(ClipScorer):
+    """The tiny scorer, two images a batch, interrupted (Ctrl-C) when asked for batch `calls + 1`."""
+
+    def __init__(self, scorer: ClipScorer, calls: int) -> None:
+        super().__init__(scorer.encoder, scorer.scale, batch_size=2, name=scorer.name)
+        self.calls = calls
+
+    def score(self, *args, **kwargs):
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        self.calls -= 1
+        return super().score(*args, **kwargs)
+
+
+def test_score_commits_each_batch_and_a_rerun_scores_only_what_changed(baseline, scorer, photo_dir,
+                                                                      tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    captions = tmp_path / "captions.txt"
+    captions.write_text((baseline[0] / "captions.txt").read_text())
+    store = Store(tmp_path / "scores.db")
+    with pytest.raises(KeyboardInterrupt):
+        score_existing(captions, StopAfter(scorer, calls=2), images, store=store)
+    resumed = score_existing(captions, scorer, images, store=store)
+    assert resumed.reused == 4  # the two batches scored before the interrupt
+    fresh = {r.name: r.extras["clip_score"] for r in score_existing(captions, scorer, images).results}
+    assert {r.name: r.extras["clip_score"] for r in resumed.results} == pytest.approx(fresh)
+
+    lines = captions.read_text().splitlines()
+    lines[0] = lines[0].split(": ")[0] + ": a different caption"
+    captions.write_text("\n".join(lines) + "\n")
+    touched = images / lines[1].split(": ")[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    again = score_existing(captions, scorer, images, store=store)
+    assert again.reused == 6 and all(r.status == "done" for r in again.results)
+    other_references = tmp_path / "refs.txt"
+    other_references.write_text("coffee.png: a cup of coffee\n")
+    assert score_existing(captions, scorer, images, other_references, store=store).reused == 0
 
 
 def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):

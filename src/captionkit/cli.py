@@ -490,21 +490,33 @@ def score(
     score_scale: ScoreScale = "clipscore",
     min_score: Annotated[float | None, typer.Option(help="Mark captions below this as not passed.")] = None,
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for a table.")
+        Path,
+        typer.Option("--output", "-o", help="Scores file: .jsonl, or .csv for a table (a folder: "
+                     "FOLDER/scores.jsonl). A .db of the same name beside it lets a re-run resume."),
     ] = Path("scores.jsonl"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score existing captions against their images with CLIP, without captioning again."""
-    from captionkit.exporters import ExportOptions, write_csv, write_jsonl
+    from captionkit.exporters import ExportOptions, check_output_dir, write_csv, write_jsonl
     from captionkit.gate import score_existing, tally
     from captionkit.pipeline import progress_bar
     from captionkit.scoring import DEFAULT_MODEL, load_scorer
+    from captionkit.store import Store
 
+    if output.is_dir():
+        output = output / "scores.jsonl"
+    check_output_dir(output.parent)
     _quiet_transformers()
     scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
-    scored = score_existing(captions, scorer, images, references, min_score,
-                            progress=lambda total: progress_bar(total, not quiet, "scoring"))
+    store = Store(output.with_suffix(".db"))
+    try:
+        scored = score_existing(captions, scorer, images, references, min_score, store=store,
+                                progress=lambda total: progress_bar(total, not quiet, "scoring"))
+    finally:
+        store.close()
+    if scored.reused:
+        console.print(f"{scored.reused} scores reused from {output.with_suffix('.db')} (scored earlier)")
     for problem in scored.problems[:20]:
         console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]

@@ -8,6 +8,7 @@ with the same folders as an uninterrupted one.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -28,9 +29,11 @@ from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import ExportOptions, listed, relative_path, write_sidecar
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions
-from captionkit.store import Result
+from captionkit.store import Result, Store, extras_of, unchanged_row
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from PIL.Image import Image
 
     from captionkit.scoring import ClipScorer
@@ -197,6 +200,8 @@ class ScoredCaptions:
     results: list[Result]
     problems: list[str]
     images: Path
+    reused: int = 0
+    """Scores taken from the store, scored by an earlier run."""
 
 
 def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
@@ -245,10 +250,12 @@ def _score_batch(batch: list[Result], scorer: ClipScorer, references: Mapping[st
 def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = None,
                    references: Path | None = None, min_score: float | None = None,
                    progress: Callable[[int], AbstractContextManager[Callable[[int], object]]]
-                   | None = None) -> ScoredCaptions:
+                   | None = None, store: Store | None = None) -> ScoredCaptions:
     """Score the captions in a captions.txt, JSONL, CSV or sidecar folder against their images,
     found under `images` (default: the captions file's folder); RefCLIPScore with `references`.
-    `progress(total)`, when given, opens a bar (`pipeline.progress_bar`) advanced batch by batch."""
+    `progress(total)`, when given, opens a bar (`pipeline.progress_bar`) advanced batch by batch.
+    With a `store`, each batch is committed as it is scored, and scores it already holds for the
+    same caption, unchanged image, scorer and references are reused: an interrupted run resumes."""
     captions = Path(captions)
     root = Path(images) if images is not None else captions if captions.is_dir() else captions.parent
     if not root.is_dir():
@@ -265,10 +272,38 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
                       error=None if name in paths else f"no image file for it under {root}")
                for name, text in predictions.captions.items()]
     todo = [result for result in results if result.error is None]
+    key = score_key(scorer, refs.captions if refs is not None else None)
+    reused = _reuse_scores(todo, store.previous(key)) if store is not None else 0
+    todo = [result for result in todo if result.status != "done"]
+    run_id = store.start_run(scorer.name, key, {"captions": str(captions)}) if store else 0
     with (progress or _no_progress)(len(todo)) as advance:
         for start in range(0, len(todo), scorer.batch_size):
             batch = todo[start:start + scorer.batch_size]
             _score_batch(batch, scorer, refs.captions if refs is not None else None, ref_names)
+            if store is not None:
+                store.record(batch, key, run_id)
             advance(len(batch))
     mark(results, min_score)
-    return ScoredCaptions(results, problems, root)
+    if store is not None:
+        store.finish_run(run_id, {"scored": len(todo), "reused": reused})
+    return ScoredCaptions(results, problems, root, reused)
+
+
+def score_key(scorer: ClipScorer, references: Mapping[str, list[str]] | None) -> str:
+    """What a stored score depends on besides its caption and image: the scorer and references."""
+    key = f"score#{scorer.name}@{scorer.scale}"
+    if references is None:
+        return key
+    listed = json.dumps(sorted(references.items()), ensure_ascii=False).encode("utf-8", "replace")
+    return f"{key}+refs:{sources.content_hash(listed)}"
+
+
+def _reuse_scores(results: list[Result], previous: Mapping[bytes, sqlite3.Row]) -> int:
+    """Mark done the results whose stored score still holds; return how many."""
+    reused = 0
+    for result in results:
+        row, result.size, result.mtime_ns = unchanged_row(previous, result.path)
+        if row is not None and row["status"] == "done" and row["caption"] == result.caption:
+            result.status, result.extras = "done", extras_of(row)
+            reused += 1
+    return reused

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
 from captionkit.prompts import read_prompt_file
-from captionkit.store import DB_NAME, Result, Store, extras_of
+from captionkit.store import DB_NAME, Result, Store, extras_of, unchanged_row
 
 if TYPE_CHECKING:
     from captionkit.scoring import ClipScorer
@@ -220,18 +219,11 @@ class Pipeline:
         todo = []
         for ref in refs:
             item = _Item(ref, prompt=self.prompts.get(str(ref.path)))
-            try:
-                stat = ref.path.stat()
-                item.size, item.mtime_ns = stat.st_size, stat.st_mtime_ns
-            except OSError:
-                pass
-            row = previous.get(os.fsencode(ref.path))
-            unchanged = row is not None and (row["size"], row["mtime_ns"]) == (item.size,
-                                                                                item.mtime_ns)
+            row, item.size, item.mtime_ns = unchanged_row(previous, ref.path)
             # a per-image prompt is part of what was asked, so a changed one means a new caption
-            if unchanged and row["status"] == "done" and extras_of(row).get("prompt") == item.prompt:
+            if row is not None and row["status"] == "done" and extras_of(row).get("prompt") == item.prompt:
                 summary.skipped += 1
-            elif unchanged and row["status"] == "failed" and not self.options.retry_failed:
+            elif row is not None and row["status"] == "failed" and not self.options.retry_failed:
                 summary.failed_earlier += 1
             else:
                 todo.append(item)

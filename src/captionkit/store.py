@@ -6,7 +6,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +133,7 @@ class Store:
 
     def previous(self, options_key: str) -> dict[bytes, sqlite3.Row]:
         """Earlier outcomes by raw path, to decide what a resumed run skips."""
-        rows = self.db.execute("SELECT path, status, size, mtime_ns, hash, extras FROM results "
+        rows = self.db.execute("SELECT path, status, size, mtime_ns, hash, caption, extras FROM results "
                                "WHERE options_key = ?", (options_key,))
         return {bytes(row["path"]): row for row in rows}
 
@@ -180,6 +180,20 @@ class Store:
             self.db.execute("BEGIN")
             self.db.executemany("UPDATE results SET extras = ? WHERE path = ? AND options_key = ?",
                                 rows)
+
+
+def unchanged_row(previous: Mapping[bytes, sqlite3.Row],
+                  path: Path) -> tuple[sqlite3.Row | None, int | None, int | None]:
+    """`path`'s row in `previous` if the file's size and modification time still match it (else
+    None), and the file's size and mtime_ns now (None when it cannot be read)."""
+    try:
+        stat = path.stat()
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime_ns = None
+    row = previous.get(os.fsencode(path))
+    unchanged = row is not None and (row["size"], row["mtime_ns"]) == (size, mtime_ns)
+    return (row if unchanged else None), size, mtime_ns
 
 
 def extras_of(row: sqlite3.Row) -> dict:
