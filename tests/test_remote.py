@@ -37,8 +37,8 @@ HF_MODEL = "Salesforce/blip-image-captioning-large"
 def _local_only(monkeypatch):
     """Fast retries, no credentials or proxies from the developer's environment."""
     monkeypatch.setattr(remote, "BACKOFF_SECONDS", 0.01)
-    for name in ("OPENAI_API_KEY", "HF_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
-                 "https_proxy", "all_proxy"):
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HF_TOKEN", "HTTP_PROXY", "HTTPS_PROXY",
+                 "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
@@ -335,6 +335,20 @@ def test_cli_reports_a_refused_key_in_one_line_and_writes_it_nowhere(server, pho
     for text in (proc.stdout, proc.stderr, *(path.read_bytes().decode("latin-1")
                                              for path in out.iterdir() if path.is_file())):
         assert KEY not in text
+
+
+def test_openai_base_url_from_the_environment_and_api_base_over_it(server, photos, monkeypatch):
+    server.api_key = None
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.url}/v1/")
+    captioner = load("openai:llava", LoadOptions())
+    assert captioner.model_id == f"openai:llava@{server.url.split('://')[1]}/v1"
+    assert [c.text for c in captioner.caption(photos[:1], GenerationOptions())] == [
+        caption_for(photos[0].size)]
+    assert load("openai:llava", LoadOptions(api_base="https://example.com/v1")).model_id == (
+        "openai:llava@example.com/v1")
+    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:8000/v1")
+    with pytest.raises(OptionError, match="OPENAI_BASE_URL='localhost:8000/v1': an API base starts"):
+        load("openai:llava", LoadOptions())
 
 
 def test_options_are_checked_before_any_request():

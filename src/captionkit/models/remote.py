@@ -192,6 +192,14 @@ class RemoteCaptioner:
         return text.replace(self._secret, "***") if self._secret else text
 
 
+def _openai_base_url() -> str | None:
+    """`OPENAI_BASE_URL`, which the OpenAI SDK and tools built on it read too."""
+    value = os.environ.get("OPENAI_BASE_URL", "").strip()
+    if value and not value.startswith(("http://", "https://")):
+        raise OptionError(f"OPENAI_BASE_URL={value!r}: an API base starts with http:// or https://")
+    return value or None
+
+
 class OpenAICaptioner(RemoteCaptioner):
     """`openai:<model>`: any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama, llama.cpp)."""
 
@@ -200,7 +208,7 @@ class OpenAICaptioner(RemoteCaptioner):
     def __init__(self, model: str, options: LoadOptions) -> None:
         if not model:
             raise OptionError("openai: needs a model name, e.g. --model openai:gpt-4o-mini")
-        api_base = (options.api_base or OPENAI_API_BASE).rstrip("/")
+        api_base = (options.api_base or _openai_base_url() or OPENAI_API_BASE).rstrip("/")
         self.model = model
         self.url = f"{api_base}/chat/completions"
         where = _display_url(api_base)
