@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from captionkit.datasets import read_predictions
-from captionkit.errors import OptionError
+from captionkit.errors import OptionError, OutputError
 from captionkit.exporters import ExportOptions, atomic_write, export, parse_formats
 from captionkit.store import Result
 
@@ -84,3 +84,8 @@ def test_captions_txt_escapes_names_with_line_breaks_and_reads_them_back(tmp_pat
     predictions = read_predictions(tmp_path / "captions.txt")  # keyed by base name; `\\` is a separator
     assert predictions.captions == {"new\nline.png": "caption 0", "slash.png": "caption 1",
                                     "cr\r.png": "caption 2", "plain": "colon.png: caption 3"}
+
+
+def test_a_file_that_cannot_be_written_is_one_line_naming_it():
+    with pytest.raises(OutputError, match=r"^/proc/captions.txt: cannot write: "):
+        export([], ["captions.txt"], ExportOptions(Path("/proc")))  # procfs takes no new files

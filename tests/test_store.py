@@ -7,6 +7,9 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from captionkit.errors import OutputError
 from captionkit.store import DB_NAME, MIGRATIONS, Result, Store
 
 
@@ -95,3 +98,23 @@ def test_runs_opening_a_new_store_at_once_all_get_its_schema(tmp_path):
         assert errors.empty(), errors.get()
         db = sqlite3.connect(path)
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_a_full_disk_or_a_broken_file_is_one_line_naming_the_store(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    run = store.start_run("m", "m#1", {})
+    store.record([Result(path=tmp_path / "a.jpg", name="a.jpg", status="done", caption="a cat")],
+                 "m#1", run)
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")  # what a full disk answers from here on
+    big = Result(path=tmp_path / "b.jpg", name="b.jpg", status="done", caption="words " * 20_000)
+    with pytest.raises(OutputError, match=r"captionkit.db: cannot record results: database or disk "
+                                          r"is full; what was recorded before is kept, so the same"):
+        store.record([big], "m#1", run)
+    assert [r.name for r in store.results("m#1")] == ["a.jpg"]
+    store.close()
+
+    (tmp_path / "junk.db").write_text("not a database")
+    with pytest.raises(OutputError, match=r"junk.db: cannot open the run record: file is not a "
+                                          r"database$"):
+        Store(tmp_path / "junk.db")

@@ -20,6 +20,10 @@ class ImageError(CaptionkitError):
         self.reason = reason
 
 
+class OutputError(CaptionkitError):
+    """An output file or the run store that cannot be written (disk full, read-only, not a database)."""
+
+
 class OptionError(CaptionkitError):
     """An option, or a combination of options, that cannot work."""
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from captionkit.errors import OutputError
+
+F = TypeVar("F", bound=Callable)
 
 DB_NAME = "captionkit.db"
 BUSY_SECONDS = 10.0
@@ -63,9 +69,27 @@ class Result:
     model_id: str = ""
 
 
+KEPT = "; what was recorded before is kept, so the same command resumes once this is fixed"
+
+
+def _reported(doing: str, hint: str = KEPT) -> Callable[[F], F]:
+    """Turn SQLite's errors in a Store method (disk full, read-only, not a database) into one line."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: Store, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as error:
+                raise OutputError(f"{self.path}: cannot {doing}: {error}{hint}") from error
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
 class Store:
     """Results keyed by (image path, options key); each batch is committed as it finishes."""
 
+    @_reported("open the run record", hint="")
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -113,12 +137,14 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    @_reported("start a run")
     def start_run(self, model_id: str, options_key: str, options: dict) -> int:
         cursor = self.db.execute(
             "INSERT INTO runs (started, model_id, options_key, options) VALUES (?, ?, ?, ?)",
             (time.time(), model_id, options_key, json.dumps(options, sort_keys=True)))
         return int(cursor.lastrowid)
 
+    @_reported("finish the run")
     def finish_run(self, run_id: int, summary: dict) -> None:
         self.db.execute("UPDATE runs SET finished = ?, summary = ? WHERE id = ?",
                         (time.time(), json.dumps(summary), run_id))
@@ -127,6 +153,7 @@ class Store:
         row = self.db.execute("SELECT options_key FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
+    @_reported("forget results")
     def forget(self, options_key: str) -> None:
         """Drop every result of an option set (`--overwrite`)."""
         self.db.execute("DELETE FROM results WHERE options_key = ?", (options_key,))
@@ -148,6 +175,7 @@ class Store:
             found[row["hash"], extras.get("prompt")] = (row["caption"], extras)
         return found
 
+    @_reported("record results")
     def record(self, results: Iterable[Result], options_key: str, run_id: int) -> None:
         """Write a batch in one transaction: after a crash it is either all there or absent."""
         now = time.time()
@@ -172,6 +200,7 @@ class Store:
                          hash=row["hash"], size=row["size"], mtime_ns=row["mtime_ns"],
                          seconds=row["seconds"], model_id=row["model_id"])
 
+    @_reported("update results")
     def update_extras(self, results: Iterable[Result], options_key: str) -> None:
         """Rewrite the extras of recorded results (a changed quality gate) in one transaction."""
         rows = [(json.dumps(r.extras) if r.extras else None, os.fsencode(r.path), options_key)
