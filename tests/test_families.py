@@ -226,10 +226,16 @@ def test_prompt_file_problems_are_clear(tmp_path):
     bad.write_text("a.jpg,what is this, really?\n")
     with pytest.raises(InputError, match="row 1.*quote prompts"):
         read_prompt_file(bad)
+    bad.write_text("image,prompt\na.jpg,what is this?\nb.jpg, \n")
+    with pytest.raises(InputError, match="row 3: expected `image path,prompt`, found an empty prompt"):
+        read_prompt_file(bad)
     good = tmp_path / "sub" / "good.csv"
     good.parent.mkdir()
     good.write_text("photo.jpg,what is this?\n\n")
     assert read_prompt_file(good) == {str((good.parent / "photo.jpg").absolute()): "what is this?"}
+    for header in ("path,prompt", "image,prompt", "Image Path,Question", "file,instruction"):
+        good.write_text(f"{header}\nphoto.jpg,what is this?\n")
+        assert read_prompt_file(good) == {str((good.parent / "photo.jpg").absolute()): "what is this?"}
 
 
 def test_families_are_detected_from_config(family_models, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from captionkit.errors import InputError
 
-HEADER = ("path", "prompt")
+PROMPT_HEADINGS = frozenset({"prompt", "question", "instruction", "text"})
 
 
 def read_prompt_file(path: Path) -> dict[str, str]:
@@ -18,14 +18,19 @@ def read_prompt_file(path: Path) -> dict[str, str]:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"--prompt-file {path}: cannot read it ({err})") from None
-    header = bool(rows) and tuple(cell.strip().lower() for cell in rows[0]) == HEADER
+    # a header names its columns: `path,prompt`, `image,question`, `file,instruction`...
+    header = bool(rows) and len(rows[0]) == 2 and rows[0][1].strip().lower() in PROMPT_HEADINGS
     prompts: dict[str, str] = {}
     for line, row in enumerate(rows[header:], start=1 + header):
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise InputError(f"--prompt-file {path}, row {line}: expected `image path,prompt` "
-                             "(quote prompts that contain commas)")
+        problem = (f"{len(row)} columns (quote prompts that contain commas)" if len(row) != 2
+                   else "no image path" if not row[0].strip()
+                   else "an empty prompt (leave the image out to ask it --prompt)" if not row[1].strip()
+                   else None)
+        if problem:
+            raise InputError(f"--prompt-file {path}, row {line}: expected `image path,prompt`, "
+                             f"found {problem}")
         image = Path(row[0].strip()).expanduser()
         prompts[os.path.abspath(path.parent / image)] = row[1].strip()
     if not prompts:
