@@ -108,10 +108,15 @@ def test_a_batch_captions_like_one_image_at_a_time(captioner, examples, captions
         assert captioner.caption([image], OPTIONS)[0].text == captions[name].text
 
 
-def test_a_plain_gray_image_gets_a_plain_sentence(captioner):
-    gray = Image.new("RGB", (320, 240), (128, 128, 128))
-    [caption] = captioner.caption([gray], OPTIONS)
-    assert caption.text == "a plain gray image"
+@pytest.mark.parametrize(("colour", "size", "said"), [
+    ((128, 128, 128), (320, 240), "gray"),
+    ((255, 0, 0), (320, 240), "red"),  # the detector saw a refrigerator in it
+    ((255, 0, 0), (1, 1), "red"),
+    ((0, 0, 255), (640, 480), "blue"),
+])
+def test_a_plain_image_gets_a_plain_sentence(captioner, colour, size, said):
+    [caption] = captioner.caption([Image.new("RGB", size, colour)], OPTIONS)
+    assert caption.text == f"a plain {said} image"
     assert caption.extras["objects"] == []
 
 

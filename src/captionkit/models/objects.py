@@ -289,6 +289,10 @@ def _tone(pixels: np.ndarray) -> str:
     return "dark" if luma.mean() < 50 else ""
 
 
+FLAT_RANGE = 8
+"""Largest spread of any channel, over every pixel, of an image with nothing in it (JPEG noise)."""
+
+
 def _plain_image(pixels: np.ndarray) -> str | None:
     """"a plain gray image" when the image is one flat colour, so nothing is invented for it."""
     rgb = pixels.reshape(-1, 3).astype(np.float32)
@@ -463,6 +467,8 @@ class ObjectsCaptioner:
                 rgb, self._detect(rgb), self._classify(rgb), strict=True):
             thumb = np.asarray(image.resize((64, 64), Image.Resampling.BILINEAR))
             tone = _tone(thumb)
+            if all(high - low <= FLAT_RANGE for low, high in image.getextrema()):
+                sure = []  # nothing is in it, whatever the detector says (a solid red: "refrigerator")
             # A tiny object on a flat sky is still an object: "plain" only when none was found.
             plain = None if sure else _plain_image(thumb)
             text = plain or compose(sure, doubtful, self._hint(probs, tone), tone)
