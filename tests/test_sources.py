@@ -387,10 +387,15 @@ def test_heif_decodes_when_pillow_heif_is_installed(cat: Image.Image) -> None:
     assert decode(encode(cat, "HEIF"), "x").size == cat.size
 
 
-def test_heif_without_pillow_heif_says_what_to_install() -> None:
+def test_heif_without_pillow_heif_says_what_to_install(tmp_path: Path, jpeg: bytes) -> None:
     if "HEIF" in IMAGE_FORMATS:
         pytest.skip("pillow-heif is installed")
-    assert "pillow-heif" in reason_of(b"\0\0\0\x18ftypheic" + bytes(64))
+    heic = b"\0\0\0\x18ftypheic" + bytes(64)
+    assert "pillow-heif" in reason_of(heic)
+    # in a folder it is collected and fails with that reason, instead of being passed over
+    write(tmp_path / "IMG_0001.HEIC", heic)
+    write(tmp_path / "b.jpg", jpeg)
+    assert names(discover([str(tmp_path)])[0]) == ["IMG_0001.HEIC", "b.jpg"]
 
 
 # --- load_image --------------------------------------------------------------------------------

@@ -32,31 +32,28 @@ _BASE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP")
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
-def _optional_support() -> tuple[set[str], set[str]]:
-    """Extensions and Pillow formats that depend on what is installed: HEIF, AVIF."""
-    extensions: set[str] = set()
+def _optional_formats() -> set[str]:
+    """Pillow formats that depend on what is installed: HEIF, AVIF."""
     formats: set[str] = set()
     if "avif" in features.modules and features.check_module("avif"):
-        extensions.add(".avif")
         formats.add("AVIF")
     try:
         import pillow_heif
     except ImportError:
-        return extensions, formats
+        return formats
     pillow_heif.register_heif_opener()
-    extensions |= {".heic", ".heif"}
     formats.add("HEIF")
     # pillow-heif dropped its AVIF opener once Pillow decoded AVIF itself.
-    if ".avif" not in extensions and hasattr(pillow_heif, "register_avif_opener"):
+    if "AVIF" not in formats and hasattr(pillow_heif, "register_avif_opener"):
         pillow_heif.register_avif_opener()
-        extensions.add(".avif")
         formats.add("AVIF")
-    return extensions, formats
+    return formats
 
 
-_OPTIONAL_EXTENSIONS, _OPTIONAL_FORMATS = _optional_support()
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(_BASE_EXTENSIONS | _OPTIONAL_EXTENSIONS)
-IMAGE_FORMATS: tuple[str, ...] = _BASE_FORMATS + tuple(sorted(_OPTIONAL_FORMATS))
+# HEIC and AVIF files are collected even when they cannot be decoded here, so a folder of iPhone
+# photos is listed as failed with what to install instead of looking empty.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(_BASE_EXTENSIONS | {".heic", ".heif", ".avif"})
+IMAGE_FORMATS: tuple[str, ...] = _BASE_FORMATS + tuple(sorted(_optional_formats()))
 
 
 @dataclass(frozen=True)
@@ -430,6 +427,8 @@ def _unidentified_reason(data: bytes) -> str:
     head = data[:512]
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS and "HEIF" not in IMAGE_FORMATS:
         return "unsupported format (HEIC/HEIF needs pillow-heif: pip install 'captionkit[heif]')"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis") and "AVIF" not in IMAGE_FORMATS:
+        return "unsupported format (AVIF needs Pillow built with libavif, or pillow-heif)"
     if not head:
         return "not an image (no data)"
     try:
