@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -206,6 +207,24 @@ def test_python_api_accepts_bytes_files_and_arrays(photo_dir):
         model.caption("https://example.com/a.jpg")
     with pytest.raises(TypeError, match="an image is a path, .* not int"):
         model.caption([path, 42])
+
+
+def test_a_broken_local_checkpoint_is_one_line_saying_what_is_wrong(blip_dir, tmp_path):
+    broken = tmp_path / "blip"
+    shutil.copytree(blip_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:1000])  # a copy cut short
+    with pytest.raises(ModelUnavailableError, match=r"blip: cannot load this checkpoint: .*header"):
+        load(str(broken), LoadOptions(device="cpu"))
+    weights.unlink()
+    with pytest.raises(ModelUnavailableError, match=r"blip: no weights file \(model.safetensors or "
+                                                     r"pytorch_model.bin\): an interrupted download"):
+        load(str(broken), LoadOptions(device="cpu"))
+    weights.write_bytes(data)
+    (broken / "processor_config.json").unlink()
+    with pytest.raises(ModelUnavailableError, match="cannot load this checkpoint: .*preprocessor_config"):
+        load(str(broken), LoadOptions(device="cpu"))
 
 
 def test_python_api_run_takes_one_folder_as_a_string(photo_dir, tmp_path):

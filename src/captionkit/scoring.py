@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from safetensors import SafetensorError
 
 from captionkit import hub
 from captionkit.device import pick_device, pick_dtype
@@ -183,7 +184,7 @@ class HFEncoder:
 
         try:
             model = AutoModel.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ModelNotFoundError(f"{name}: cannot load a model from {path} ({err})") from err
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise OptionError(f"{name} is a {model.config.model_type} model, not an image-text "

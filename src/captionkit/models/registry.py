@@ -8,8 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from captionkit import hub
-from captionkit.errors import ModelNotFoundError, OptionError
+from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
 from captionkit.models.base import Captioner
 from captionkit.options import LoadOptions
 
@@ -131,6 +133,9 @@ def choose_auto() -> tuple[str, str]:
                        "in the Hugging Face cache; pass --model blip-large to download them)")
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
 def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     """Load a captioner by alias, Hub id, local directory, `scheme:` name or `auto`."""
     options = options or LoadOptions()
@@ -152,4 +157,13 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     if family == "objects":
         raise OptionError(f"{name}: the objects captioner is built in; use --model objects")
     model_id = source if not Path(source).expanduser().is_dir() else str(path.resolve())
-    return _factory(FAMILIES[family])(path, model_id, options)
+    where = name if Path(name) == path else f"{name} ({path})"
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelUnavailableError(f"{where}: no weights file (model.safetensors or pytorch_model.bin): "
+                                    "an interrupted download or copy? Fetch it again")
+    try:
+        return _factory(FAMILIES[family])(path, model_id, options)
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
+        # a truncated weights file, a missing processor or tokenizer file, a missing package
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ModelUnavailableError(f"{where}: cannot load this checkpoint: {reason}") from error
