@@ -225,6 +225,12 @@ def test_a_broken_local_checkpoint_is_one_line_saying_what_is_wrong(blip_dir, tm
     (broken / "processor_config.json").unlink()
     with pytest.raises(ModelUnavailableError, match="cannot load this checkpoint: .*preprocessor_config"):
         load(str(broken), LoadOptions(device="cpu"))
+    shutil.copy(blip_dir / "processor_config.json", broken)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).unlink()  # transformers 5 then builds a 5-token tokenizer without a word
+    with pytest.raises(ModelUnavailableError, match=r"its tokenizer has \d tokens for a model of 211: "
+                                                     r"the tokenizer files .* are missing"):
+        load(str(broken), LoadOptions(device="cpu"))
 
 
 def test_python_api_run_takes_one_folder_as_a_string(photo_dir, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from captionkit.device import pick_device, pick_dtype, quantize_int8
-from captionkit.errors import OptionError
+from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
 
@@ -48,6 +48,22 @@ class HFCaptioner:
         if options.quantize:
             quantize_int8(self.model)
         self.input_size = _input_size(self.image_processor)
+        self._check_tokenizer(path)
+
+    def _check_tokenizer(self, path: Path) -> None:
+        """Refuse the near-empty tokenizer transformers builds when a checkpoint's tokenizer files
+        are missing: it would caption every image with noise, silently."""
+        if self.tokenizer is self.processor:
+            return
+        try:
+            vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        except AttributeError:
+            return
+        if vocab and len(self.tokenizer) < vocab // 2:
+            raise ModelUnavailableError(
+                f"{path}: its tokenizer has {len(self.tokenizer)} tokens for a model of {vocab}: the "
+                "tokenizer files (tokenizer.json, vocab.txt, ...) are missing; copy them from the "
+                "original checkpoint")
 
     def load_processor(self, path: Path):
         from transformers import AutoProcessor

@@ -157,13 +157,14 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     if family == "objects":
         raise OptionError(f"{name}: the objects captioner is built in; use --model objects")
     model_id = source if not Path(source).expanduser().is_dir() else str(path.resolve())
-    where = name if Path(name) == path else f"{name} ({path})"
-    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
-        raise ModelUnavailableError(f"{where}: no weights file (model.safetensors or pytorch_model.bin): "
-                                    "an interrupted download or copy? Fetch it again")
     try:
         return _factory(FAMILIES[family])(path, model_id, options)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
-        # a truncated weights file, a missing processor or tokenizer file, a missing package
+        # no weights, a truncated weights file, a missing processor file, a missing package
+        where = name if Path(name) == path else f"{name} ({path})"
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelUnavailableError(f"{where}: no weights file (model.safetensors or "
+                                        "pytorch_model.bin): an interrupted download or copy? "
+                                        "Fetch it again") from error
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ModelUnavailableError(f"{where}: cannot load this checkpoint: {reason}") from error
