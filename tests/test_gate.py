@@ -126,6 +126,12 @@ def test_move_takes_failed_images_out_of_the_input(captioner, scorer, photo_dir,
     again = run(captioner, scorer, [images], out, min_score=baseline[1], failed_dir=failed, move=True)
     assert again.done == 0 and again.set_aside == len(moved)
     assert {p.name: p.read_bytes() for p in failed.iterdir()} == before
+    # a lower threshold: every image passes, and the moved ones go back with nothing left behind
+    lowered = run(captioner, scorer, [images], out, min_score=0.0, failed_dir=failed, move=True)
+    assert lowered.done == 0 and lowered.set_aside == 0
+    assert list(failed.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == {
+        p.name: p.read_bytes() for p in photo_dir.iterdir()}
 
 
 def test_copy_images_reproduces_the_folder_script_layout(baseline, blip_dir, tiny_clip,

@@ -26,7 +26,7 @@ from captionkit.datasets import (
     read_references,
 )
 from captionkit.errors import CaptionkitError, ImageError, OptionError
-from captionkit.exporters import ExportOptions, listed, relative_path, write_sidecar
+from captionkit.exporters import ExportOptions, listed, relative_path, sidecar_path, write_sidecar
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions
 from captionkit.store import Result, Store, extras_of, unchanged_row
@@ -141,14 +141,23 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
     for result in results:
         if result.status != "done":
             continue
+        failed = result.extras.get("passed") is False
+        parked = None if options.failed_dir is None else options.failed_dir / relative_path(result.name)
+        if parked is not None and options.move and not failed:
+            _move_back(result, parked, ExportOptions(options.failed_dir, export.caption_extension))
         if options.copy_images and listed(result, export):
             _put(result.path, export.output_dir / relative_path(result.name), move=False)
-        if options.failed_dir is None or result.extras.get("passed") is not False:
-            continue
-        if _put(result.path, options.failed_dir / relative_path(result.name), options.move):
+        if parked is not None and failed and _put(result.path, parked, options.move):
             write_sidecar(result, ExportOptions(options.failed_dir, export.caption_extension))
             set_aside += 1
     return set_aside
+
+
+def _move_back(result: Result, parked: Path, failed_folder: ExportOptions) -> None:
+    """An image an earlier run moved aside that passes now (a lower --min-score) goes home."""
+    if not result.path.exists() and parked.exists():
+        _put(parked, result.path, move=True)
+        sidecar_path(result, failed_folder).unlink(missing_ok=True)
 
 
 def _put(source: Path, target: Path, move: bool) -> bool:
