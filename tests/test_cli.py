@@ -63,6 +63,18 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     assert taken.read_text() == "not a folder"
 
 
+def test_a_caption_extension_that_would_overwrite_images_stops_before_anything(photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    proc = captionkit("caption", images, "--model", "objects", "--beside-images", "--format", "txt",
+                      "--caption-extension", ".png", "-o", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "error: --caption-extension '.png' is an image extension" in proc.stderr
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("args", "said"), [
     (["caption"], "Missing argument 'inputs'"),
     (["caption", "photos", "--no-such-option"], "No such option: --no-such-option"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,23 @@ def test_parse_formats():
     with pytest.raises(OptionError, match="choose from"):
         parse_formats("xml")
     with pytest.raises(OptionError, match="must start with"):
-        export([Result(path=Path("/a.jpg"), name="a.jpg", status="done", caption="x")], ["txt"],
-               ExportOptions(Path("/tmp"), caption_extension="txt"))
+        ExportOptions(Path("/tmp"), caption_extension="txt")
+
+
+@pytest.mark.parametrize("extension", [".jpg", ".PNG", ".webp", ".heic"])
+def test_a_caption_extension_that_would_overwrite_images_is_refused(extension):
+    with pytest.raises(OptionError, match=f"'{re.escape(extension)}' is an image extension"):
+        ExportOptions(Path("/tmp"), caption_extension=extension, sidecars_beside_images=True)
+
+
+def test_a_caption_file_never_replaces_its_image(tmp_path):
+    image = tmp_path / "scan.caption"  # named directly, an image may have any extension
+    image.write_bytes(b"the image's bytes")
+    result = Result(path=image, name="scan.caption", status="done", caption="a scan")
+    with pytest.raises(OutputError, match="would replace the image itself"):
+        export([result], ["txt"], ExportOptions(tmp_path, caption_extension=".caption",
+                                                sidecars_beside_images=True))
+    assert image.read_bytes() == b"the image's bytes"
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from skimage import data as samples
 
-from captionkit.errors import ImageError, InputError
+from captionkit.errors import ImageError, InputError, OptionError
 from captionkit.sources import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -149,6 +149,8 @@ def test_dash_reads_the_list_from_stdin(album: Path, monkeypatch: pytest.MonkeyP
 
 def test_extensions_filter_ignores_case_and_dots(album: Path) -> None:
     assert names(discover([str(album)], extensions=["JPG"])[0]) == ["a.JPG", "b.jpg"]
+    with pytest.raises(OptionError, match="--ext ',,' names no extension"):
+        discover([str(album)], extensions=["", "", ""])
     assert names(discover([str(album)], extensions=[".png"])[0]) == ["c.png"]
     assert discover([str(album / "c.png")], extensions=["jpg"])[0] == []
 

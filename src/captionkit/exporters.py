@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
+from captionkit.sources import IMAGE_EXTENSIONS
 from captionkit.store import Result
 
 
@@ -25,6 +26,14 @@ class ExportOptions:
     sidecars_beside_images: bool = False
     keep_failed: bool = False
     """Keep images that failed the quality gate (`passed` false) in captions.txt and sidecars."""
+
+    def __post_init__(self) -> None:
+        extension = self.caption_extension
+        if not extension.startswith(".") or extension == ".":
+            raise OptionError(f"--caption-extension {extension!r} must start with '.', like .txt")
+        if extension.lower() in IMAGE_EXTENSIONS:
+            raise OptionError(f"--caption-extension {extension!r} is an image extension: caption "
+                              "files would overwrite images")
 
 
 def make_output_dir(path: Path) -> None:
@@ -128,14 +137,15 @@ def relative_path(name: str) -> Path:
 
 def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """One caption file per image (the convention of LoRA dataset tools)."""
-    if not options.caption_extension.startswith("."):
-        raise OptionError(f"--caption-extension {options.caption_extension!r} must start with '.'")
     return [write_sidecar(result, options) for result in results if listed(result, options)]
 
 
 def write_sidecar(result: Result, options: ExportOptions) -> Path:
     """The result's caption file, written atomically; returns its path."""
     path = sidecar_path(result, options)
+    if path.exists() and result.path.exists() and path.samefile(result.path):
+        raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
+                          "--caption-extension")
     atomic_write(path, _one_line(result.caption or "") + "\n")
     return path
 

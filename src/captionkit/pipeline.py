@@ -52,6 +52,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
+        # checked now, before a model loads: --ext, and a caption extension that would overwrite images
+        sources.normalise_extensions(self.extensions)
+        self.export_options()
         if self.gate.copy_images and self.sidecars_beside_images:
             raise OptionError("--copy-images writes each caption file beside the image's copy in "
                               "--output-dir: drop --beside-images")

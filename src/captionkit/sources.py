@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from captionkit.errors import ImageError, InputError
+from captionkit.errors import ImageError, InputError, OptionError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 LIST_SUFFIXES = (".txt", ".lst")
@@ -78,7 +78,7 @@ def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterabl
 
     Raises InputError for an input that does not exist or matches nothing.
     """
-    finder = _Finder(recursive, _normalise_extensions(extensions), extensions is not None,
+    finder = _Finder(recursive, normalise_extensions(extensions), extensions is not None,
                      frozenset(skip_names))
     refs: dict[str, ImageRef] = {}
     for item in inputs:
@@ -338,12 +338,18 @@ def _read_stdin() -> str:
     return os.fsdecode(buffer.read()) if buffer is not None else sys.stdin.read()
 
 
-def _normalise_extensions(extensions: Iterable[str] | None) -> frozenset[str]:
+def normalise_extensions(extensions: Iterable[str] | None) -> frozenset[str]:
+    """`--ext` as lowercase dotted extensions; every image extension when None."""
     if extensions is None:
         return IMAGE_EXTENSIONS
     if isinstance(extensions, str):
         extensions = [extensions]
-    return frozenset("." + extension.strip().lstrip(".").lower() for extension in extensions)
+    given = list(extensions)
+    cleaned = frozenset("." + bare for extension in given
+                        if (bare := extension.strip().lstrip(".").lower()))
+    if given and not cleaned:
+        raise OptionError(f"--ext {','.join(given)!r} names no extension: try --ext jpg,png")
+    return cleaned
 
 
 def _identity(path: str) -> tuple[int, int]:
