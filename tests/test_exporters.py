@@ -105,3 +105,12 @@ def test_captions_txt_escapes_names_with_line_breaks_and_reads_them_back(tmp_pat
 def test_a_file_that_cannot_be_written_is_one_line_naming_it():
     with pytest.raises(OutputError, match=r"^/proc/captions.txt: cannot write: "):
         export([], ["captions.txt"], ExportOptions(Path("/proc")))  # procfs takes no new files
+
+
+def test_images_differing_only_in_extension_keep_a_caption_file_each(tmp_path):
+    results = [Result(path=tmp_path / name, name=name, status="done", caption=f"caption of {name}")
+               for name in ("a.jpg", "a.png", "b.jpg")]
+    written = export(results, ["txt"], ExportOptions(tmp_path / "out"))
+    assert sorted(p.name for p in written) == ["a.jpg.txt", "a.png.txt", "b.txt"]
+    assert read_predictions(tmp_path / "out").captions == {
+        "a.jpg": "caption of a.jpg", "a.png": "caption of a.png", "b": "caption of b.jpg"}

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -119,12 +120,12 @@ def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> lis
     return [path]
 
 
-def sidecar_path(result: Result, options: ExportOptions) -> Path:
-    """`photo.txt` beside `photo.jpg`, or mirrored under the output folder."""
+def sidecar_path(result: Result, options: ExportOptions, full_name: bool = False) -> Path:
+    """`photo.txt` beside `photo.jpg`, or mirrored under the output folder; `photo.jpg.txt` with
+    `full_name` (for images whose names differ only in their extension)."""
     extension = options.caption_extension
-    if options.sidecars_beside_images:
-        return result.path.with_suffix(extension)
-    return options.output_dir / relative_path(result.name).with_suffix(extension)
+    image = result.path if options.sidecars_beside_images else options.output_dir / relative_path(result.name)
+    return image.with_name(image.name + extension) if full_name else image.with_suffix(extension)
 
 
 def relative_path(name: str) -> Path:
@@ -136,13 +137,17 @@ def relative_path(name: str) -> Path:
 
 
 def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
-    """One caption file per image (the convention of LoRA dataset tools)."""
-    return [write_sidecar(result, options) for result in results if listed(result, options)]
+    """One caption file per image (the convention of LoRA dataset tools). Images that would share
+    one (`a.jpg`, `a.png`) each get theirs under the full name (`a.jpg.txt`, `a.png.txt`)."""
+    chosen = [result for result in results if listed(result, options)]
+    users = Counter(sidecar_path(result, options) for result in chosen)
+    return [write_sidecar(result, options, full_name=users[sidecar_path(result, options)] > 1)
+            for result in chosen]
 
 
-def write_sidecar(result: Result, options: ExportOptions) -> Path:
+def write_sidecar(result: Result, options: ExportOptions, full_name: bool = False) -> Path:
     """The result's caption file, written atomically; returns its path."""
-    path = sidecar_path(result, options)
+    path = sidecar_path(result, options, full_name)
     if path.exists() and result.path.exists() and path.samefile(result.path):
         raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
                           "--caption-extension")
