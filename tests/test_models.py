@@ -187,6 +187,18 @@ def test_python_api_accepts_paths_and_images(blip_dir, photo_dir, photos):
         model.caption(42)
 
 
+def test_python_api_captions_a_long_list_in_batches(blip_dir, photos):
+    """A list of thousands must not become one batch (its cross-attention caches alone would be
+    tens of GB): it goes through in the pipeline's batch size."""
+    model = captionkit.load(str(blip_dir), device="cpu", dtype="float32")
+    calls, caption = [], model.captioner.caption
+    model.captioner.caption = lambda images, *args: calls.append(len(images)) or caption(images, *args)
+    images = [photos[index % len(photos)] for index in range(37)]
+    captions = model.caption(images, max_new_tokens=3)
+    assert calls == [16, 16, 5] and len(captions) == 37
+    assert captions[:len(photos)] == model.caption(photos, max_new_tokens=3)
+
+
 def test_python_api_accepts_bytes_files_and_arrays(photo_dir):
     """What web handlers and OpenCV/numpy code hold: encoded bytes, file objects, RGB arrays."""
     model = captionkit.load("objects")

@@ -13,7 +13,7 @@ from captionkit import sources
 from captionkit.models import Captioner
 from captionkit.models import load as load_captioner
 from captionkit.options import GenerationOptions, LoadOptions
-from captionkit.pipeline import Pipeline, RunOptions, RunSummary
+from captionkit.pipeline import Pipeline, RunOptions, RunSummary, default_batch_size
 
 ImageLike = str | Path | Image.Image | bytes | IO[bytes] | np.ndarray
 
@@ -36,8 +36,13 @@ class Model:
             raise TypeError("caption() takes an image (a path, a PIL image, encoded bytes, a binary "
                             f"file or an RGB array) or a list of them, not {type(images).__name__}")
         batch = [images] if single else list(images)
-        decoded = [sources.load_image(image, self.captioner.input_size) for image in batch]
-        texts = [c.text for c in self.captioner.caption(decoded, GenerationOptions(**generation))]
+        options = GenerationOptions(**generation)
+        size = default_batch_size(self.captioner)  # a long list goes through in batches, not at once
+        texts = []
+        for start in range(0, len(batch), size):
+            decoded = [sources.load_image(image, self.captioner.input_size)
+                       for image in batch[start:start + size]]
+            texts += [c.text for c in self.captioner.caption(decoded, options)]
         return texts[0] if single else texts
 
     def run(self, inputs: str | Path | Sequence[str | Path], generation: GenerationOptions | None = None,
