@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from captionkit import sources
 from captionkit.cli import app
-from captionkit.errors import InputError, ModelNotFoundError, OptionError
+from captionkit.errors import InputError, ModelNotFoundError, OptionError, OutputError
 from captionkit.models import FAMILIES, MODELS, Caption, load
 from captionkit.models.registry import VLM_FAMILY, detect_family
 from captionkit.options import GenerationOptions, LoadOptions
@@ -173,6 +173,18 @@ def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
     assert annotated.getpixel(far) == original.getpixel(far)
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert all(r["entities"][0]["boxes"] == [[0.1, 0.2, 0.5, 0.8]] for r in records)
+
+
+def test_draw_boxes_never_replaces_the_images_themselves(tmp_path, photo_dir):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    options = RunOptions(output_dir=tmp_path / "out", progress=False, draw_boxes=images)
+    with pytest.raises(OptionError, match="--draw-boxes .* is an input folder"):
+        Pipeline(Grounded(), GenerationOptions(), options).run([str(images)])
+    with pytest.raises(OutputError, match="the annotated copy would replace the image itself"):
+        Pipeline(Grounded(), GenerationOptions(), options).run([str(images / "horse.png")])
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
 
 
 def test_kosmos2_through_the_cli_with_detail_and_boxes(family_models, photo_dir, tmp_path):

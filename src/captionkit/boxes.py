@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from captionkit import sources
-from captionkit.errors import ImageError
+from captionkit.errors import ImageError, OutputError
 from captionkit.exporters import relative_path
 from captionkit.store import Result
 
@@ -28,6 +28,9 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
         except ImageError:
             continue  # the file changed or went away since it was captioned
         target = _mirrored(result.name, directory)
+        if target.exists() and target.samefile(result.path):
+            raise OutputError(f"{target}: the annotated copy would replace the image itself; pick "
+                              "a --draw-boxes folder outside the inputs")
         _save(annotate(image, entities), target)
         written.append(target)
     return written
