@@ -63,6 +63,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     assert taken.read_text() == "not a folder"
 
 
+def test_score_refuses_to_write_over_the_captions_it_scores(tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"image": "a.jpg", "caption": "a cat"}\n')
+    proc = captionkit("score", captions, "-o", captions, check=False)
+    assert proc.returncode == 2 and "is the captions file being scored" in proc.stderr
+    assert captions.read_text() == '{"image": "a.jpg", "caption": "a cat"}\n'
+
+
 def test_a_caption_extension_that_would_overwrite_images_stops_before_anything(photo_dir, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(photo_dir, images)

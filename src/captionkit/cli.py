@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from captionkit.errors import CaptionkitError
+from captionkit.errors import CaptionkitError, OptionError
 
 app = typer.Typer(
     add_completion=False,
@@ -506,6 +506,8 @@ def score(
 
     if output.is_dir():
         output = output / "scores.jsonl"
+    if output.exists() and output.samefile(captions):
+        raise OptionError(f"-o {output} is the captions file being scored: name another output")
     check_output_dir(output.parent)
     _quiet_transformers()
     scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
