@@ -134,6 +134,11 @@ def test_uncached_hub_model_fails_fast_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache.*offline"):
         load("blip-base", FP32)
+    with pytest.raises(ModelUnavailableError, match=r"\(did you mean --model blip-base\?\)$"):
+        load("blip-bse", FP32)  # a mistyped alias reads as a Hub id
+    with pytest.raises(ModelUnavailableError) as caught:
+        load("Salesforce/blip-bse", FP32)
+    assert "did you mean" not in str(caught.value)
 
 
 def test_uncached_hub_model_fails_fast_when_unreachable(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 from collections.abc import Callable
@@ -152,7 +153,13 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     if builtin:
         return _factory(FAMILIES["objects"])(options)
     source = spec.source if spec else name
-    path = hub.resolve(source)
+    try:
+        path = hub.resolve(source)
+    except (ModelNotFoundError, ModelUnavailableError) as error:
+        alias = difflib.get_close_matches(name, MODELS, n=1) if "/" not in name else []
+        if alias:  # a mistyped alias reads as a Hub id: say which alias it looks like
+            raise type(error)(f"{error} (did you mean --model {alias[0]}?)") from error
+        raise
     family = detect_family(path)
     if family == "objects":
         raise OptionError(f"{name}: the objects captioner is built in; use --model objects")
