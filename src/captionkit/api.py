@@ -30,6 +30,7 @@ class Model:
 
     def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
         """Caption one image (returns a string) or a list of them (returns a list)."""
+        # an H x W (x C) array is one image, an N x H x W x C array a list of them
         single = isinstance(images, str | Path | Image.Image | bytes | bytearray) or (
             hasattr(images, "read") or len(getattr(images, "shape", ())) in (2, 3))
         if not single and not isinstance(images, Iterable):

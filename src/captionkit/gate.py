@@ -138,17 +138,19 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
     """Copy listed images into the output folder (`copy_images`), then copy or move failed ones with
     their caption file into the failed folder; returns how many are there. Safe to repeat."""
     set_aside = 0
+    aside = None if options.failed_dir is None else ExportOptions(options.failed_dir,
+                                                                  export.caption_extension)
     for result in results:
         if result.status != "done":
             continue
         failed = result.extras.get("passed") is False
-        parked = None if options.failed_dir is None else options.failed_dir / relative_path(result.name)
+        parked = None if aside is None else aside.output_dir / relative_path(result.name)
         if parked is not None and options.move and not failed:
-            _move_back(result, parked, ExportOptions(options.failed_dir, export.caption_extension))
+            _move_back(result, parked, aside)
         if options.copy_images and listed(result, export):
             _put(result.path, export.output_dir / relative_path(result.name), move=False)
         if parked is not None and failed and _put(result.path, parked, options.move):
-            write_sidecar(result, ExportOptions(options.failed_dir, export.caption_extension))
+            write_sidecar(result, aside)
             set_aside += 1
     return set_aside
 
@@ -281,14 +283,15 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
                       error=None if name in paths else f"no image file for it under {root}")
                for name, text in predictions.captions.items()]
     todo = [result for result in results if result.error is None]
-    key = score_key(scorer, refs.captions if refs is not None else None)
+    ref_captions = refs.captions if refs is not None else None
+    key = score_key(scorer, ref_captions)
     reused = _reuse_scores(todo, store.previous(key)) if store is not None else 0
     todo = [result for result in todo if result.status != "done"]
     run_id = store.start_run(scorer.name, key, {"captions": str(captions)}) if store else 0
     with (progress or _no_progress)(len(todo)) as advance:
         for start in range(0, len(todo), scorer.batch_size):
             batch = todo[start:start + scorer.batch_size]
-            _score_batch(batch, scorer, refs.captions if refs is not None else None, ref_names)
+            _score_batch(batch, scorer, ref_captions, ref_names)
             if store is not None:
                 store.record(batch, key, run_id)
             advance(len(batch))
