@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_one_call_captions_the_split_scores_it_and_resumes(flickr8k, blip_dir, t
     assert few.result.unpredicted == []
 
 
-def test_command_scores_a_captions_file(flickr8k, tmp_path):
+def test_command_scores_a_captions_file(flickr8k, tiny_clip, tmp_path):
     split = _test_split(flickr8k)
     subjects = {_name(index): SUBJECTS[index % len(SUBJECTS)] for index in range(12)}
     lines = [f"photos/{name}: {subjects[name]} in a photo" for name in split[:5]]
@@ -133,6 +134,12 @@ def test_command_scores_a_captions_file(flickr8k, tmp_path):
     assert expected.corpus["CIDEr-D"] > 0.5
     page = (out / "report.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 10
+
+    with_clip = subprocess.run([*proc.args, "--clip-model", tiny_clip, "--metrics", "bleu"],
+                               capture_output=True, text=True, timeout=120)
+    assert with_clip.returncode == 0, with_clip.stderr
+    assert re.search(r"CLIPScore .* 10/10", with_clip.stderr), with_clip.stderr  # its progress bar
+    assert "RefCLIPScore" in with_clip.stdout
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -640,6 +640,7 @@ def evaluate_command(
             images=images,
             metrics=chosen,
             clip_scorer=scorer,
+            progress=not quiet,
         )
     print_summary(evaluation.result, out)
     for path in evaluation.files.values():

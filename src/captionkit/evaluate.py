@@ -265,6 +265,7 @@ def score_captions(
     *,
     clip_scorer: ClipScorer | None = None,
     image_paths: Mapping[str, Path] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Score predictions against references, per image and over the corpus.
 
@@ -315,8 +316,30 @@ def score_captions(
         for column, corpus, per_image in scores:
             _record(result, column, corpus, per_image)
     if clip_scorer is not None:
-        _clip(result, clip_scorer)
+        _clip(result, clip_scorer, progress)
     return result
+
+
+def _clip_batch(result: EvalResult, scorer: ClipScorer, names: list[str],
+                values: dict[str, list[float]], unreadable: list[str]) -> None:
+    batch, images = [], []
+    for name in names:
+        image = _load_image(result.image_paths.get(name))
+        if image is None:
+            unreadable.append(name)
+        else:
+            batch.append(name)
+            images.append(image)
+    if not batch:
+        return
+    # One call gives both: the images are embedded once, then compared with caption and references.
+    scores = scorer.score(images, [result.predictions[name] for name in batch],
+                          references=[result.references[name] for name in batch])
+    for name, score in zip(batch, scores, strict=True):
+        for column, value in (("CLIPScore", score.clip_score), ("RefCLIPScore", score.ref_clip_score)):
+            if value is not None:
+                result.per_image[name][column] = float(value)
+                values[column].append(float(value))
 
 
 def _record(result: EvalResult, column: str, corpus: float, per_image: Sequence[float]) -> None:
@@ -335,30 +358,17 @@ def _load_image(path: Path | None) -> Image.Image | None:
         return None
 
 
-def _clip(result: EvalResult, scorer: ClipScorer) -> None:
-    unreadable = []
+def _clip(result: EvalResult, scorer: ClipScorer, progress: bool = False) -> None:
+    from captionkit.pipeline import progress_bar
+
+    unreadable: list[str] = []
     values: dict[str, list[float]] = {"CLIPScore": [], "RefCLIPScore": []}
     names = list(result.per_image)
-    for start in range(0, len(names), CLIP_BATCH):
-        batch, images = [], []
-        for name in names[start: start + CLIP_BATCH]:
-            image = _load_image(result.image_paths.get(name))
-            if image is None:
-                unreadable.append(name)
-            else:
-                batch.append(name)
-                images.append(image)
-        if not batch:
-            continue
-        # One call gives both: the images are embedded once, then compared with caption and references.
-        scores = scorer.score(images, [result.predictions[name] for name in batch],
-                              references=[result.references[name] for name in batch])
-        for name, score in zip(batch, scores, strict=True):
-            for column, value in (("CLIPScore", score.clip_score),
-                                  ("RefCLIPScore", score.ref_clip_score)):
-                if value is not None:
-                    result.per_image[name][column] = float(value)
-                    values[column].append(float(value))
+    with progress_bar(len(names), progress, "CLIPScore") as advance:
+        for start in range(0, len(names), CLIP_BATCH):
+            chunk = names[start: start + CLIP_BATCH]
+            _clip_batch(result, scorer, chunk, values, unreadable)
+            advance(len(chunk))
     if unreadable:
         result.problems.append(f"no CLIPScore for {len(unreadable)} images whose files are "
                                f"missing or unreadable, such as {unreadable[0]}")
@@ -440,6 +450,7 @@ def evaluate_files(
     images: Path | None = None,
     metrics: str | Sequence[str] = METRICS,
     clip_scorer: ClipScorer | None = None,
+    progress: bool = False,
 ) -> Evaluation:
     """Score a predictions file against a references file; write metrics.json, CSV and HTML."""
     metrics = parse_metrics(metrics)
@@ -447,7 +458,8 @@ def evaluate_files(
                            split_file=split_file)
     preds = read_predictions(predictions, ids=refs.ids)
     paths = find_images(refs, images) if images is not None else None
-    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, image_paths=paths)
+    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, image_paths=paths,
+                            progress=progress)
     return Evaluation(result, _write(result, output_dir))
 
 
@@ -498,7 +510,7 @@ def evaluate_dataset(
     if not preds.captions:
         raise EvaluationError(f"{output_dir}: no image of the split was captioned; first problem: "
                               f"{preds.problems[0] if preds.problems else 'none recorded'}")
-    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer)
+    result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, progress=progress)
     return Evaluation(result, _write(result, output_dir), run)
 
 
