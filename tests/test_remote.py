@@ -6,6 +6,7 @@ import base64
 import email.utils
 import io
 import json
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -335,6 +336,26 @@ def test_cli_reports_a_refused_key_in_one_line_and_writes_it_nowhere(server, pho
     for text in (proc.stdout, proc.stderr, *(path.read_bytes().decode("latin-1")
                                              for path in out.iterdir() if path.is_file())):
         assert KEY not in text
+
+
+def test_ctrl_c_while_requests_hang_exits_at_once(server, photo_dir, tmp_path):
+    """Python joins worker threads at exit; a request blocked in a slow server must not hold the
+    process for its timeout after Ctrl-C."""
+    server.api_key, server.delay = None, 60.0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captionkit", "caption", str(photo_dir), "-o", str(tmp_path / "out"),
+         "--model", "openai:llava", "--api-base", f"{server.url}/v1", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.requests, "no request reached the server"
+    interrupted = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: finished batches are saved" in stderr
+    assert time.monotonic() - interrupted < 10, "the exit waited for the hanging requests"
 
 
 def test_openai_base_url_from_the_environment_and_api_base_over_it(server, photos, monkeypatch):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -681,13 +683,24 @@ def main() -> None:
         sys.exit(130)
     except Interrupted as interrupt:
         console.print(INTERRUPTED)
-        sys.exit(interrupt.exit_code)
+        _exit_now(interrupt.exit_code)
     except Exception as err:
         if not (isinstance(err, _usage_errors()) and hasattr(err, "show")):
             raise
         err.show()  # the usage line and what was wrong with the command line
         sys.exit(err.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for worker threads still blocked in a request or a decode (Python joins
+    them at exit: a Ctrl-C during a slow endpoint's 60 s timeout would hang for up to that long)."""
+    if any(thread.is_alive() and not thread.daemon for thread in threading.enumerate()
+           if thread is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
