@@ -63,6 +63,25 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     assert taken.read_text() == "not a folder"
 
 
+def test_caption_files_written_by_hand_are_kept_unless_overwrite(photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    (images / "chelsea.txt").write_text("my own caption of a ginger cat\n")
+    args = ["caption", images, "--model", "objects", "--beside-images", "--format", "txt",
+            "-o", tmp_path / "out"]
+    first = captionkit(*args)
+    assert "kept 1 caption file captionkit did not write, such as" in " ".join(first.stderr.split())
+    assert (images / "chelsea.txt").read_text() == "my own caption of a ginger cat\n"
+    written = (images / "coffee.txt").read_text()
+    (images / "coffee.txt").write_text("edited by hand\n")  # a caption captionkit wrote, edited
+    captionkit(*args)
+    assert (images / "coffee.txt").read_text() == "edited by hand\n"
+    assert (images / "chelsea.txt").read_text() == "my own caption of a ginger cat\n"
+    captionkit(*args, "--overwrite")
+    assert (images / "coffee.txt").read_text() == written
+    assert (images / "chelsea.txt").read_text() != "my own caption of a ginger cat\n"
+
+
 def test_score_refuses_to_write_over_the_captions_it_scores(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"image": "a.jpg", "caption": "a cat"}\n')

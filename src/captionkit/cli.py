@@ -108,7 +108,8 @@ def caption(
     ] = None,
     overwrite: Annotated[
         bool,
-        typer.Option(help="Start over, ignoring earlier results.", rich_help_panel="Resume and exit code"),
+        typer.Option(help="Start over, ignoring earlier results, and replace caption files "
+                     "captionkit did not write.", rich_help_panel="Resume and exit code"),
     ] = False,
     retry_failed: Annotated[
         bool, typer.Option(help="Try earlier failures again.", rich_help_panel="Resume and exit code")
@@ -379,6 +380,10 @@ def _print_summary(summary) -> None:
         console.print(f"  [red]failed[/] {name}: {reason}", markup=True, highlight=False)
     if failed > 20:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
+    if summary.kept:
+        files = "file" if len(summary.kept) == 1 else "files"
+        console.print(f"  kept {len(summary.kept)} caption {files} captionkit did not write, such as "
+                      f"{summary.kept[0]} (--overwrite replaces them)", highlight=False)
     for path in summary.outputs[:5]:
         console.print(f"  wrote {path}")
     if len(summary.outputs) > 5:

@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +27,9 @@ class ExportOptions:
     sidecars_beside_images: bool = False
     keep_failed: bool = False
     """Keep images that failed the quality gate (`passed` false) in captions.txt and sidecars."""
+    ours: Mapping[bytes, frozenset[str]] | None = None
+    """Every caption captionkit has recorded per image path (`os.fsencode`). When given, an existing
+    caption file holding anything else (a hand-written caption) is kept, not replaced."""
 
     def __post_init__(self) -> None:
         extension = self.caption_extension
@@ -138,11 +141,36 @@ def relative_path(name: str) -> Path:
 
 def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """One caption file per image (the convention of LoRA dataset tools). Images that would share
-    one (`a.jpg`, `a.png`) each get theirs under the full name (`a.jpg.txt`, `a.png.txt`)."""
+    one (`a.jpg`, `a.png`) each get theirs under the full name (`a.jpg.txt`, `a.png.txt`); files
+    that `foreign_sidecars` finds are left as they are."""
+    foreign = set(foreign_sidecars(results, options))
+    return [write_sidecar(result, options, full_name) for result, full_name in _sidecars(results, options)
+            if sidecar_path(result, options, full_name) not in foreign]
+
+
+def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """Existing caption files that hold none of the captions captionkit recorded for their image:
+    written by hand or by another tool. Empty when `options.ours` is None."""
+    if options.ours is None:
+        return []
+    found = []
+    for result, full_name in _sidecars(results, options):
+        path = sidecar_path(result, options, full_name)
+        try:
+            text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            continue  # absent (the usual case) or unreadable: written as usual
+        if text != _one_line(result.caption or "") and text not in options.ours.get(
+                os.fsencode(result.path), frozenset()):
+            found.append(path)
+    return found
+
+
+def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[Result, bool]]:
+    """(result, use the full name) for every listed result."""
     chosen = [result for result in results if listed(result, options)]
     users = Counter(sidecar_path(result, options) for result in chosen)
-    return [write_sidecar(result, options, full_name=users[sidecar_path(result, options)] > 1)
-            for result in chosen]
+    return [(result, users[sidecar_path(result, options)] > 1) for result in chosen]
 
 
 def write_sidecar(result: Result, options: ExportOptions, full_name: bool = False) -> Path:

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,7 @@ from PIL import Image
 from captionkit import boxes, gate, sources
 from captionkit.device import set_malloc_thresholds, usable_cpus
 from captionkit.errors import CaptionkitError, ImageError, OptionError
-from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export, make_output_dir
+from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export, foreign_sidecars, make_output_dir
 from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
@@ -88,6 +88,8 @@ class RunSummary:
     min_score: float | None = None
     passed: int = 0
     set_aside: int = 0
+    kept: list[Path] = field(default_factory=list)
+    """Existing caption files captionkit did not write, left as they were (`--overwrite` replaces them)."""
 
     @property
     def images_per_second(self) -> float:
@@ -96,6 +98,7 @@ class RunSummary:
     def as_dict(self) -> dict:
         data = asdict(self)
         data["outputs"] = [str(path) for path in self.outputs]
+        data["kept"] = [str(path) for path in self.kept]
         scores = data.pop("scores")
         data["scored"] = len(scores)
         data["mean_score"] = sum(scores) / len(scores) if scores else None
@@ -197,7 +200,11 @@ class Pipeline:
             summary.seconds = time.perf_counter() - started
             results = list(store.results(self.key))
             store.update_extras(gate.mark(results, options.gate.min_score), self.key)
-            summary.outputs = export(results, options.export_formats(), options.export_options())
+            written = options.export_options()
+            if "txt" in options.export_formats() and not options.overwrite:
+                written = replace(written, ours=store.captions_by_path())
+                summary.kept = foreign_sidecars(results, written)
+            summary.outputs = export(results, options.export_formats(), written)
             if options.draw_boxes is not None:
                 summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
             summary.set_aside = gate.place(results, options.gate, options.export_options())

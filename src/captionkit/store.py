@@ -189,6 +189,14 @@ class Store:
                 "mtime_ns, status, caption, extras, error, seconds, run_id, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def captions_by_path(self) -> dict[bytes, frozenset[str]]:
+        """Every caption recorded for each image path, under any model or options."""
+        found: dict[bytes, set[str]] = {}
+        for path, caption in self.db.execute("SELECT path, caption FROM results "
+                                             "WHERE status = 'done' AND caption IS NOT NULL"):
+            found.setdefault(bytes(path), set()).add(" ".join(caption.split()))
+        return {path: frozenset(captions) for path, captions in found.items()}
+
     def results(self, options_key: str) -> Iterator[Result]:
         """Every result of an option set, ordered by export name."""
         rows = self.db.execute("SELECT * FROM results WHERE options_key = ? ORDER BY name, path",
