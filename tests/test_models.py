@@ -123,9 +123,14 @@ def test_unknown_model_type_is_a_clear_error(tmp_path):
         load(str(tmp_path), FP32)
 
 
-def test_missing_local_directory_is_a_clear_error():
+def test_missing_local_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such model directory"):
         load("./no/such/checkpoint", FP32)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="a file, not a model directory; --model takes the "
+                                                 "folder holding config.json"):
+        load(str(weights), FP32)
 
 
 def test_uncached_hub_model_fails_fast_offline(monkeypatch, tmp_path):

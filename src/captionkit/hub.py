@@ -67,7 +67,10 @@ def resolve(name: str, download: bool = True, option: str = "--model") -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         return local
-    if looks_like_path(name) or local.exists():
+    if local.exists():
+        raise ModelNotFoundError(f"{name}: a file, not a model directory; {option} takes the folder "
+                                 "holding config.json and the weights")
+    if looks_like_path(name):
         raise ModelNotFoundError(f"{name}: no such model directory")
     cached = cached_snapshot(name)
     if cached is not None:
