@@ -518,14 +518,15 @@ def score(
     check_output_dir(output.parent)
     _quiet_transformers()
     scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
-    store = Store(output.with_suffix(".db"))
+    record = output.with_suffix(".db")
+    store = Store(record)
     try:
         scored = score_existing(captions, scorer, images, references, min_score, store=store,
                                 progress=lambda total: progress_bar(total, not quiet, "scoring"))
     finally:
         store.close()
     if scored.reused:
-        console.print(f"{scored.reused} scores reused from {output.with_suffix('.db')} (scored earlier)")
+        console.print(f"{scored.reused} scores reused from {record} (scored earlier)")
     for problem in scored.problems[:20]:
         console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]

@@ -143,19 +143,22 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
     """One caption file per image (the convention of LoRA dataset tools). Images that would share
     one (`a.jpg`, `a.png`) each get theirs under the full name (`a.jpg.txt`, `a.png.txt`); files
     that `foreign_sidecars` finds are left as they are."""
-    foreign = set(foreign_sidecars(results, options))
-    return [write_sidecar(result, options, full_name) for result, full_name in _sidecars(results, options)
-            if sidecar_path(result, options, full_name) not in foreign]
+    targets = _sidecars(results, options)
+    foreign = set(_foreign(targets, options))
+    return [write_sidecar(result, options, path) for result, path in targets if path not in foreign]
 
 
 def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """Existing caption files that hold none of the captions captionkit recorded for their image:
     written by hand or by another tool. Empty when `options.ours` is None."""
+    return _foreign(_sidecars(results, options), options)
+
+
+def _foreign(targets: list[tuple[Result, Path]], options: ExportOptions) -> list[Path]:
     if options.ours is None:
         return []
     found = []
-    for result, full_name in _sidecars(results, options):
-        path = sidecar_path(result, options, full_name)
+    for result, path in targets:
         try:
             text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:
@@ -166,16 +169,17 @@ def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[
     return found
 
 
-def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[Result, bool]]:
-    """(result, use the full name) for every listed result."""
-    chosen = [result for result in results if listed(result, options)]
-    users = Counter(sidecar_path(result, options) for result in chosen)
-    return [(result, users[sidecar_path(result, options)] > 1) for result in chosen]
+def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[Result, Path]]:
+    """(result, its caption file) for every listed result."""
+    chosen = [(result, sidecar_path(result, options)) for result in results if listed(result, options)]
+    users = Counter(path for _, path in chosen)
+    return [(result, sidecar_path(result, options, full_name=True) if users[path] > 1 else path)
+            for result, path in chosen]
 
 
-def write_sidecar(result: Result, options: ExportOptions, full_name: bool = False) -> Path:
-    """The result's caption file, written atomically; returns its path."""
-    path = sidecar_path(result, options, full_name)
+def write_sidecar(result: Result, options: ExportOptions, path: Path | None = None) -> Path:
+    """The result's caption file (`path`, else its usual one), written atomically; returns it."""
+    path = path or sidecar_path(result, options)
     if path.exists() and result.path.exists() and path.samefile(result.path):
         raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
                           "--caption-extension")
