@@ -344,4 +344,4 @@ def test_terminal_summary(tmp_path):
     text = console.export_text()
     assert "CIDEr-D" in text and "1.5000" in text
     assert "SPICE needs [models]" in text
-    assert "1 referenced images have no prediction (such as lonely.jpg)" in text
+    assert "1 referenced image without a prediction (such as lonely.jpg)" in text

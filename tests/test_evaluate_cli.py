@@ -122,7 +122,7 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "10 images, pycocoevalcap scale" in proc.stdout
     assert all(column in proc.stdout for column in ("BLEU-4", "ROUGE-L", "CIDEr-D"))
-    assert "1 predicted images have no references" in proc.stdout
+    assert "1 predicted image without references" in proc.stderr
     assert f"wrote {out / 'metrics.json'}" in proc.stderr
 
     refs = read_references(flickr8k / "Flickr8k.token.txt",

@@ -650,7 +650,7 @@ def evaluate_command(
             clip_scorer=scorer,
             progress=not quiet,
         )
-    print_summary(evaluation.result, out)
+    print_summary(evaluation.result, out, notes=console)
     for path in evaluation.files.values():
         console.print(f"wrote {path}", soft_wrap=True)
 

@@ -148,13 +148,13 @@ def render_html(result: EvalResult, n: int = 8) -> str:
                    for name, value in result.corpus.items())
     rows += "".join(f'<tr class="missing"><td>{escape(name)}</td><td>missing</td>'
                     f"<td>{escape(reason)}</td></tr>" for name, reason in result.missing.items())
-    notes = [f"{len(result.per_image)} images scored; tokenizer: "
+    notes = [f"{count_images(len(result.per_image))} scored; tokenizer: "
              f"{TOKENIZERS.get(result.tokenizer, result.tokenizer)}"]
     if result.unreferenced:
-        notes.append(f"{len(result.unreferenced)} predicted images have no references, "
+        notes.append(f"{count_images(len(result.unreferenced), 'predicted')} without references, "
                      f"such as {result.unreferenced[0]}")
     if result.unpredicted:
-        notes.append(f"{len(result.unpredicted)} referenced images have no prediction, "
+        notes.append(f"{count_images(len(result.unpredicted), 'referenced')} without a prediction, "
                      f"such as {result.unpredicted[0]}")
     notes += result.problems[:20]
     if len(result.problems) > 20:
@@ -189,7 +189,7 @@ def write_report(result: EvalResult, output_dir: Path, n: int = 8) -> dict[str, 
 
 def corpus_table(result: EvalResult) -> Table:
     """The corpus scores as a rich table; missing metrics get a row saying why."""
-    title = f"{len(result.per_image)} images, pycocoevalcap scale"
+    title = f"{count_images(len(result.per_image))}, pycocoevalcap scale"
     table = Table(title=title, min_width=len(title))
     table.add_column("metric")
     table.add_column("score", justify="right")
@@ -202,19 +202,26 @@ def corpus_table(result: EvalResult) -> Table:
     return table
 
 
-def print_summary(result: EvalResult, console: Console | None = None) -> None:
-    """Print the corpus table and one line for each kind of image left unscored."""
+def count_images(count: int, kind: str = "") -> str:
+    """'1 image', '3 predicted images'."""
+    return f"{count} {kind + ' ' if kind else ''}image{'s' * (count != 1)}"
+
+
+def print_summary(result: EvalResult, console: Console | None = None,
+                  notes: Console | None = None) -> None:
+    """Print the corpus table, and to `notes` one line for each kind of image left unscored."""
     console = console or Console()
+    notes = notes or console
     console.print(corpus_table(result))
     lines = []
     if result.tokenizer != "ptb":
         lines.append(f"tokenizer: {TOKENIZERS.get(result.tokenizer, result.tokenizer)}")
     if result.unreferenced:
-        lines.append(f"{len(result.unreferenced)} predicted images have no references (such as "
+        lines.append(f"{count_images(len(result.unreferenced), 'predicted')} without references (such as "
                      f"{result.unreferenced[0]}); images match by base file name")
     if result.unpredicted:
-        lines.append(f"{len(result.unpredicted)} referenced images have no prediction "
+        lines.append(f"{count_images(len(result.unpredicted), 'referenced')} without a prediction "
                      f"(such as {result.unpredicted[0]})")
     # Names and captions may hold [brackets] that rich would read as markup.
     for line in lines + result.problems:
-        console.print(line, style="yellow", markup=False, highlight=False)
+        notes.print(line, style="yellow", markup=False, highlight=False)
