@@ -124,9 +124,12 @@ def test_inputs_from_stdin_and_export(blip_dir, photo_dir, tmp_path):
                "--max-new-tokens", "4", "-q", input=listing)
     assert len((out / "captions.txt").read_text().splitlines()) == 4
     (out / "captions.txt").unlink()
-    captionkit("export", out, "--format", "captions.txt,csv")
+    exported = captionkit("export", out, "--format", "captions.txt,csv")
+    assert "exported 4 captions to 2 files" in exported.stderr
     assert len((out / "captions.txt").read_text().splitlines()) == 4
     assert (out / "captions.csv").is_file()
+    one = captionkit("export", out, "--format", "csv", "--to", tmp_path / "one")
+    assert "to 1 file\n" in one.stderr
 
 
 def test_models_lists_the_registry():

@@ -358,11 +358,16 @@ def caption(
     _print_summary(summary)
     if failed_dir is not None:
         console.print(
-            f"  {summary.set_aside} images below {min_score:g} with their captions "
+            f"  {_counted(summary.set_aside, 'image')} below {min_score:g} with their captions "
             f"{'moved' if move else 'copied'} to {failed_dir}"
         )
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
+
+
+def _counted(count: int, noun: str) -> str:
+    """'1 caption', '2 captions'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def _print_summary(summary) -> None:
@@ -381,8 +386,8 @@ def _print_summary(summary) -> None:
     if failed > 20:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
     if summary.kept:
-        files = "file" if len(summary.kept) == 1 else "files"
-        console.print(f"  kept {len(summary.kept)} caption {files} captionkit did not write, such as "
+        kept = _counted(len(summary.kept), "caption file")
+        console.print(f"  kept {kept} captionkit did not write, such as "
                       f"{summary.kept[0]} (--overwrite replaces them)", highlight=False)
     for path in summary.outputs[:5]:
         console.print(f"  wrote {path}")
@@ -395,7 +400,7 @@ def _print_summary(summary) -> None:
 def _print_scores(scores: list[float], min_score: float | None, passed: int) -> None:
     from captionkit.scoring import histogram_text
 
-    console.print(f"CLIPScore of {len(scores)} captions (mean {sum(scores) / len(scores):.4f}):")
+    console.print(f"CLIPScore of {_counted(len(scores), 'caption')} (mean {sum(scores) / len(scores):.4f}):")
     console.print(histogram_text(scores, threshold=min_score), highlight=False, markup=False)
     if min_score is not None:
         console.print(f"{passed} of {len(scores)} passed (>= {min_score:g})")
@@ -473,7 +478,8 @@ def export_command(
         parse_formats(formats),
         ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed),
     )
-    console.print(f"exported {sum(r.status == 'done' for r in results)} captions to {len(written)} file(s)")
+    done = sum(result.status == "done" for result in results)
+    console.print(f"exported {_counted(done, 'caption')} to {_counted(len(written), 'file')}")
 
 
 @app.command()
@@ -526,7 +532,7 @@ def score(
     finally:
         store.close()
     if scored.reused:
-        console.print(f"{scored.reused} scores reused from {record} (scored earlier)")
+        console.print(f"{_counted(scored.reused, 'score')} reused from {record} (scored earlier)")
     for problem in scored.problems[:20]:
         console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]
@@ -545,7 +551,7 @@ def score(
     _print_scores(scores, min_score, passed)
     refs = [r.extras["ref_clip_score"] for r in scored.results if "ref_clip_score" in r.extras]
     if refs:
-        console.print(f"RefCLIPScore mean {sum(refs) / len(refs):.4f} over {len(refs)} captions")
+        console.print(f"RefCLIPScore mean {sum(refs) / len(refs):.4f} over {_counted(len(refs), 'caption')}")
     console.print(f"wrote {output}")
 
 
