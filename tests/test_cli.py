@@ -82,6 +82,34 @@ def test_caption_files_written_by_hand_are_kept_unless_overwrite(photo_dir, tmp_
     assert (images / "chelsea.txt").read_text() != "my own caption of a ginger cat\n"
 
 
+def test_a_trigger_word_prefix_is_exported_while_the_store_keeps_the_model_caption(photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    (images / "chelsea.txt").write_text("my own caption of a ginger cat\n")
+    out = tmp_path / "out"
+    args = ["caption", images, "--model", "objects", "--beside-images", "--format", "txt,captions.txt",
+            "-o", out]
+    captionkit(*args, "--prefix", "ohwx, ", "--suffix", ", photo")
+    with sqlite3.connect(out / "captionkit.db") as db:
+        stored = dict(db.execute("SELECT name, caption FROM results"))
+    assert (images / "coffee.txt").read_text() == f"ohwx, {stored['coffee.png']}, photo\n"
+    assert f"coffee.png: ohwx, {stored['coffee.png']}, photo\n" in (out / "captions.txt").read_text()
+    # Another trigger word on the next run replaces the files the first run wrote, and only those.
+    second = captionkit(*args, "--prefix", "sks ")
+    assert "0 captioned" in second.stderr and "kept 1 caption file" in " ".join(second.stderr.split())
+    assert (images / "coffee.txt").read_text() == f"sks {stored['coffee.png']}\n"
+    assert (images / "chelsea.txt").read_text() == "my own caption of a ginger cat\n"
+    # Files that `export --prefix` wrote count as captionkit's too.
+    exported = captionkit("export", out, "--format", "txt", "--beside-images", "--prefix", "tok, ")
+    assert "kept 1 caption file" in " ".join(exported.stderr.split())
+    assert (images / "coffee.txt").read_text() == f"tok, {stored['coffee.png']}\n"
+    captionkit(*args)
+    assert (images / "coffee.txt").read_text() == f"{stored['coffee.png']}\n"
+    assert (images / "chelsea.txt").read_text() == "my own caption of a ginger cat\n"
+    captionkit("export", out, "--format", "txt", "--beside-images", "--overwrite")
+    assert (images / "chelsea.txt").read_text() == f"{stored['chelsea.png']}\n"
+
+
 def test_score_refuses_to_write_over_the_captions_it_scores(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"image": "a.jpg", "caption": "a cat"}\n')

@@ -56,6 +56,20 @@ def test_jsonl_and_csv_keep_every_field(results, tmp_path):
     assert rows[0]["clip_score"] == "0.71"
 
 
+def test_prefix_and_suffix_go_into_every_format_and_failures_stay_captionless(results, tmp_path):
+    out = tmp_path / "out"
+    export(results, parse_formats("all"), ExportOptions(out, prefix="ohwx, ", suffix=", photo"))
+    assert (out / "captions.txt").read_text() == ("a.jpg: ohwx, a dog on grass, photo\n"
+                                                  'sub/b.png: ohwx, a "quoted", comma, photo\n')
+    assert (out / "a.txt").read_text() == "ohwx, a dog on grass, photo\n"
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in records] == ["ohwx, a dog\non grass, photo",
+                                               'ohwx, a "quoted", comma, photo', None]
+    rows = list(csv.DictReader((out / "captions.csv").open(encoding="utf-8")))
+    assert [row["caption"] for row in rows] == [r["caption"] or "" for r in records]
+    assert results[0].caption == "a dog\non grass"  # the results themselves are left as they were
+
+
 def test_parse_formats():
     assert parse_formats("all") == ["captions.txt", "txt", "jsonl", "csv"]
     with pytest.raises(OptionError, match="choose from"):

@@ -39,7 +39,7 @@ def run(captioner, scorer, inputs, out, generation=GEN, **gate):
     """A pipeline run scored with the tiny CLIP; `gate` holds GateOptions fields and `formats`."""
     formats = gate.pop("formats", ("captions.txt", "jsonl"))
     options = RunOptions(output_dir=out, progress=False, formats=formats, batch_size=gate.pop(
-        "batch_size", None), gate=GateOptions(clip_model=scorer.name, **gate))
+        "batch_size", None), prefix=gate.pop("prefix", ""), gate=GateOptions(clip_model=scorer.name, **gate))
     return Pipeline(captioner, generation, options, scorer).run([str(i) for i in inputs])
 
 
@@ -60,6 +60,16 @@ def baseline(captioner, scorer, photo_dir, tmp_path_factory):
     assert len(scores) >= 2, "the tiny CLIP should give different images different scores"
     middle = len(scores) // 2
     return out, (scores[middle - 1] + scores[middle]) / 2
+
+
+def test_failed_images_caption_files_carry_the_prefix_too(baseline, captioner, scorer, photo_dir, tmp_path):
+    out, failed = resumed(baseline, tmp_path), tmp_path / "failed"
+    run(captioner, scorer, [photo_dir], out, min_score=baseline[1], failed_dir=failed, prefix="ohwx, ",
+        formats=("txt",))
+    done = records(out)
+    for name, record in done.items():
+        folder = out if record["clip_score"] >= baseline[1] else failed
+        assert (folder / name).with_suffix(".txt").read_text() == f"ohwx, {record['caption']}\n"
 
 
 def resumed(baseline, tmp_path) -> Path:

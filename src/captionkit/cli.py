@@ -46,6 +46,14 @@ Formats = Annotated[
 CaptionExt = Annotated[
     str, typer.Option(help="Extension of per-image caption files.", rich_help_panel="Outputs")
 ]
+Prefix = Annotated[
+    str,
+    typer.Option(help="Text before every exported caption, taken as written: a LoRA trigger word "
+                 "such as 'ohwx, '.", rich_help_panel="Outputs"),
+]
+Suffix = Annotated[
+    str, typer.Option(help="Text after every exported caption, taken as written.", rich_help_panel="Outputs")
+]
 ClipModel = Annotated[
     str | None,
     typer.Option(
@@ -99,6 +107,8 @@ def caption(
     formats: Formats = "captions.txt,jsonl",
     caption_extension: CaptionExt = ".txt",
     beside_images: Beside = False,
+    prefix: Prefix = "",
+    suffix: Suffix = "",
     batch_size: Annotated[
         int | None,
         typer.Option(help="Images per batch (default: auto).", min=1, rich_help_panel="Model and hardware"),
@@ -332,6 +342,8 @@ def caption(
         gate=gate_options,
         prompt_file=prompt_file,
         draw_boxes=draw_boxes,
+        prefix=prefix,
+        suffix=suffix,
     )
     check_output_dir(output_dir)  # a file in the way is reported before any model loads
     if model == "auto":
@@ -370,6 +382,12 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def _print_kept(kept: list[Path]) -> None:
+    if kept:
+        console.print(f"  kept {_counted(len(kept), 'caption file')} captionkit did not write, such as "
+                      f"{kept[0]} (--overwrite replaces them)", highlight=False)
+
+
 def _print_summary(summary) -> None:
     failed = len(summary.failed)
     parts = [f"[bold]{summary.done}[/] captioned", f"{summary.skipped} already done", f"{failed} failed"]
@@ -385,10 +403,7 @@ def _print_summary(summary) -> None:
         console.print(f"  [red]failed[/] {name}: {reason}", markup=True, highlight=False)
     if failed > 20:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
-    if summary.kept:
-        kept = _counted(len(summary.kept), "caption file")
-        console.print(f"  kept {kept} captionkit did not write, such as "
-                      f"{summary.kept[0]} (--overwrite replaces them)", highlight=False)
+    _print_kept(summary.kept)
     for path in summary.outputs[:5]:
         console.print(f"  wrote {path}")
     if len(summary.outputs) > 5:
@@ -440,6 +455,8 @@ def export_command(
     to: Annotated[Path | None, typer.Option(help="Write here instead of OUTPUT_DIR.")] = None,
     caption_extension: CaptionExt = ".txt",
     beside_images: Beside = False,
+    prefix: Prefix = "",
+    suffix: Suffix = "",
     model: Annotated[
         str | None, typer.Option(help="Export this model's results (default: the latest run's).")
     ] = None,
@@ -447,9 +464,12 @@ def export_command(
         bool,
         typer.Option(help="Keep images that failed the quality gate in captions.txt and the caption files."),
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace caption files captionkit did not write (by hand, or edited).")
+    ] = False,
 ) -> None:
     """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
-    from captionkit.exporters import ExportOptions, export, parse_formats
+    from captionkit.exporters import ExportOptions, export, foreign_sidecars, parse_formats
     from captionkit.store import DB_NAME, Store
 
     db = output_dir / DB_NAME
@@ -471,15 +491,21 @@ def export_command(
         if key is None:
             raise CaptionkitError(f"{db}: the store holds no run yet")
         results = list(store.results(key))
+        chosen = parse_formats(formats)
+        options = ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,
+                                ours=None if overwrite else store.captions_by_path(),
+                                prefix=prefix, suffix=suffix)
+        kept = foreign_sidecars(results, options) if "txt" in chosen else []
+        written = export(results, chosen, options)
+        done = sum(result.status == "done" for result in results)
+        # Recorded so that a later run knows these caption files, prefix and all, as its own.
+        run_id = store.start_run(model or results[0].model_id if results else "", key,
+                                 {"export": formats, "prefix": prefix, "suffix": suffix})
+        store.finish_run(run_id, {"exported": done, "files": len(written)})
     finally:
         store.close()
-    written = export(
-        results,
-        parse_formats(formats),
-        ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed),
-    )
-    done = sum(result.status == "done" for result in results)
     console.print(f"exported {_counted(done, 'caption')} to {_counted(len(written), 'file')}")
+    _print_kept(kept)
 
 
 @app.command()

@@ -30,6 +30,10 @@ class ExportOptions:
     ours: Mapping[bytes, frozenset[str]] | None = None
     """Every caption captionkit has recorded per image path (`os.fsencode`). When given, an existing
     caption file holding anything else (a hand-written caption) is kept, not replaced."""
+    prefix: str = ""
+    """Text put before every exported caption (a LoRA trigger word: `ohwx, `); the store keeps the
+    model's caption as it was."""
+    suffix: str = ""
 
     def __post_init__(self) -> None:
         extension = self.caption_extension
@@ -38,6 +42,14 @@ class ExportOptions:
         if extension.lower() in IMAGE_EXTENSIONS:
             raise OptionError(f"--caption-extension {extension!r} is an image extension: caption "
                               "files would overwrite images")
+
+    def decorate(self, caption: str | None) -> str | None:
+        """The caption as exported: with the prefix and suffix; None stays None (a failure)."""
+        return None if caption is None else f"{self.prefix}{caption}{self.suffix}"
+
+    def line(self, result: Result) -> str:
+        """The result's caption as one line of a caption file or captions.txt."""
+        return _one_line(self.decorate(result.caption) or "")
 
 
 def make_output_dir(path: Path) -> None:
@@ -117,7 +129,7 @@ def parse_captions_txt_line(line: str) -> tuple[str, str]:
 
 def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """`image.jpg: caption` lines, the format of the BLIP-2 folder scripts."""
-    lines = [captions_txt_line(r.name, r.caption or "") for r in results if listed(r, options)]
+    lines = [captions_txt_line(r.name, options.line(r)) for r in results if listed(r, options)]
     path = options.output_dir / "captions.txt"
     atomic_write(path, "".join(lines))
     return [path]
@@ -163,7 +175,7 @@ def _foreign(targets: list[tuple[Result, Path]], options: ExportOptions) -> list
             text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue  # absent (the usual case) or unreadable: written as usual
-        if text != _one_line(result.caption or "") and text not in options.ours.get(
+        if text != options.line(result) and text not in options.ours.get(
                 os.fsencode(result.path), frozenset()):
             found.append(path)
     return found
@@ -183,13 +195,13 @@ def write_sidecar(result: Result, options: ExportOptions, path: Path | None = No
     if path.exists() and result.path.exists() and path.samefile(result.path):
         raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
                           "--caption-extension")
-    atomic_write(path, _one_line(result.caption or "") + "\n")
+    atomic_write(path, options.line(result) + "\n")
     return path
 
 
-def _record(result: Result) -> dict:
+def _record(result: Result, options: ExportOptions) -> dict:
     record = {"image": result.name, "path": os.fsdecode(result.path), "status": result.status,
-              "caption": result.caption, "model": result.model_id, "hash": result.hash,
+              "caption": options.decorate(result.caption), "model": result.model_id, "hash": result.hash,
               "seconds": result.seconds, "error": result.error}
     record.update(result.extras)
     return record
@@ -198,7 +210,7 @@ def _record(result: Result) -> dict:
 def write_jsonl(results: Sequence[Result], options: ExportOptions,
                 name: str = "captions.jsonl") -> list[Path]:
     """Every field of every result, failures included, one JSON object per line."""
-    lines = [json.dumps(_record(r), ensure_ascii=False, default=str) + "\n" for r in results]
+    lines = [json.dumps(_record(r, options), ensure_ascii=False, default=str) + "\n" for r in results]
     path = options.output_dir / name
     atomic_write(path, "".join(lines).encode("utf-8", "replace").decode("utf-8"))
     return [path]
@@ -210,7 +222,7 @@ CSV_COLUMNS = ["image", "caption", "status", "error", "model", "hash", "seconds"
 def write_csv(results: Sequence[Result], options: ExportOptions,
               name: str = "captions.csv") -> list[Path]:
     """A spreadsheet-friendly table; extras that are plain numbers get their own columns."""
-    records = [_record(r) for r in results]
+    records = [_record(r, options) for r in results]
     extra_columns = sorted({key for record in records for key, value in record.items()
                             if key not in CSV_COLUMNS and isinstance(value, int | float | str)})
     buffer = io.StringIO()

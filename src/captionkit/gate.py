@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,8 +138,8 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
     """Copy listed images into the output folder (`copy_images`), then copy or move failed ones with
     their caption file into the failed folder; returns how many are there. Safe to repeat."""
     set_aside = 0
-    aside = None if options.failed_dir is None else ExportOptions(options.failed_dir,
-                                                                  export.caption_extension)
+    aside = None if options.failed_dir is None else replace(
+        export, output_dir=options.failed_dir, sidecars_beside_images=False, ours=None)
     for result in results:
         if result.status != "done":
             continue

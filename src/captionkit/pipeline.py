@@ -49,6 +49,9 @@ class RunOptions:
     """A CSV of `image path,prompt` rows: each listed image is asked its own prompt."""
     draw_boxes: Path | None = None
     """Where annotated copies of grounded images (Kosmos-2 entities) go."""
+    prefix: str = ""
+    """Text put before every exported caption (a LoRA trigger word); the store keeps the model's."""
+    suffix: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
@@ -61,7 +64,7 @@ class RunOptions:
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
-                             self.gate.keep_failed)
+                             self.gate.keep_failed, prefix=self.prefix, suffix=self.suffix)
 
     def export_formats(self) -> tuple[str, ...]:
         """The formats asked for, plus the copies' caption files with `--copy-images`."""
@@ -187,8 +190,8 @@ class Pipeline:
             summary = RunSummary(total=len(refs) + len(problems),
                                  model_id=self.captioner.model_id)
             run_id = store.start_run(self.captioner.model_id, self.key,
-                                     {"generation": asdict(self.generation),
-                                      "inputs": list(inputs)})
+                                     {"generation": asdict(self.generation), "inputs": list(inputs),
+                                      "prefix": options.prefix, "suffix": options.suffix})
             if options.overwrite:
                 store.forget(self.key)
             todo = self._pending(refs, store, summary)

@@ -190,11 +190,17 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def captions_by_path(self) -> dict[bytes, frozenset[str]]:
-        """Every caption recorded for each image path, under any model or options."""
+        """Every caption recorded for each image path, under any model or options, as one line, also
+        with each `prefix` and `suffix` a run exported it with: what a caption file of ours may hold."""
+        decorations = {("", "")}
+        for (options,) in self.db.execute("SELECT options FROM runs"):
+            recorded = json.loads(options or "{}")
+            decorations.add((recorded.get("prefix", ""), recorded.get("suffix", "")))
         found: dict[bytes, set[str]] = {}
         for path, caption in self.db.execute("SELECT path, caption FROM results "
                                              "WHERE status = 'done' AND caption IS NOT NULL"):
-            found.setdefault(bytes(path), set()).add(" ".join(caption.split()))
+            found.setdefault(bytes(path), set()).update(
+                " ".join(f"{prefix}{caption}{suffix}".split()) for prefix, suffix in decorations)
         return {path: frozenset(captions) for path, captions in found.items()}
 
     def results(self, options_key: str) -> Iterator[Result]:
