@@ -39,7 +39,8 @@ def run(captioner, scorer, inputs, out, generation=GEN, **gate):
     """A pipeline run scored with the tiny CLIP; `gate` holds GateOptions fields and `formats`."""
     formats = gate.pop("formats", ("captions.txt", "jsonl"))
     options = RunOptions(output_dir=out, progress=False, formats=formats, batch_size=gate.pop(
-        "batch_size", None), prefix=gate.pop("prefix", ""), gate=GateOptions(clip_model=scorer.name, **gate))
+        "batch_size", None), prefix=gate.pop("prefix", ""), sidecars_beside_images=gate.pop(
+        "beside_images", False), gate=GateOptions(clip_model=scorer.name, **gate))
     return Pipeline(captioner, generation, options, scorer).run([str(i) for i in inputs])
 
 
@@ -70,6 +71,35 @@ def test_failed_images_caption_files_carry_the_prefix_too(baseline, captioner, s
     for name, record in done.items():
         folder = out if record["clip_score"] >= baseline[1] else failed
         assert (folder / name).with_suffix(".txt").read_text() == f"ohwx, {record['caption']}\n"
+
+
+def test_a_gated_rerun_takes_back_what_an_ungated_run_put_in_the_dataset(baseline, captioner, scorer,
+                                                                         photo_dir, tmp_path):
+    out = tmp_path / "out"
+    run(captioner, scorer, [photo_dir], out, formats=("txt", "jsonl"), copy_images=True)
+    assert len(list(out.glob("*.png"))) == len(list(out.glob("*.txt"))) == 8
+    run(captioner, scorer, [photo_dir], out, formats=("txt", "jsonl"), copy_images=True,
+        min_score=baseline[1])
+    passing = {name for name, r in records(out).items() if r["passed"]}
+    assert 0 < len(passing) < 8
+    assert {p.name for p in out.glob("*.png")} == passing
+    assert {p.stem for p in out.glob("*.txt")} == {Path(name).stem for name in passing}
+    assert all((photo_dir / name).is_file() for name in records(out))  # the originals stay
+
+    # beside the images (a LoRA folder): only caption files captionkit wrote go
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    failing = sorted(set(records(out)) - passing)
+    (images / failing[0]).with_suffix(".txt").write_text("my own caption\n")
+    beside = {"formats": ("txt", "jsonl"), "beside_images": True}
+    run(captioner, scorer, [images], tmp_path / "store", **beside)
+    assert len(list(images.glob("*.txt"))) == 8
+    run(captioner, scorer, [images], tmp_path / "store", min_score=baseline[1], **beside)
+    assert {p.stem for p in images.glob("*.txt")} == {Path(n).stem for n in passing} | {Path(failing[0]).stem}
+    assert (images / failing[0]).with_suffix(".txt").read_text() == "my own caption\n"
+    assert len(list(images.glob("*.png"))) == 8
+    run(captioner, scorer, [images], tmp_path / "store", **beside)  # no threshold: all listed again
+    assert len(list(images.glob("*.txt"))) == 8
 
 
 def resumed(baseline, tmp_path) -> Path:

@@ -157,7 +157,20 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
     that `foreign_sidecars` finds are left as they are."""
     targets = _sidecars(results, options)
     foreign = set(_foreign(targets, options))
-    return [write_sidecar(result, options, path) for result, path in targets if path not in foreign]
+    written = [write_sidecar(result, options, path) for result, path in targets if path not in foreign]
+    _withdraw_sidecars(results, options, keep={path for _, path in targets})
+    return written
+
+
+def _withdraw_sidecars(results: Sequence[Result], options: ExportOptions, keep: set[Path]) -> None:
+    """Remove the caption files an earlier run wrote for images the quality gate now holds back, so
+    a dataset folder never pairs an image with a caption that failed; other files stay."""
+    for result in results:
+        if result.status != "done" or listed(result, options):
+            continue
+        for path in {sidecar_path(result, options), sidecar_path(result, options, full_name=True)}:
+            if path not in keep and _holds_ours(path, result, options):
+                path.unlink(missing_ok=True)
 
 
 def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
@@ -169,16 +182,18 @@ def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[
 def _foreign(targets: list[tuple[Result, Path]], options: ExportOptions) -> list[Path]:
     if options.ours is None:
         return []
-    found = []
-    for result, path in targets:
-        try:
-            text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
-        except OSError:
-            continue  # absent (the usual case) or unreadable: written as usual
-        if text != options.line(result) and text not in options.ours.get(
-                os.fsencode(result.path), frozenset()):
-            found.append(path)
-    return found
+    return [path for result, path in targets if _holds_ours(path, result, options) is False]
+
+
+def _holds_ours(path: Path, result: Result, options: ExportOptions) -> bool | None:
+    """Whether an existing caption file holds one of captionkit's captions for the result's image;
+    None when there is no file (or it cannot be read)."""
+    try:
+        text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    ours = options.ours.get(os.fsencode(result.path), frozenset()) if options.ours else frozenset()
+    return text == options.line(result) or text in ours
 
 
 def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[Result, Path]]:

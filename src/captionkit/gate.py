@@ -135,8 +135,9 @@ def tally(results: Iterable[Result]) -> tuple[list[float], int]:
 
 
 def place(results: Iterable[Result], options: GateOptions, export: ExportOptions) -> int:
-    """Copy listed images into the output folder (`copy_images`), then copy or move failed ones with
-    their caption file into the failed folder; returns how many are there. Safe to repeat."""
+    """Copy listed images into the output folder (`copy_images`, which also removes an earlier run's
+    copies of images that fail now), then copy or move failed ones with their caption file into the
+    failed folder; returns how many are there. Safe to repeat."""
     set_aside = 0
     aside = None if options.failed_dir is None else replace(
         export, output_dir=options.failed_dir, sidecars_beside_images=False, ours=None)
@@ -147,12 +148,26 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
         parked = None if aside is None else aside.output_dir / relative_path(result.name)
         if parked is not None and options.move and not failed:
             _move_back(result, parked, aside)
+        copy = export.output_dir / relative_path(result.name)
         if options.copy_images and listed(result, export):
-            _put(result.path, export.output_dir / relative_path(result.name), move=False)
+            _put(result.path, copy, move=False)
+        elif options.copy_images and failed:
+            _withdraw_copy(copy, result.path if result.path.exists() else parked)
         if parked is not None and failed and _put(result.path, parked, options.move):
             write_sidecar(result, aside)
             set_aside += 1
     return set_aside
+
+
+def _withdraw_copy(copy: Path, original: Path | None) -> None:
+    """Remove an earlier run's copy of an image that now fails the gate: only a file that is not the
+    original itself and matches it in size and modification time (the copy `_put` made)."""
+    try:
+        if (original is not None and copy.exists() and original.exists()
+                and not os.path.samefile(copy, original) and _same(original, copy)):
+            copy.unlink()
+    except OSError as err:
+        raise CaptionkitError(f"cannot remove {copy}: {err.strerror or err}") from None
 
 
 def _move_back(result: Result, parked: Path, failed_folder: ExportOptions) -> None:
