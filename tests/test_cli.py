@@ -160,6 +160,18 @@ def test_inputs_from_stdin_and_export(blip_dir, photo_dir, tmp_path):
     assert "to 1 file\n" in one.stderr
 
 
+def test_export_leaves_out_images_deleted_since(photo_dir, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(photo_dir, images)
+    captionkit("caption", images, "--model", "objects", "-o", out, "-q")
+    (images / "coffee.png").unlink()
+    exported = captionkit("export", out, "--format", "captions.txt,jsonl")
+    assert "left out 1 image captioned earlier and no longer on disk, such as coffee.png" in exported.stderr
+    assert "coffee.png" not in (out / "captions.txt").read_text()
+    assert len((out / "captions.txt").read_text().splitlines()) == 7
+    assert len((out / "captions.jsonl").read_text().splitlines()) == 8
+
+
 def test_models_lists_the_registry():
     proc = captionkit("models")
     for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):

@@ -165,6 +165,7 @@ def test_move_takes_failed_images_out_of_the_input(captioner, scorer, photo_dir,
     before = {p.name: p.read_bytes() for p in failed.iterdir()}
     again = run(captioner, scorer, [images], out, min_score=baseline[1], failed_dir=failed, move=True)
     assert again.done == 0 and again.set_aside == len(moved)
+    assert again.missing == []  # moved into the failed folder by the gate is not gone
     assert {p.name: p.read_bytes() for p in failed.iterdir()} == before
     # a lower threshold: every image passes, and the moved ones go back with nothing left behind
     lowered = run(captioner, scorer, [images], out, min_score=0.0, failed_dir=failed, move=True)

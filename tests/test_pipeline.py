@@ -77,6 +77,28 @@ def test_rerun_resumes_and_flags_control_retries(captioner, folder, tmp_path):
     assert captions_txt(out)["empty.jpg"] == captions_txt(out)["horse.png"]
 
 
+def test_images_deleted_since_leave_captions_txt_and_take_their_caption_files(captioner, photo_dir,
+                                                                              tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(photo_dir, images)
+    options = {"formats": ("captions.txt", "txt", "jsonl"), "sidecars_beside_images": True}
+    run(captioner, [images], out, **options)
+    (images / "horse.png").unlink()
+    (images / "coins.png").unlink()
+    (images / "coins.txt").write_text("notes of mine\n")  # no longer captionkit's: stays
+    again = run(captioner, [images], out, **options)
+    assert (again.done, again.skipped, again.missing) == (0, 6, ["coins.png", "horse.png"])
+    assert set(captions_txt(out)) == {p.name for p in images.glob("*.png")}
+    assert not (images / "horse.txt").exists()
+    assert (images / "coins.txt").read_text() == "notes of mine\n"
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(records) == 8  # the record of every caption stays
+    shutil.copy2(photo_dir / "horse.png", images / "horse.png")  # back again: listed, nothing to caption
+    back = run(captioner, [images], out, **options)
+    assert (back.done, back.missing) == (0, ["coins.png"]) and "horse.png" in captions_txt(out)
+    assert (images / "horse.txt").is_file()
+
+
 def test_batch_size_does_not_change_captions(captioner, photo_dir, tmp_path):
     run(captioner, [photo_dir], tmp_path / "one", batch_size=1)
     run(captioner, [photo_dir], tmp_path / "many", batch_size=5)

@@ -382,6 +382,12 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def _print_missing(missing: list[str]) -> None:
+    if missing:
+        console.print(f"  left out {_counted(len(missing), 'image')} captioned earlier and no longer on "
+                      f"disk, such as {missing[0]}", highlight=False)
+
+
 def _print_kept(kept: list[Path]) -> None:
     if kept:
         console.print(f"  kept {_counted(len(kept), 'caption file')} captionkit did not write, such as "
@@ -403,6 +409,7 @@ def _print_summary(summary) -> None:
         console.print(f"  [red]failed[/] {name}: {reason}", markup=True, highlight=False)
     if failed > 20:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
+    _print_missing(summary.missing)
     _print_kept(summary.kept)
     for path in summary.outputs[:5]:
         console.print(f"  wrote {path}")
@@ -469,7 +476,7 @@ def export_command(
     ] = False,
 ) -> None:
     """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
-    from captionkit.exporters import ExportOptions, export, foreign_sidecars, parse_formats
+    from captionkit.exporters import ExportOptions, export, foreign_sidecars, missing_images, parse_formats
     from captionkit.store import DB_NAME, Store
 
     db = output_dir / DB_NAME
@@ -492,9 +499,10 @@ def export_command(
             raise CaptionkitError(f"{db}: the store holds no run yet")
         results = list(store.results(key))
         chosen = parse_formats(formats)
+        missing = missing_images(results)
         options = ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,
                                 ours=None if overwrite else store.captions_by_path(),
-                                prefix=prefix, suffix=suffix)
+                                missing=missing, prefix=prefix, suffix=suffix)
         kept = foreign_sidecars(results, options) if "txt" in chosen else []
         written = export(results, chosen, options)
         done = sum(result.status == "done" for result in results)
@@ -505,6 +513,7 @@ def export_command(
     finally:
         store.close()
     console.print(f"exported {_counted(done, 'caption')} to {_counted(len(written), 'file')}")
+    _print_missing(sorted(result.name for result in results if result.path in missing))
     _print_kept(kept)
 
 

@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +30,8 @@ class ExportOptions:
     ours: Mapping[bytes, frozenset[str]] | None = None
     """Every caption captionkit has recorded per image path (`os.fsencode`). When given, an existing
     caption file holding anything else (a hand-written caption) is kept, not replaced."""
+    missing: frozenset[Path] = frozenset()
+    """Images captioned earlier that are no longer on disk: left out of captions.txt and caption files."""
     prefix: str = ""
     """Text put before every exported caption (a LoRA trigger word: `ohwx, `); the store keeps the
     model's caption as it was."""
@@ -101,8 +103,20 @@ def _one_line(text: str) -> str:
 
 
 def listed(result: Result, options: ExportOptions) -> bool:
-    """Whether a result goes into captions.txt and sidecars: captioned, and not held back by the gate."""
-    return result.status == "done" and (options.keep_failed or result.extras.get("passed", True))
+    """Whether a result goes into captions.txt and sidecars: captioned, still on disk, and not held
+    back by the gate."""
+    return (result.status == "done" and (options.keep_failed or result.extras.get("passed", True))
+            and result.path not in options.missing)
+
+
+def missing_images(results: Sequence[Result], found: Collection[Path] = (),
+                   parked_in: Path | None = None) -> frozenset[Path]:
+    """The captioned images no longer on disk. `found` (this run's images) are not looked at, and an
+    image moved under its name into `parked_in` (the quality gate's failed folder) is not missing."""
+    found = set(found)
+    return frozenset(result.path for result in results if result.status == "done"
+                     and result.path not in found and not result.path.exists()
+                     and not (parked_in is not None and (parked_in / relative_path(result.name)).exists()))
 
 
 _NAME_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
@@ -163,8 +177,9 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
 
 
 def _withdraw_sidecars(results: Sequence[Result], options: ExportOptions, keep: set[Path]) -> None:
-    """Remove the caption files an earlier run wrote for images the quality gate now holds back, so
-    a dataset folder never pairs an image with a caption that failed; other files stay."""
+    """Remove the caption files an earlier run wrote for images the quality gate now holds back (or
+    that are gone), so a dataset folder never pairs an image with a caption that failed; other
+    files stay."""
     for result in results:
         if result.status != "done" or listed(result, options):
             continue

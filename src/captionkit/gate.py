@@ -134,20 +134,31 @@ def tally(results: Iterable[Result]) -> tuple[list[float], int]:
             sum(r.extras.get("passed", True) for r in scored))
 
 
+def bring_back(results: Iterable[Result], options: GateOptions, export: ExportOptions) -> None:
+    """Move the images an earlier run moved into the failed folder (`--move`) and that pass now (a
+    lower --min-score) back where they came from, with their caption files leaving that folder."""
+    if options.failed_dir is None or not options.move:
+        return
+    aside = _failed_folder(options.failed_dir, export)
+    for result in results:
+        parked = aside.output_dir / relative_path(result.name)
+        if result.status == "done" and result.extras.get("passed") is not False and (
+                not result.path.exists() and parked.exists()):
+            _put(parked, result.path, move=True)
+            sidecar_path(result, aside).unlink(missing_ok=True)
+
+
 def place(results: Iterable[Result], options: GateOptions, export: ExportOptions) -> int:
     """Copy listed images into the output folder (`copy_images`, which also removes an earlier run's
     copies of images that fail now), then copy or move failed ones with their caption file into the
     failed folder; returns how many are there. Safe to repeat."""
     set_aside = 0
-    aside = None if options.failed_dir is None else replace(
-        export, output_dir=options.failed_dir, sidecars_beside_images=False, ours=None)
+    aside = None if options.failed_dir is None else _failed_folder(options.failed_dir, export)
     for result in results:
         if result.status != "done":
             continue
         failed = result.extras.get("passed") is False
         parked = None if aside is None else aside.output_dir / relative_path(result.name)
-        if parked is not None and options.move and not failed:
-            _move_back(result, parked, aside)
         copy = export.output_dir / relative_path(result.name)
         if options.copy_images and listed(result, export):
             _put(result.path, copy, move=False)
@@ -170,11 +181,10 @@ def _withdraw_copy(copy: Path, original: Path | None) -> None:
         raise CaptionkitError(f"cannot remove {copy}: {err.strerror or err}") from None
 
 
-def _move_back(result: Result, parked: Path, failed_folder: ExportOptions) -> None:
-    """An image an earlier run moved aside that passes now (a lower --min-score) goes home."""
-    if not result.path.exists() and parked.exists():
-        _put(parked, result.path, move=True)
-        sidecar_path(result, failed_folder).unlink(missing_ok=True)
+def _failed_folder(failed_dir: Path, export: ExportOptions) -> ExportOptions:
+    """How caption files are written into the failed folder: mirrored, named as in the output."""
+    return replace(export, output_dir=failed_dir, sidecars_beside_images=False, ours=None,
+                   missing=frozenset())
 
 
 def _put(source: Path, target: Path, move: bool) -> bool:

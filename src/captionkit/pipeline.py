@@ -15,7 +15,14 @@ from PIL import Image
 from captionkit import boxes, gate, sources
 from captionkit.device import set_malloc_thresholds, usable_cpus
 from captionkit.errors import CaptionkitError, ImageError, OptionError
-from captionkit.exporters import OUTPUT_NAMES, ExportOptions, export, foreign_sidecars, make_output_dir
+from captionkit.exporters import (
+    OUTPUT_NAMES,
+    ExportOptions,
+    export,
+    foreign_sidecars,
+    make_output_dir,
+    missing_images,
+)
 from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions
@@ -91,6 +98,8 @@ class RunSummary:
     min_score: float | None = None
     passed: int = 0
     set_aside: int = 0
+    missing: list[str] = field(default_factory=list)
+    """Images captioned earlier that are no longer on disk, left out of captions.txt and caption files."""
     kept: list[Path] = field(default_factory=list)
     """Existing caption files captionkit did not write, left as they were (`--overwrite` replaces them)."""
 
@@ -203,14 +212,18 @@ class Pipeline:
             summary.seconds = time.perf_counter() - started
             results = list(store.results(self.key))
             store.update_extras(gate.mark(results, options.gate.min_score), self.key)
-            written = options.export_options()
+            gate.bring_back(results, options.gate, options.export_options())
+            missing = missing_images(results, found=[ref.path for ref in refs],
+                                     parked_in=options.gate.failed_dir)
+            written = replace(options.export_options(), missing=missing)
             if "txt" in options.export_formats() and not options.overwrite:
                 written = replace(written, ours=store.captions_by_path())
                 summary.kept = foreign_sidecars(results, written)
             summary.outputs = export(results, options.export_formats(), written)
             if options.draw_boxes is not None:
                 summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
-            summary.set_aside = gate.place(results, options.gate, options.export_options())
+            summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
+            summary.missing = sorted(result.name for result in results if result.path in missing)
             summary.scores, summary.passed = gate.tally(results)
             summary.min_score = options.gate.min_score
             store.finish_run(run_id, summary.as_dict())
