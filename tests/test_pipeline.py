@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captionkit.gate import GateOptions
 from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions, default_batch_size
 
@@ -97,6 +98,23 @@ def test_images_deleted_since_leave_captions_txt_and_take_their_caption_files(ca
     back = run(captioner, [images], out, **options)
     assert (back.done, back.missing) == (0, ["coins.png"]) and "horse.png" in captions_txt(out)
     assert (images / "horse.txt").is_file()
+
+
+def test_a_dataset_folder_of_copies_drops_the_copy_of_an_image_deleted_since(captioner, photo_dir,
+                                                                             tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(photo_dir, images)
+    options = {"formats": ("captions.txt",), "gate": GateOptions(copy_images=True)}
+    run(captioner, [images], out, **options)
+    assert {p.name for p in out.glob("*.png")} == {p.name for p in photo_dir.glob("*.png")}
+    (images / "horse.png").unlink()
+    (out / "coins.png").write_bytes((photo_dir / "rocket.png").read_bytes())  # replaced by the user
+    (images / "coins.png").unlink()
+    again = run(captioner, [images], out, **options)
+    assert again.missing == ["coins.png", "horse.png"]
+    assert not (out / "horse.png").exists() and not (out / "horse.txt").exists()
+    assert (out / "coins.png").read_bytes() == (photo_dir / "rocket.png").read_bytes()
+    assert len(list(out.glob("*.png"))) == 7 and len(list(out.glob("*.txt"))) == 7  # captions.txt too
 
 
 def test_batch_size_does_not_change_captions(captioner, photo_dir, tmp_path):
