@@ -152,6 +152,16 @@ class Grounded:
         return [Caption("left half", {"entities": [entity]}) for _ in images]
 
 
+class Regrounded(Grounded):
+    """The same phrase grounded to the right half instead."""
+
+    model_id = "regrounded"
+
+    def caption(self, images, options, prompts=None):
+        entity = {"phrase": "right", "span": [0, 5], "boxes": [[0.6, 0.2, 0.9, 0.8]]}
+        return [Caption("right half", {"entities": [entity]}) for _ in images]
+
+
 def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
@@ -173,6 +183,21 @@ def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
     assert annotated.getpixel(far) == original.getpixel(far)
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert all(r["entities"][0]["boxes"] == [[0.1, 0.2, 0.5, 0.8]] for r in records)
+
+    # A resumed run redraws nothing, except a copy that went missing; other boxes are drawn anew.
+    def rerun(model=None):
+        return Pipeline(model or Grounded(), GenerationOptions(), RunOptions(
+            output_dir=out, recursive=True, progress=False, draw_boxes=drawn)).run([str(images)])
+
+    before = {p: p.stat().st_mtime_ns for p in drawn.rglob("*.png")}
+    assert not set(rerun().outputs) & set(before)
+    assert {p: p.stat().st_mtime_ns for p in drawn.rglob("*.png")} == before
+    (drawn / "horse.png").unlink()
+    assert set(rerun().outputs) & set(before) == {drawn / "horse.png"}
+    moved = rerun(Regrounded())
+    assert set(moved.outputs) & set(before) == set(before)
+    annotated = Image.open(drawn / "sub" / "coffee.png").convert("RGB")
+    assert annotated.getpixel(edge) == original.getpixel(edge)  # the old box is gone
 
 
 def test_draw_boxes_never_replaces_the_images_themselves(tmp_path, photo_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,30 +11,53 @@ from PIL import Image, ImageDraw, ImageFont
 
 from captionkit import sources
 from captionkit.errors import ImageError, OutputError
-from captionkit.exporters import relative_path
+from captionkit.exporters import atomic_write, relative_path
 from captionkit.store import Result
 
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
+MANIFEST = ".captionkit-boxes.json"
+"""In the --draw-boxes folder: a digest of what each copy shows, so a resumed run redraws nothing."""
+
+
 def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
-    """Draw each grounded result's boxes on a copy of its image under `directory`."""
+    """Draw each grounded result's boxes on a copy of its image under `directory`; returns the
+    copies drawn now. A copy that already shows the same image and boxes is left as it is."""
+    manifest = directory / MANIFEST
+    drawn = _read_manifest(manifest)
     written = []
-    for result in results:
-        entities = result.extras.get("entities")
-        if result.status != "done" or entities is None:
-            continue
-        try:
-            image = sources.load_image(result.path)
-        except ImageError:
-            continue  # the file changed or went away since it was captioned
-        target = _mirrored(result.name, directory)
-        if target.exists() and target.samefile(result.path):
-            raise OutputError(f"{target}: the annotated copy would replace the image itself; pick "
-                              "a --draw-boxes folder outside the inputs")
-        _save(annotate(image, entities), target)
-        written.append(target)
+    try:
+        for result in results:
+            entities = result.extras.get("entities")
+            if result.status != "done" or entities is None:
+                continue
+            target = _mirrored(result.name, directory)
+            if target.exists() and target.samefile(result.path):
+                raise OutputError(f"{target}: the annotated copy would replace the image itself; "
+                                  "pick a --draw-boxes folder outside the inputs")
+            digest = sources.content_hash(json.dumps([result.hash, entities], sort_keys=True).encode())
+            if drawn.get(result.name) == digest and target.exists():
+                continue
+            try:
+                image = sources.load_image(result.path)
+            except ImageError:
+                continue  # the file changed or went away since it was captioned
+            _save(annotate(image, entities), target)
+            drawn[result.name] = digest
+            written.append(target)
+    finally:  # what was drawn before an interrupt is not drawn again
+        if written:
+            atomic_write(manifest, json.dumps(drawn, sort_keys=True, indent=0))
     return written
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: every copy is drawn again
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def annotate(image: Image.Image, entities: list[dict]) -> Image.Image:
