@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def test_prefix_and_suffix_go_into_every_format_and_failures_stay_captionless(re
     rows = list(csv.DictReader((out / "captions.csv").open(encoding="utf-8")))
     assert [row["caption"] for row in rows] == [r["caption"] or "" for r in records]
     assert results[0].caption == "a dog\non grass"  # the results themselves are left as they were
+
+
+def test_a_caption_file_that_already_holds_its_caption_is_not_written_again(results, tmp_path):
+    out = tmp_path / "out"
+    export(results, ["txt"], ExportOptions(out))
+    for path in out.rglob("*.txt"):
+        os.utime(path, ns=(10**18, 10**18))
+    export(results, ["txt"], ExportOptions(out))
+    assert {p.stat().st_mtime_ns for p in out.rglob("*.txt")} == {10**18}
+    export(results, ["txt"], ExportOptions(out, suffix="."))
+    assert (out / "a.txt").read_text() == "a dog on grass.\n"
+    assert (out / "a.txt").stat().st_mtime_ns != 10**18
 
 
 def test_parse_formats():

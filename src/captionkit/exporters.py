@@ -220,12 +220,20 @@ def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[R
 
 
 def write_sidecar(result: Result, options: ExportOptions, path: Path | None = None) -> Path:
-    """The result's caption file (`path`, else its usual one), written atomically; returns it."""
+    """The result's caption file (`path`, else its usual one), written atomically unless it already
+    holds exactly that (a resumed run rewrites nothing, and modification times stay); returns it."""
     path = path or sidecar_path(result, options)
-    if path.exists() and result.path.exists() and path.samefile(result.path):
-        raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
-                          "--caption-extension")
-    atomic_write(path, options.line(result) + "\n")
+    text = options.line(result) + "\n"
+    if path.exists():
+        if result.path.exists() and path.samefile(result.path):
+            raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
+                              "--caption-extension")
+        try:
+            if path.read_bytes() == text.encode("utf-8"):
+                return path
+        except OSError:
+            pass  # unreadable: written anew, or the write says why not
+    atomic_write(path, text)
     return path
 
 
