@@ -12,7 +12,7 @@ import pytest
 
 from captionkit.datasets import read_predictions
 from captionkit.errors import OptionError, OutputError
-from captionkit.exporters import ExportOptions, atomic_write, export, parse_formats
+from captionkit.exporters import ExportOptions, atomic_write, distinct_names, export, parse_formats
 from captionkit.store import Result
 
 
@@ -81,6 +81,20 @@ def test_a_caption_file_that_already_holds_its_caption_is_not_written_again(resu
     export(results, ["txt"], ExportOptions(out, suffix="."))
     assert (out / "a.txt").read_text() == "a dog on grass.\n"
     assert (out / "a.txt").stat().st_mtime_ns != 10**18
+
+
+def test_names_two_images_share_are_lengthened_by_their_folders_until_they_differ():
+    def done(path, name):
+        return Result(path=Path(path), name=name, status="done", caption=name)
+
+    results = [done("/data/A/x.jpg", "x.jpg"), done("/data/B/x.jpg", "x.jpg"),
+               done("/one/set/sub/y.jpg", "sub/y.jpg"), done("/two/set/sub/y.jpg", "sub/y.jpg"),
+               done("/data/A/z.jpg", "z.jpg")]
+    assert [r.name for r in distinct_names(results)] == [
+        "A/x.jpg", "B/x.jpg", "one/set/sub/y.jpg", "two/set/sub/y.jpg", "z.jpg"]
+    assert [r.name for r in results][:2] == ["x.jpg", "x.jpg"]  # the results given stay as they were
+    unique = results[-1:]
+    assert distinct_names(unique) == unique
 
 
 def test_parse_formats():

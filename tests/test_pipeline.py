@@ -117,6 +117,21 @@ def test_a_dataset_folder_of_copies_drops_the_copy_of_an_image_deleted_since(cap
     assert len(list(out.glob("*.png"))) == 7 and len(list(out.glob("*.txt"))) == 7  # captions.txt too
 
 
+def test_same_names_in_two_input_folders_get_a_caption_file_each(captioner, photo_dir, tmp_path):
+    first, second, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    first.mkdir()
+    second.mkdir()
+    shutil.copy(photo_dir / "horse.png", first / "x.png")
+    shutil.copy(photo_dir / "rocket.png", second / "x.png")
+    run(captioner, [first], out, formats=("captions.txt", "txt"))
+    assert set(captions_txt(out)) == {"x.png"}
+    run(captioner, [second], out, formats=("captions.txt", "txt"))  # a second folder, the same store
+    captions = captions_txt(out)
+    assert set(captions) == {"A/x.png", "B/x.png"}
+    assert (out / "A" / "x.txt").read_text() == captions["A/x.png"] + "\n"
+    assert (out / "B" / "x.txt").read_text() == captions["B/x.png"] + "\n"
+
+
 def test_batch_size_does_not_change_captions(captioner, photo_dir, tmp_path):
     run(captioner, [photo_dir], tmp_path / "one", batch_size=1)
     run(captioner, [photo_dir], tmp_path / "many", batch_size=5)

@@ -476,7 +476,14 @@ def export_command(
     ] = False,
 ) -> None:
     """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
-    from captionkit.exporters import ExportOptions, export, foreign_sidecars, missing_images, parse_formats
+    from captionkit.exporters import (
+        ExportOptions,
+        distinct_names,
+        export,
+        foreign_sidecars,
+        missing_images,
+        parse_formats,
+    )
     from captionkit.store import DB_NAME, Store
 
     db = output_dir / DB_NAME
@@ -497,7 +504,7 @@ def export_command(
             key = keys[0]
         if key is None:
             raise CaptionkitError(f"{db}: the store holds no run yet")
-        results = list(store.results(key))
+        results = distinct_names(list(store.results(key)))
         chosen = parse_formats(formats)
         missing = missing_images(results)
         options = ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,

@@ -10,8 +10,8 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.sources import IMAGE_EXTENSIONS
@@ -155,6 +155,38 @@ def sidecar_path(result: Result, options: ExportOptions, full_name: bool = False
     extension = options.caption_extension
     image = result.path if options.sidecars_beside_images else options.output_dir / relative_path(result.name)
     return image.with_name(image.name + extension) if full_name else image.with_suffix(extension)
+
+
+def distinct_names(results: Sequence[Result]) -> list[Result]:
+    """The results with names that two images share (`x.jpg` from two input folders, or from two
+    runs into one output folder) lengthened by their folders until they differ: `A/x.jpg`, `B/x.jpg`.
+    Names that are already unique stay as they are."""
+    groups: dict[str, list[int]] = {}
+    for index, result in enumerate(results):
+        groups.setdefault(result.name, []).append(index)
+    renamed = list(results)
+    for name, indices in groups.items():
+        if len(indices) < 2:
+            continue
+        paths = [PurePath(os.fsdecode(results[i].path)).parts[1:] for i in indices]
+        tail = PurePosixPath(name).parts
+        for depth in range(1, max(map(len, paths)) + 1):
+            longer = ["/".join(_above(parts, tail, depth) + tail) for parts in paths]
+            if len(set(longer)) == len(longer):
+                break
+        else:
+            longer = ["/".join(parts) for parts in paths]  # the whole paths, which always differ
+        for index, new in zip(indices, longer, strict=True):
+            renamed[index] = replace(results[index], name=new)
+    if all(len(indices) < 2 for indices in groups.values()):
+        return renamed
+    return sorted(renamed, key=lambda result: (result.name, os.fsencode(result.path)))  # as the store orders
+
+
+def _above(parts: tuple[str, ...], tail: tuple[str, ...], depth: int) -> tuple[str, ...]:
+    """The `depth` folders above the name's own parts in a path's parts."""
+    below = len(tail) if parts[-len(tail):] == tail else 1
+    return parts[:-below][-depth:]
 
 
 def relative_path(name: str) -> Path:

@@ -18,6 +18,7 @@ from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import (
     OUTPUT_NAMES,
     ExportOptions,
+    distinct_names,
     export,
     foreign_sidecars,
     make_output_dir,
@@ -210,7 +211,7 @@ class Pipeline:
             summary.failed.extend((p.path, p.reason) for p in problems)
             self._caption_all(todo, store, run_id, summary)
             summary.seconds = time.perf_counter() - started
-            results = list(store.results(self.key))
+            results = distinct_names(list(store.results(self.key)))
             store.update_extras(gate.mark(results, options.gate.min_score), self.key)
             gate.bring_back(results, options.gate, options.export_options())
             missing = missing_images(results, found=[ref.path for ref in refs],
