@@ -76,7 +76,7 @@ def test_a_caption_file_that_already_holds_its_caption_is_not_written_again(resu
     export(results, ["txt"], ExportOptions(out))
     for path in out.rglob("*.txt"):
         os.utime(path, ns=(10**18, 10**18))
-    export(results, ["txt"], ExportOptions(out))
+    assert export(results, ["txt"], ExportOptions(out)) == []  # nothing written
     assert {p.stat().st_mtime_ns for p in out.rglob("*.txt")} == {10**18}
     export(results, ["txt"], ExportOptions(out, suffix="."))
     assert (out / "a.txt").read_text() == "a dog on grass.\n"

@@ -203,7 +203,8 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
     that `foreign_sidecars` finds are left as they are."""
     targets = _sidecars(results, options)
     foreign = set(_foreign(targets, options))
-    written = [write_sidecar(result, options, path) for result, path in targets if path not in foreign]
+    written = [path for result, path in targets
+               if path not in foreign and write_sidecar(result, options, path) is not None]
     _withdraw_sidecars(results, options, keep={path for _, path in targets})
     return written
 
@@ -251,9 +252,10 @@ def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[R
             for result, path in chosen]
 
 
-def write_sidecar(result: Result, options: ExportOptions, path: Path | None = None) -> Path:
+def write_sidecar(result: Result, options: ExportOptions, path: Path | None = None) -> Path | None:
     """The result's caption file (`path`, else its usual one), written atomically unless it already
-    holds exactly that (a resumed run rewrites nothing, and modification times stay); returns it."""
+    holds exactly that (a resumed run rewrites nothing, and modification times stay); returns it,
+    or None when it was left as it was."""
     path = path or sidecar_path(result, options)
     text = options.line(result) + "\n"
     if path.exists():
@@ -262,7 +264,7 @@ def write_sidecar(result: Result, options: ExportOptions, path: Path | None = No
                               "--caption-extension")
         try:
             if path.read_bytes() == text.encode("utf-8"):
-                return path
+                return None
         except OSError:
             pass  # unreadable: written anew, or the write says why not
     atomic_write(path, text)
