@@ -514,8 +514,8 @@ def export_command(
         written = export(results, chosen, options)
         done = sum(result.status == "done" for result in results)
         # Recorded so that a later run knows these caption files, prefix and all, as its own.
-        run_id = store.start_run(model or results[0].model_id if results else "", key,
-                                 {"export": formats, "prefix": prefix, "suffix": suffix})
+        model_id = model or (results[0].model_id if results else "")
+        run_id = store.start_run(model_id, key, {"export": formats, "prefix": prefix, "suffix": suffix})
         store.finish_run(run_id, {"exported": done, "files": len(written)})
     finally:
         store.close()
