@@ -15,8 +15,6 @@ from captionkit.exporters import atomic_write, relative_path
 from captionkit.store import Result
 
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
-
-
 MANIFEST = ".captionkit-boxes.json"
 """In the --draw-boxes folder: a digest of what each copy shows, so a resumed run redraws nothing."""
 
