@@ -288,6 +288,24 @@ def test_candidate_options_are_checked():
         RunOptions(sidecars_beside_images=True, gate=GateOptions(copy_images=True))
 
 
+@pytest.mark.parametrize("folders", [
+    {"output_dir": "out", "failed": "out/."},
+    {"output_dir": "out", "failed": "low", "draw_boxes": "low"},
+    {"output_dir": "out", "failed": None, "draw_boxes": "out", "copy_images": True},
+])
+def test_folders_that_receive_images_must_differ(folders, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gate = GateOptions(min_score=0.3, failed_dir=folders.pop("failed"),
+                       copy_images=folders.pop("copy_images", False))
+    with pytest.raises(OptionError, match="are the same folder"):
+        RunOptions(gate=gate, **folders)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_boxes_may_go_into_the_output_folder_when_it_holds_no_copies(tmp_path):
+    assert RunOptions(output_dir=tmp_path, draw_boxes=str(tmp_path)).draw_boxes == tmp_path
+
+
 class Verbose:
     """A captioner whose captions overflow the tiny CLIP's 16-token text context."""
 

@@ -63,12 +63,28 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
+        if self.draw_boxes is not None:
+            object.__setattr__(self, "draw_boxes", Path(self.draw_boxes))
         # checked now, before a model loads: --ext, and a caption extension that would overwrite images
         sources.normalise_extensions(self.extensions)
         self.export_options()
         if self.gate.copy_images and self.sidecars_beside_images:
             raise OptionError("--copy-images writes each caption file beside the image's copy in "
                               "--output-dir: drop --beside-images")
+        self._check_image_folders()
+
+    def _check_image_folders(self) -> None:
+        """The folders images are written into must differ, or one kind would replace the other."""
+        folders = {"--failed-dir": self.gate.failed_dir, "--draw-boxes": self.draw_boxes,
+                   "--output-dir": self.output_dir}
+        clashes = [("--failed-dir", "--output-dir"), ("--failed-dir", "--draw-boxes")]
+        if self.gate.copy_images:
+            clashes.append(("--draw-boxes", "--output-dir"))
+        for first, second in clashes:
+            one, other = folders[first], folders[second]
+            if one is not None and other is not None and one.resolve() == other.resolve():
+                raise OptionError(f"{first} and {second} are the same folder ({one}): pick another "
+                                  f"{first}")
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
