@@ -302,6 +302,14 @@ def test_folders_that_receive_images_must_differ(folders, tmp_path, monkeypatch)
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+def test_an_input_folder_is_refused_as_the_failed_folder(captioner, scorer, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    with pytest.raises(OptionError, match="--failed-dir .* is an input folder"):
+        run(captioner, scorer, [images], tmp_path / "out", min_score=0.3, failed_dir=images, move=True)
+    assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in photo_dir.iterdir())
+
+
 def test_boxes_may_go_into_the_output_folder_when_it_holds_no_copies(tmp_path):
     assert RunOptions(output_dir=tmp_path, draw_boxes=str(tmp_path)).draw_boxes == tmp_path
 

@@ -201,10 +201,12 @@ class Pipeline:
         """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
         options = self.options
         started = time.perf_counter()
-        if options.draw_boxes is not None and any(
-                Path(i).is_dir() and Path(i).resolve() == options.draw_boxes.resolve() for i in inputs):
-            raise OptionError(f"--draw-boxes {options.draw_boxes} is an input folder: the annotated "
-                              "copies would replace the images; pick another folder")
+        for flag, folder, why in (
+                ("--draw-boxes", options.draw_boxes, "the annotated copies would replace the images"),
+                ("--failed-dir", options.gate.failed_dir, "failed images would stay among the others")):
+            if folder is not None and any(
+                    Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
+                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
         set_malloc_thresholds()
         make_output_dir(options.output_dir)
         refs, problems = sources.discover(inputs, recursive=options.recursive,
