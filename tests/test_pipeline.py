@@ -100,21 +100,25 @@ def test_images_deleted_since_leave_captions_txt_and_take_their_caption_files(ca
     assert (images / "horse.txt").is_file()
 
 
-def test_a_dataset_folder_of_copies_drops_the_copy_of_an_image_deleted_since(captioner, photo_dir,
-                                                                             tmp_path):
-    images, out = tmp_path / "images", tmp_path / "out"
+def test_copies_and_caption_files_under_the_output_folder_outlive_their_originals(captioner, photo_dir,
+                                                                                  tmp_path):
+    images, out, mirrored = tmp_path / "images", tmp_path / "out", tmp_path / "mirrored"
     shutil.copytree(photo_dir, images)
     options = {"formats": ("captions.txt",), "gate": GateOptions(copy_images=True)}
     run(captioner, [images], out, **options)
-    assert {p.name for p in out.glob("*.png")} == {p.name for p in photo_dir.glob("*.png")}
-    (images / "horse.png").unlink()
-    (out / "coins.png").write_bytes((photo_dir / "rocket.png").read_bytes())  # replaced by the user
-    (images / "coins.png").unlink()
+    run(captioner, [images], mirrored, formats=("captions.txt", "txt"))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".png", ".txt")}
+    kept = {p.name: p.read_bytes() for p in mirrored.glob("*.txt")}
+    shutil.rmtree(images)  # the user keeps the dataset folder and drops the originals
+    images.mkdir()
+    shutil.copy2(photo_dir / "horse.png", images / "horse.png")
     again = run(captioner, [images], out, **options)
-    assert again.missing == ["coins.png", "horse.png"]
-    assert not (out / "horse.png").exists() and not (out / "horse.txt").exists()
-    assert (out / "coins.png").read_bytes() == (photo_dir / "rocket.png").read_bytes()
-    assert len(list(out.glob("*.png"))) == 7 and len(list(out.glob("*.txt"))) == 7  # captions.txt too
+    assert again.missing == []  # each still has its copy in the output folder
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".png", ".txt")} == before
+    elsewhere = run(captioner, [images], mirrored, formats=("captions.txt", "txt"))
+    assert len(elsewhere.missing) == 7 and set(captions_txt(mirrored)) == {"horse.png"}
+    assert {p.name: p.read_bytes() for p in mirrored.glob("*.txt")} == kept | {
+        "captions.txt": (mirrored / "captions.txt").read_bytes()}  # no caption file removed
 
 
 def test_same_names_in_two_input_folders_get_a_caption_file_each(captioner, photo_dir, tmp_path):

@@ -506,7 +506,7 @@ def export_command(
             raise CaptionkitError(f"{db}: the store holds no run yet")
         results = distinct_names(list(store.results(key)))
         chosen = parse_formats(formats)
-        missing = missing_images(results)
+        missing = missing_images(results, copies_in=[output_dir, to])
         options = ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,
                                 ours=None if overwrite else store.captions_by_path(),
                                 missing=missing, prefix=prefix, suffix=suffix)

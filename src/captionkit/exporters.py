@@ -110,13 +110,16 @@ def listed(result: Result, options: ExportOptions) -> bool:
 
 
 def missing_images(results: Sequence[Result], found: Collection[Path] = (),
-                   parked_in: Path | None = None) -> frozenset[Path]:
-    """The captioned images no longer on disk. `found` (this run's images) are not looked at, and an
-    image moved under its name into `parked_in` (the quality gate's failed folder) is not missing."""
+                   copies_in: Sequence[Path | None] = ()) -> frozenset[Path]:
+    """The captioned images no longer on disk anywhere captionkit knows. `found` (this run's images)
+    are not looked at, and an image with a file under its name in one of `copies_in` (its
+    `--copy-images` copy in the output folder, or the failed folder it was moved into) is not
+    missing: that file may be the only one left."""
     found = set(found)
+    folders = [folder for folder in copies_in if folder is not None]
     return frozenset(result.path for result in results if result.status == "done"
                      and result.path not in found and not result.path.exists()
-                     and not (parked_in is not None and (parked_in / relative_path(result.name)).exists()))
+                     and not any((folder / relative_path(result.name)).exists() for folder in folders))
 
 
 _NAME_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
@@ -210,11 +213,14 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
 
 
 def _withdraw_sidecars(results: Sequence[Result], options: ExportOptions, keep: set[Path]) -> None:
-    """Remove the caption files an earlier run wrote for images the quality gate now holds back (or
-    that are gone), so a dataset folder never pairs an image with a caption that failed; other
-    files stay."""
+    """Remove the caption files an earlier run wrote for images the quality gate now holds back, so
+    a dataset folder never pairs an image with a caption that failed, and those left beside images
+    deleted since; other files stay. Under the output folder, a missing image's caption file stays:
+    it may be the only record outside the store that the user keeps."""
     for result in results:
         if result.status != "done" or listed(result, options):
+            continue
+        if result.path in options.missing and not options.sidecars_beside_images:
             continue
         for path in {sidecar_path(result, options), sidecar_path(result, options, full_name=True)}:
             if path not in keep and _holds_ours(path, result, options):

@@ -162,28 +162,21 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
         copy = export.output_dir / relative_path(result.name)
         if options.copy_images and listed(result, export):
             _put(result.path, copy, move=False)
-        elif options.copy_images and (failed or result.path in export.missing):
-            original = result.path if result.path.exists() else parked
-            _withdraw_copy(copy, original if original is not None and original.exists() else None,
-                           result.hash)
+        elif options.copy_images and failed:
+            _withdraw_copy(copy, result.path if result.path.exists() else parked)
         if parked is not None and failed and _put(result.path, parked, options.move):
             write_sidecar(result, aside)
             set_aside += 1
     return set_aside
 
 
-def _withdraw_copy(copy: Path, original: Path | None, digest: str | None) -> None:
-    """Remove an earlier run's copy of an image that fails the gate now, or whose original is gone:
-    only the copy `_put` made, a file that is not the original itself and matches it in size and
-    modification time or, with the original gone, in content hash."""
+def _withdraw_copy(copy: Path, original: Path | None) -> None:
+    """Remove an earlier run's copy of an image that fails the gate now: only while the original is
+    still there (in place, or moved into the failed folder), and only a file that is not the original
+    itself and matches it in size and modification time (the copy `_put` made)."""
     try:
-        if not copy.exists():
-            return
-        if original is not None:
-            ours = not os.path.samefile(copy, original) and _same(original, copy)
-        else:
-            ours = digest is not None and sources.content_hash(copy.read_bytes()) == digest
-        if ours:
+        if (original is not None and copy.exists() and original.exists()
+                and not os.path.samefile(copy, original) and _same(original, copy)):
             copy.unlink()
     except OSError as err:
         raise CaptionkitError(f"cannot remove {copy}: {err.strerror or err}") from None

@@ -233,7 +233,7 @@ class Pipeline:
             store.update_extras(gate.mark(results, options.gate.min_score), self.key)
             gate.bring_back(results, options.gate, options.export_options())
             missing = missing_images(results, found=[ref.path for ref in refs],
-                                     parked_in=options.gate.failed_dir)
+                                     copies_in=[options.output_dir, options.gate.failed_dir])
             written = replace(options.export_options(), missing=missing)
             if "txt" in options.export_formats() and not options.overwrite:
                 written = replace(written, ours=store.captions_by_path())
