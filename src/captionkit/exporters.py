@@ -203,11 +203,15 @@ def relative_path(name: str) -> Path:
 def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """One caption file per image (the convention of LoRA dataset tools). Images that would share
     one (`a.jpg`, `a.png`) each get theirs under the full name (`a.jpg.txt`, `a.png.txt`); files
-    that `foreign_sidecars` finds are left as they are."""
+    that `foreign_sidecars` finds are left as they are. Each existing file is read once."""
     targets = _sidecars(results, options)
-    foreign = set(_foreign(targets, options))
-    written = [path for result, path in targets
-               if path not in foreign and write_sidecar(result, options, path) is not None]
+    written = []
+    for result, path in targets:
+        existing = _read_text(path)
+        if existing is not None and options.ours is not None and not _is_ours(existing, result, options):
+            continue  # written by hand, or edited since: kept
+        if _write_caption_file(result, options, path, existing):
+            written.append(path)
     _withdraw_sidecars(results, options, keep={path for _, path in targets})
     return written
 
@@ -223,29 +227,31 @@ def _withdraw_sidecars(results: Sequence[Result], options: ExportOptions, keep: 
         if result.path in options.missing and not options.sidecars_beside_images:
             continue
         for path in {sidecar_path(result, options), sidecar_path(result, options, full_name=True)}:
-            if path not in keep and _holds_ours(path, result, options):
+            existing = _read_text(path)
+            if path not in keep and existing is not None and _is_ours(existing, result, options):
                 path.unlink(missing_ok=True)
 
 
 def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Path]:
     """Existing caption files that hold none of the captions captionkit recorded for their image:
     written by hand or by another tool. Empty when `options.ours` is None."""
-    return _foreign(_sidecars(results, options), options)
-
-
-def _foreign(targets: list[tuple[Result, Path]], options: ExportOptions) -> list[Path]:
     if options.ours is None:
         return []
-    return [path for result, path in targets if _holds_ours(path, result, options) is False]
+    return [path for result, path in _sidecars(results, options)
+            if (text := _read_text(path)) is not None and not _is_ours(text, result, options)]
 
 
-def _holds_ours(path: Path, result: Result, options: ExportOptions) -> bool | None:
-    """Whether an existing caption file holds one of captionkit's captions for the result's image;
-    None when there is no file (or it cannot be read)."""
+def _read_text(path: Path) -> str | None:
+    """A caption file's text exactly as stored; None when there is none (or it cannot be read)."""
     try:
-        text = _one_line(path.read_text(encoding="utf-8", errors="replace"))
+        return path.read_bytes().decode("utf-8", "replace")
     except OSError:
         return None
+
+
+def _is_ours(text: str, result: Result, options: ExportOptions) -> bool:
+    """Whether a caption file's text is one of captionkit's captions for the result's image."""
+    text = _one_line(text)
     ours = options.ours.get(os.fsencode(result.path), frozenset()) if options.ours else frozenset()
     return text == options.line(result) or text in ours
 
@@ -263,18 +269,19 @@ def write_sidecar(result: Result, options: ExportOptions, path: Path | None = No
     holds exactly that (a resumed run rewrites nothing, and modification times stay); returns it,
     or None when it was left as it was."""
     path = path or sidecar_path(result, options)
+    return path if _write_caption_file(result, options, path, _read_text(path)) else None
+
+
+def _write_caption_file(result: Result, options: ExportOptions, path: Path, existing: str | None) -> bool:
+    """Write the caption file unless `existing` (its text now) is already the same; True if written."""
     text = options.line(result) + "\n"
-    if path.exists():
-        if result.path.exists() and path.samefile(result.path):
-            raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
-                              "--caption-extension")
-        try:
-            if path.read_bytes() == text.encode("utf-8"):
-                return None
-        except OSError:
-            pass  # unreadable: written anew, or the write says why not
+    if existing == text:
+        return False
+    if existing is not None and result.path.exists() and path.samefile(result.path):
+        raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
+                          "--caption-extension")
     atomic_write(path, text)
-    return path
+    return True
 
 
 def _record(result: Result, options: ExportOptions) -> dict:
