@@ -62,6 +62,25 @@ def test_results_of_other_option_sets_are_separate(tmp_path):
     assert [r.caption for r in store.results("k2")] == ["y"]
 
 
+def test_recorded_captions_hold_each_caption_once_and_match_any_exported_decoration(tmp_path):
+    store = Store(tmp_path / DB_NAME)
+    store.start_run("m", "k1", {"prefix": "ohwx, ", "suffix": ""})
+    run = store.start_run("m", "k2", {"prefix": "", "suffix": " (draft)"})
+    image = tmp_path / "a.jpg"
+    store.record([Result(path=image, name="a.jpg", status="done", caption="a  red\ncar")], "k1", run)
+    store.record([Result(path=image, name="a.jpg", status="done", caption="a blue car"),
+                  Result(path=tmp_path / "b.jpg", name="b.jpg", status="failed", error="truncated")],
+                 "k2", run)
+    recorded = store.recorded_captions()
+    assert sorted(recorded.captions[os.fsencode(image)]) == ["a  red\ncar", "a blue car"]
+    assert os.fsencode(tmp_path / "b.jpg") not in recorded.captions
+    for text in ["a red car", "ohwx, a red car\n", "a blue car (draft)", "ohwx,   a blue car"]:
+        assert recorded.include(image, text), text
+    for text in ["a red car!", "ohwx, a blue car (draft)", "sks a red car", ""]:
+        assert not recorded.include(image, text), text
+    assert not recorded.include(tmp_path / "b.jpg", "truncated")
+
+
 def test_other_connections_see_committed_batches(tmp_path):
     store = Store(tmp_path / DB_NAME)
     run = store.start_run("m", "k", {})

@@ -481,8 +481,8 @@ def export_command(
         distinct_names,
         export,
         foreign_sidecars,
-        missing_images,
         parse_formats,
+        with_existing_files,
     )
     from captionkit.store import DB_NAME, Store
 
@@ -506,11 +506,11 @@ def export_command(
             raise CaptionkitError(f"{db}: the store holds no run yet")
         results = distinct_names(list(store.results(key)))
         chosen = parse_formats(formats)
-        missing = missing_images(results, copies_in=[output_dir, to])
-        options = ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,
-                                ours=None if overwrite else store.captions_by_path(),
-                                missing=missing, prefix=prefix, suffix=suffix)
-        kept = foreign_sidecars(results, options) if "txt" in chosen else []
+        options = with_existing_files(
+            results, chosen, ExportOptions(to or output_dir, caption_extension, beside_images, keep_failed,
+                                           prefix=prefix, suffix=suffix),
+            store, overwrite, copies_in=[output_dir, to])
+        kept = foreign_sidecars(results, options)
         written = export(results, chosen, options)
         done = sum(result.status == "done" for result in results)
         # Recorded so that a later run knows these caption files, prefix and all, as its own.
@@ -520,7 +520,7 @@ def export_command(
     finally:
         store.close()
     console.print(f"exported {_counted(done, 'caption')} to {_counted(len(written), 'file')}")
-    _print_missing(sorted(result.name for result in results if result.path in missing))
+    _print_missing(sorted(result.name for result in results if result.path in options.missing))
     _print_kept(kept)
 
 

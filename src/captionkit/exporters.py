@@ -9,13 +9,13 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.sources import IMAGE_EXTENSIONS
-from captionkit.store import Result
+from captionkit.store import RecordedCaptions, Result, Store
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class ExportOptions:
     sidecars_beside_images: bool = False
     keep_failed: bool = False
     """Keep images that failed the quality gate (`passed` false) in captions.txt and sidecars."""
-    ours: Mapping[bytes, frozenset[str]] | None = None
-    """Every caption captionkit has recorded per image path (`os.fsencode`). When given, an existing
-    caption file holding anything else (a hand-written caption) is kept, not replaced."""
+    ours: RecordedCaptions | None = None
+    """Every caption captionkit has recorded per image. When given, an existing caption file
+    holding anything else (a hand-written caption) is kept, not replaced."""
     missing: frozenset[Path] = frozenset()
     """Images captioned earlier that are no longer on disk: left out of captions.txt and caption files."""
     prefix: str = ""
@@ -122,6 +122,16 @@ def missing_images(results: Sequence[Result], found: Collection[Path] = (),
                      and not any((folder / relative_path(result.name)).exists() for folder in folders))
 
 
+def with_existing_files(results: Sequence[Result], formats: Collection[str], options: ExportOptions,
+                        store: Store, overwrite: bool = False, found: Collection[Path] = (),
+                        copies_in: Sequence[Path | None] = ()) -> ExportOptions:
+    """`options` told what is already on disk: the images captioned earlier and gone since (see
+    `missing_images`) and, for caption files unless `overwrite`, the store's captions, so that a
+    file holding none of them (written by hand) is kept."""
+    ours = store.recorded_captions() if "txt" in formats and not overwrite else None
+    return replace(options, missing=missing_images(results, found, copies_in), ours=ours)
+
+
 _NAME_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 
 
@@ -208,7 +218,7 @@ def write_sidecars(results: Sequence[Result], options: ExportOptions) -> list[Pa
     written = []
     for result, path in targets:
         existing = _read_text(path)
-        if existing is not None and options.ours is not None and not _is_ours(existing, result, options):
+        if _foreign(existing, result, options):
             continue  # written by hand, or edited since: kept
         if _write_caption_file(result, options, path, existing):
             written.append(path)
@@ -226,9 +236,9 @@ def _withdraw_sidecars(results: Sequence[Result], options: ExportOptions, keep: 
             continue
         if result.path in options.missing and not options.sidecars_beside_images:
             continue
-        for path in {sidecar_path(result, options), sidecar_path(result, options, full_name=True)}:
+        for path in {sidecar_path(result, options), sidecar_path(result, options, full_name=True)} - keep:
             existing = _read_text(path)
-            if path not in keep and existing is not None and _is_ours(existing, result, options):
+            if existing is not None and _is_ours(existing, result, options):
                 path.unlink(missing_ok=True)
 
 
@@ -238,7 +248,12 @@ def foreign_sidecars(results: Sequence[Result], options: ExportOptions) -> list[
     if options.ours is None:
         return []
     return [path for result, path in _sidecars(results, options)
-            if (text := _read_text(path)) is not None and not _is_ours(text, result, options)]
+            if _foreign(_read_text(path), result, options)]
+
+
+def _foreign(text: str | None, result: Result, options: ExportOptions) -> bool:
+    """Whether an existing caption file's text (None: no file) is someone else's, to be kept."""
+    return text is not None and options.ours is not None and not _is_ours(text, result, options)
 
 
 def _read_text(path: Path) -> str | None:
@@ -251,9 +266,8 @@ def _read_text(path: Path) -> str | None:
 
 def _is_ours(text: str, result: Result, options: ExportOptions) -> bool:
     """Whether a caption file's text is one of captionkit's captions for the result's image."""
-    text = _one_line(text)
-    ours = options.ours.get(os.fsencode(result.path), frozenset()) if options.ours else frozenset()
-    return text == options.line(result) or text in ours
+    return (_one_line(text) == options.line(result)
+            or (options.ours is not None and options.ours.include(result.path, text)))
 
 
 def _sidecars(results: Sequence[Result], options: ExportOptions) -> list[tuple[Result, Path]]:

@@ -22,7 +22,7 @@ from captionkit.exporters import (
     export,
     foreign_sidecars,
     make_output_dir,
-    missing_images,
+    with_existing_files,
 )
 from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
@@ -85,6 +85,15 @@ class RunOptions:
             if one is not None and other is not None and one.resolve() == other.resolve():
                 raise OptionError(f"{first} and {second} are the same folder ({one}): pick another "
                                   f"{first}")
+
+    def check_inputs(self, inputs: Sequence[str]) -> None:
+        """No input folder may receive annotated copies or failed images."""
+        for flag, folder, why in (
+                ("--draw-boxes", self.draw_boxes, "the annotated copies would replace the images"),
+                ("--failed-dir", self.gate.failed_dir, "failed images would stay among the others")):
+            if folder is not None and any(
+                    Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
+                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
@@ -201,12 +210,7 @@ class Pipeline:
         """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
         options = self.options
         started = time.perf_counter()
-        for flag, folder, why in (
-                ("--draw-boxes", options.draw_boxes, "the annotated copies would replace the images"),
-                ("--failed-dir", options.gate.failed_dir, "failed images would stay among the others")):
-            if folder is not None and any(
-                    Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
-                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
+        options.check_inputs(inputs)
         set_malloc_thresholds()
         make_output_dir(options.output_dir)
         refs, problems = sources.discover(inputs, recursive=options.recursive,
@@ -232,17 +236,15 @@ class Pipeline:
             results = distinct_names(list(store.results(self.key)))
             store.update_extras(gate.mark(results, options.gate.min_score), self.key)
             gate.bring_back(results, options.gate, options.export_options())
-            missing = missing_images(results, found=[ref.path for ref in refs],
-                                     copies_in=[options.output_dir, options.gate.failed_dir])
-            written = replace(options.export_options(), missing=missing)
-            if "txt" in options.export_formats() and not options.overwrite:
-                written = replace(written, ours=store.captions_by_path())
-                summary.kept = foreign_sidecars(results, written)
+            written = with_existing_files(results, options.export_formats(), options.export_options(),
+                                          store, options.overwrite, found=[ref.path for ref in refs],
+                                          copies_in=[options.output_dir, options.gate.failed_dir])
+            summary.kept = foreign_sidecars(results, written)
             summary.outputs = export(results, options.export_formats(), written)
             if options.draw_boxes is not None:
                 summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
             summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
-            summary.missing = sorted(result.name for result in results if result.path in missing)
+            summary.missing = sorted(result.name for result in results if result.path in written.missing)
             summary.scores, summary.passed = gate.tally(results)
             summary.min_score = options.gate.min_score
             store.finish_run(run_id, summary.as_dict())

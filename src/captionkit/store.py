@@ -189,9 +189,9 @@ class Store:
                 "mtime_ns, status, caption, extras, error, seconds, run_id, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def captions_by_path(self) -> dict[bytes, frozenset[str]]:
-        """Every caption recorded for each image path, under any model or options, as one line, also
-        with each `prefix` and `suffix` a run exported it with: what a caption file of ours may hold."""
+    def recorded_captions(self) -> RecordedCaptions:
+        """Every caption recorded for each image path, under any model or options, and every
+        `prefix` and `suffix` a run exported captions with: what a caption file of ours may hold."""
         decorations = {("", "")}
         for (options,) in self.db.execute("SELECT options FROM runs"):
             recorded = json.loads(options or "{}")
@@ -199,9 +199,9 @@ class Store:
         found: dict[bytes, set[str]] = {}
         for path, caption in self.db.execute("SELECT path, caption FROM results "
                                              "WHERE status = 'done' AND caption IS NOT NULL"):
-            found.setdefault(bytes(path), set()).update(
-                " ".join(f"{prefix}{caption}{suffix}".split()) for prefix, suffix in decorations)
-        return {path: frozenset(captions) for path, captions in found.items()}
+            found.setdefault(bytes(path), set()).add(caption)
+        return RecordedCaptions({path: tuple(captions) for path, captions in found.items()},
+                                frozenset(decorations))
 
     def results(self, options_key: str) -> Iterator[Result]:
         """Every result of an option set, ordered by export name."""
@@ -223,6 +223,22 @@ class Store:
             self.db.execute("BEGIN")
             self.db.executemany("UPDATE results SET extras = ? WHERE path = ? AND options_key = ?",
                                 rows)
+
+
+@dataclass(frozen=True)
+class RecordedCaptions:
+    """The captions a store recorded per image path (`os.fsencode`), each kept once, and the
+    prefix/suffix pairs its runs exported them with; decorated only when a file is checked."""
+
+    captions: Mapping[bytes, tuple[str, ...]]
+    decorations: frozenset[tuple[str, str]]
+
+    def include(self, path: Path, text: str) -> bool:
+        """Whether `text`, read as one line, is a recorded caption of `path` as some run exported it."""
+        line = " ".join(text.split())
+        return any(" ".join(f"{prefix}{caption}{suffix}".split()) == line
+                   for caption in self.captions.get(os.fsencode(path), ())
+                   for prefix, suffix in self.decorations)
 
 
 def unchanged_row(previous: Mapping[bytes, sqlite3.Row],
