@@ -4,7 +4,9 @@ Groups (one per invocation, each well under 10 minutes on a 2-core CPU for BLIP-
   batch    captionkit's captioner at batch sizes 8, 1, 4, 16, 32 (model only: images pre-decoded);
   dtype    float32, bfloat16 weights, bfloat16 autocast, int8 dynamic quantization;
   compile  torch.compile of the vision encoder: compile time, then steady-state speed;
-  threads  torch intra-op threads 1 vs all cores, and decode workers 1/2/4 over the whole pipeline;
+  threads  torch intra-op threads 1 vs all cores vs one model stream per core (batches of 16 shared
+           out to Python threads of one torch thread each; `--images 32` gives each core a batch),
+           and decode workers 1/2/4 over the whole pipeline;
   attention captionkit's fused (SDPA) BLIP vision attention against transformers' eager one, and
            whether transformers' own `attn_implementation="sdpa"` and a static KV cache run;
   prompts  per-image prompts (8 distinct, 3 or 4 words): one generate call per prompt against
@@ -28,6 +30,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -151,9 +154,26 @@ def group_threads(path: Path, pictures: list, args) -> dict:
                 torch.set_num_threads(cores)
         return run
 
+    def streams(pictures: list) -> list[str]:
+        """One model shared by `cores` Python threads of one torch thread each, taking turns at
+        batches: while one stream's encoder is compute-bound, another's decoder waits on memory."""
+        starts = range(0, len(pictures), BATCH)
+        texts: dict[int, list[str]] = {}
+
+        def stream(mine: list[int]) -> None:
+            torch.set_num_threads(1)
+            with torch.inference_mode():
+                for start in mine:
+                    texts[start] = [c.text for c in captioner.caption(pictures[start:start + BATCH], GEN)]
+
+        with ThreadPoolExecutor(cores) as pool:
+            list(pool.map(stream, [list(starts[k::cores]) for k in range(cores)]))
+        torch.set_num_threads(cores)
+        return [text for start in starts for text in texts[start]]
+
     batched(captioner, BATCH)(pictures[:BATCH])
-    rows = {"torch threads": compare({f"{cores} torch threads": threads(cores), "1 torch thread": threads(1)},
-                                     pictures, args.runs)}
+    rows = {"torch threads": compare({f"{cores} torch threads": threads(cores), "1 torch thread": threads(1),
+                                      f"{cores} streams of 1 thread": streams}, pictures, args.runs)}
     files = [str(p) for p in image_paths(args)]
     out = Path(args.work) / "levers-out"
 

@@ -117,6 +117,17 @@ def test_levers_quick_measures_compile_in_the_dtype_asked(tmp_path):
     assert rows["compile"]["weights"] == "bfloat16"
 
 
+def test_levers_quick_threads_and_streams_give_the_same_captions(tmp_path):
+    out = tmp_path / "threads.json"
+    run_script("levers.py", "threads", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
+               cwd=tmp_path)
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows["torch threads"]) == 3 and any("streams" in name for name in rows["torch threads"])
+    for group in rows.values():
+        for row in group.values():
+            assert row["images_per_second"] > 0 and row["same_captions_as_first"] == 1.0
+
+
 @pytest.mark.parametrize(("model", "encoders"), [
     ("blip-base", ["encoder vision_model"]),
     ("blip2-opt-2.7b", ["encoder vision_model", "encoder qformer"]),
