@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -356,6 +357,35 @@ def test_ctrl_c_while_requests_hang_exits_at_once(server, photo_dir, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted: finished batches are saved" in stderr
     assert time.monotonic() - interrupted < 10, "the exit waited for the hanging requests"
+
+
+def test_a_signal_the_kernel_hands_to_a_worker_thread_still_stops_the_wait(server, photos):
+    """A process-wide Ctrl-C may land on any thread. One landing on a request thread does not wake a
+    main thread asleep on a lock, which then saw it only when the request ended (60 s in CI)."""
+    server.api_key, server.delay = None, 30.0
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    def signal_a_request_thread():
+        deadline = time.monotonic() + 20
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker = next(t for t in threading.enumerate() if t.name.startswith("captionkit-remote"))
+        signal.pthread_kill(worker.ident, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        threading.Thread(target=signal_a_request_thread, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(Stopped):
+            openai(server, timeout=30).caption(photos[:1], GEN)
+        assert time.monotonic() - started < 10, "the wait outlived the signal"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_openai_base_url_from_the_environment_and_api_base_over_it(server, photos, monkeypatch):

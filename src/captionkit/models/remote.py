@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from PIL import Image
 
@@ -38,6 +38,7 @@ BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
 MAX_RETRY_AFTER_SECONDS = 120.0
 FAILING_STREAK = 16
+WAKE_SECONDS = 0.2
 """Images in a row that got no caption after every retry before a run stops: the server is down."""
 
 
@@ -114,7 +115,7 @@ class RemoteCaptioner:
         futures = [pool.submit(self._caption_one, image, options, prompt, stop)
                    for image, prompt in zip(images, prompts, strict=True)]
         try:
-            outcomes = [future.result() for future in futures]
+            outcomes = _results(futures)
         except BaseException:
             # an abort (bad key, unreachable server, Ctrl-C) stops the other requests' retries
             stop.set()
@@ -190,6 +191,18 @@ class RemoteCaptioner:
     def _redact(self, text: str) -> str:
         # servers may echo the key they were sent ("Incorrect API key provided: ...")
         return text.replace(self._secret, "***") if self._secret else text
+
+
+def _results(futures: list[Future]) -> list:
+    """The futures' results in order; the first exception raised as soon as it comes. Wakes every
+    WAKE_SECONDS: the kernel may hand Ctrl-C to a request thread, and a main thread asleep on a lock
+    would not see it before that request ended."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=WAKE_SECONDS, return_when=FIRST_EXCEPTION)
+        for future in done:
+            future.result()  # raises the request's abort, if any
+    return [future.result() for future in futures]
 
 
 def _openai_base_url() -> str | None:
