@@ -45,16 +45,26 @@ def _cpu_name() -> str:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """The best GFLOP/s of a square GEMM in `dtype`, the ceiling any model in that dtype can reach."""
-    size = GPU_GEMM_SIZE if device.type == "cuda" else GEMM_SIZE
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    flops = 2 * size ** 3
-    best = 0.0
-    deadline = time.perf_counter() + seconds
+    """The best GFLOP/s of a square GEMM in `dtype`, the ceiling any model in that dtype can reach.
+    The size grows to GEMM_SIZE (GPU_GEMM_SIZE on CUDA) while a product stays under 0.1 s: a CPU
+    without bf16 units takes a minute for one 2048 product in bf16."""
+    limit = GPU_GEMM_SIZE if device.type == "cuda" else GEMM_SIZE
+    size, took = 256, 0.0
     with torch.inference_mode():
-        a @ b
-        while time.perf_counter() < deadline:
+        while True:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            a @ b  # warm-up
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            took = time.perf_counter() - started
+            if size >= limit or took > 0.1:
+                break
+            size *= 2
+        flops, best = 2 * size ** 3, 0.0
+        deadline = time.perf_counter() + seconds
+        while not best or time.perf_counter() < deadline:
             started = time.perf_counter()
             a @ b
             synchronize(device)
