@@ -162,3 +162,14 @@ def test_text_instructions_are_refused_not_ignored(captioner, examples):
         captioner.caption([image], GenerationOptions(prompt="Question: what is it? Answer:"))
     with pytest.raises(OptionError, match="--detail"):
         captioner.caption([image], GenerationOptions(detail="detailed"))
+
+
+def test_an_opencv_that_cannot_read_the_detector_says_what_to_install(monkeypatch):
+    import cv2
+
+    from captionkit.errors import ModelUnavailableError
+
+    monkeypatch.delattr(cv2.dnn, "readNetFromTensorflow")  # as in OpenCV 5
+    with pytest.raises(ModelUnavailableError,
+                       match=r"TensorFlow graph.*pip install 'opencv-python-headless<5'"):
+        load(LoadOptions())

