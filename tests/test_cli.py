@@ -55,6 +55,11 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     proc = captionkit("caption", tmp_path / "nope", "-o", tmp_path, "--model", "objects",
                       check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr
+    # a mistyped input is reported before the model loads (a missing model would be reported first)
+    proc = captionkit("caption", photo_dir, tmp_path / "nope", "--model", "./missing-model",
+                      "-o", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
     proc = captionkit("caption", photo_dir, "-o", taken, "--model", "objects", check=False)

@@ -346,6 +346,7 @@ def caption(
         suffix=suffix,
     )
     check_output_dir(output_dir)  # a file in the way is reported before any model loads
+    sources.check_inputs_exist(inputs)  # and so is a mistyped input
     if model == "auto":
         model, reason = choose_auto()
         console.print(f"model: {reason}")

@@ -92,6 +92,22 @@ def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterabl
     return list(refs.values()), finder.problems
 
 
+def check_inputs_exist(inputs: Sequence[str]) -> None:
+    """Raise InputError for an input that is no file, folder, glob or `-`, before a model loads."""
+    for item in inputs:
+        text = os.path.expanduser(os.fspath(item))
+        if text != "-" and not os.path.lexists(text) and not _is_pattern(text):
+            raise InputError(f"{_printable(item)}: {_absent_reason(text)}")
+
+
+def _is_pattern(item: str) -> bool:
+    return any(char in item for char in "*?[")
+
+
+def _absent_reason(item: str) -> str:
+    return URL_REASON if is_url(item) else "no such file or folder"
+
+
 def read_bytes(path: Path) -> bytes:
     """The whole file; raises ImageError with a one-line reason."""
     try:
@@ -198,9 +214,9 @@ class _Finder:
             return self.folder(path)
         if os.path.lexists(path):
             return self.file(path, _listed_name(item) if listed else os.path.basename(path), listed)
-        if any(char in item for char in "*?["):
+        if _is_pattern(item):
             return self.glob(item, relative_to)
-        raise _Unusable(URL_REASON if is_url(item) else "no such file or folder")
+        raise _Unusable(_absent_reason(item))
 
     def file(self, path: str, name: str, listed: bool) -> list[tuple[str, str]]:
         basename = os.path.basename(path)
