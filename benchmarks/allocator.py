@@ -111,8 +111,7 @@ def main() -> None:
         row["same_captions_as_first"] = row.pop("captions") == reference_captions
     result = {"machine": common.machine(__import__("torch").device("cpu")), "images": len(pictures),
               "tokens": TOKENS, "results": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    common.save(result, args.out)
 
 
 if __name__ == "__main__":

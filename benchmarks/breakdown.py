@@ -19,7 +19,6 @@ over one extra batch, against that batch's wall time): a low share means the hos
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -184,9 +183,7 @@ def main() -> None:
     if device.type == "cuda":
         result["gpu_busy_share"] = gpu_busy_share(captioner, images, generation)
     print_table(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
 
 
 if __name__ == "__main__":

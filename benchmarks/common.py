@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -99,6 +100,13 @@ def rss_mb() -> float:
     """This process's resident memory now."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def save(result: dict, out: str | None) -> None:
+    """Write a benchmark's result as JSON to `out` (its folder made), when one is given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def median(values: list[float]) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -93,9 +92,7 @@ def main() -> None:
           f"{result['model_input_speedup']:.1f}x faster; model input differs by "
           f"{result['model_input_mean_abs_difference']:.4f} on average "
           f"(max {result['model_input_max_abs_difference']:.3f}, normalized units)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
 
 
 if __name__ == "__main__":

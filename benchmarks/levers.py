@@ -300,9 +300,7 @@ def main() -> None:
               "results": GROUPS[args.group](path, pictures, args)}
     result["machine"]["load_average_after"] = os.getloadavg()
     print(json.dumps(result["results"], indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -312,9 +312,7 @@ def main() -> None:
     result["captions"] = {"files": [p.name for p in paths], **{n: captions[n][0] for n in names}}
     result["machine"]["load_average_after"] = os.getloadavg()
     print_table(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
 
 
 def weights_dtype(model: torch.nn.Module) -> str:

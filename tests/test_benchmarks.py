@@ -209,17 +209,17 @@ def test_blip_vision_encoder_on_the_cpu_takes_one_image_at_a_time(blip_fp32, pho
         assert torch.equal(states, torch.cat([one.hidden_states[layer] for one in alone]))
 
 
-def test_kernels_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp_path):
+def test_matmuls_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp_path):
     import importlib.util
 
     from transformers import BlipVisionConfig, BlipVisionModel
 
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCHMARKS / "kernels.py")
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)  # puts benchmarks/ on sys.path for its own `common`
-    common = kernels.common
-    out = tmp_path / "kernels.json"
-    run_script("kernels.py", "--quick", "--naive", "0.5", "--out", str(out), cwd=tmp_path)
+    spec = importlib.util.spec_from_file_location("matmuls", BENCHMARKS / "matmuls.py")
+    matmuls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matmuls)  # puts benchmarks/ on sys.path for its own `common`
+    common = matmuls.common
+    out = tmp_path / "matmuls.json"
+    run_script("matmuls.py", "--quick", "--naive", "0.5", "--out", str(out), cwd=tmp_path)
     result = json.loads(out.read_text())
     for table in ("encoder_one_image", "decoder_step_batch_16"):
         for row in result[table].values():
@@ -230,4 +230,4 @@ def test_kernels_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp
                               num_attention_heads=12, image_size=384, patch_size=16)
     model = BlipVisionModel(config).eval()
     counted = common.count_flops(lambda: model(torch.zeros(1, 3, 384, 384)))
-    assert kernels.encoder_flops(layers=1) == counted
+    assert matmuls.encoder_flops(layers=1) == counted

@@ -11,14 +11,13 @@ It then turns the vision encoder's FLOPs into the least time one image can take 
 fastest kernel measured, and compares it with what a `--target`-times-naive speed allows per image
 for everything (decoding, encoder, 20 decoder steps), given the naive loop's measured images/s.
 
-    python benchmarks/kernels.py --naive 0.51 --out benchmarks/results/kernels.json
-    python benchmarks/kernels.py --quick --out /tmp/kernels.json   # small shapes, seconds (CI)
+    python benchmarks/matmuls.py --naive 0.51 --out benchmarks/results/matmuls.json
+    python benchmarks/matmuls.py --quick --out /tmp/matmuls.json   # small shapes, seconds (CI)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -172,9 +171,7 @@ def main() -> None:
     if args.naive:
         print(f"{args.target:g}x naive ({args.naive} images/s) allows "
               f"{bound['seconds_per_image_at_target'] * 1000:.0f} ms per image for everything")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
 
 
 if __name__ == "__main__":
