@@ -288,3 +288,32 @@ print(recycling_faults, rss_mib() - before)
     assert found["tuned"]["faults"] <= 1.5 * pages  # only its first use does
     assert found["plain"]["retained_mib"] >= 20  # glibc's defaults keep freed 20 MiB blocks
     assert found["tuned"]["retained_mib"] <= 2
+
+
+def test_a_shell_glob_naming_caption_files_beside_images_skips_them(captioner, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    (images / "coffee.xmp").write_text("<x:xmpmeta/>")  # another tool's companion file
+    options = {"sidecars_beside_images": True, "formats": ("txt", "jsonl")}
+    first = run(captioner, sorted(images.iterdir()), tmp_path / "out", **options)
+    assert first.done == 8 and not first.failed
+    again = run(captioner, sorted(images.iterdir()), tmp_path / "out", **options)  # `images/*` again
+    assert (again.done, again.skipped, again.failed) == (0, 8, [])
+    assert (images / "coffee.txt").is_file() and (images / "coffee.xmp").read_text() == "<x:xmpmeta/>"
+
+
+def test_a_glob_or_list_does_not_find_our_own_copies_in_the_output_folder(captioner, photo_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(photo_dir, images)
+    out = images / "out"
+    options = {"gate": GateOptions(copy_images=True)}
+    pattern = str(images / "**" / "*.png")
+    assert run(captioner, [pattern], out, **options).done == 8
+    again = run(captioner, [pattern], out, **options)
+    assert (again.done, again.skipped) == (0, 8)
+    listed = tmp_path / "list.txt"  # as `find images -name '*.png' > list.txt` writes it
+    listed.write_text("\n".join(str(p) for p in sorted(images.rglob("*.png"))) + "\n")
+    assert run(captioner, [listed], out, **options).done == 0
+    assert len(captions_txt(out)) == 8 and not (out / "out").exists()
+    # pointed at the output folder itself, its images are captioned (another model's pass, say)
+    assert run(captioner, [out], tmp_path / "second").done == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -254,14 +255,16 @@ class Pipeline:
 
     def _outside_output_dir(self, refs: list[sources.ImageRef],
                             inputs: Sequence[str]) -> list[sources.ImageRef]:
-        """Leave out files we wrote ourselves when the output or failed folder sits inside an input."""
+        """Leave out the files we wrote ourselves (image copies, failed images, annotated copies)
+        that a folder, glob or list found inside our own folders, unless an input points into one."""
         ours = [self.options.output_dir, self.options.gate.failed_dir, self.options.draw_boxes]
-        roots = [Path(i).resolve() for i in inputs if i != "-" and Path(i).is_dir()]
-        inside = [out.resolve() for out in ours if out is not None
-                  and any(out.resolve() != root and root in out.resolve().parents for root in roots)]
-        if not inside:
+        named = [Path(i).resolve() for i in inputs if i != "-" and Path(i).exists()]
+        prefixes = tuple({os.path.join(form, "") for out in ours if out is not None
+                          and not any(out.resolve() == p or out.resolve() in p.parents for p in named)
+                          for form in (os.path.abspath(out), str(out.resolve()))})
+        if not prefixes:
             return refs
-        return [ref for ref in refs if not any(out in ref.path.resolve().parents for out in inside)]
+        return [ref for ref in refs if not str(ref.path).startswith(prefixes)]
 
     def _pending(self, refs: list[sources.ImageRef], store: Store,
                  summary: RunSummary) -> list[_Item]:

@@ -81,7 +81,10 @@ def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterabl
     finder = _Finder(recursive, normalise_extensions(extensions), extensions is not None,
                      frozenset(skip_names))
     refs: dict[str, ImageRef] = {}
+    sidecars = _sidecars_named(inputs)
     for item in inputs:
+        if item in sidecars:
+            continue
         try:
             found = finder.expand(os.fspath(item))
         except _Unusable as error:
@@ -90,6 +93,17 @@ def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterabl
             path = os.path.abspath(path)
             refs.setdefault(path, ImageRef(Path(path), _printable(name)))
     return list(refs.values()), finder.problems
+
+
+def _sidecars_named(inputs: Sequence[str]) -> set[str]:
+    """Inputs that are another input image's companion file: `cat.txt` (or `cat.jpg.txt`, `cat.xmp`)
+    beside `cat.jpg`, as a shell glob such as `photos/*` names them. They are not lists of paths
+    or images to caption; taken as lists, a caption file's words became failed 'paths'."""
+    images = {(os.path.dirname(i), os.path.basename(i)) for i in inputs
+              if os.path.splitext(i)[1].lower() in IMAGE_EXTENSIONS}
+    stems = images | {(folder, os.path.splitext(name)[0]) for folder, name in images}
+    return {i for i in inputs if os.path.splitext(i)[1].lower() not in IMAGE_EXTENSIONS
+            and (os.path.dirname(i), os.path.splitext(os.path.basename(i))[0]) in stems}
 
 
 def check_inputs_exist(inputs: Sequence[str]) -> None:
