@@ -60,6 +60,11 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
                       "-o", tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
+    proc = captionkit("caption", photo_dir, "--prompt-file", tmp_path / "nope.csv", "--model",
+                      "./missing-model", "-o", tmp_path, check=False)  # also before the model loads
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: --prompt-file {tmp_path / 'nope.csv'}: cannot read it: "
+                                   "no such file or directory")
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
     proc = captionkit("caption", photo_dir, "-o", taken, "--model", "objects", check=False)
@@ -275,3 +280,12 @@ def test_int8_run_does_not_reuse_float32_captions(blip_dir, photo_dir, tmp_path)
     assert "8 already" in captionkit(*common, "--quantize", "int8").stderr
     refused = captionkit(*common, "--quantize", "int8", "--model", "objects", check=False)
     assert refused.returncode == 2 and "--quantize" in refused.stderr
+
+
+def test_prompt_file_rows_naming_no_input_image_are_reported(blip_dir, photo_dir, tmp_path):
+    questions = tmp_path / "questions.csv"
+    questions.write_text(f"{photo_dir / 'rocket.png'},a photo of\n{photo_dir / 'Rocket.png'},a photo of\n")
+    proc = captionkit("caption", photo_dir, "--model", blip_dir, "--prompt-file", questions,
+                      "-o", tmp_path / "out", "--max-new-tokens", "3", "-q")
+    assert f"1 --prompt-file row named no input image, such as {photo_dir / 'Rocket.png'}" in \
+        " ".join(proc.stderr.split())

@@ -412,6 +412,9 @@ def _print_summary(summary) -> None:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
     _print_missing(summary.missing)
     _print_kept(summary.kept)
+    if summary.unmatched_prompts:
+        console.print(f"  {_counted(len(summary.unmatched_prompts), '--prompt-file row')} named no input "
+                      f"image, such as {summary.unmatched_prompts[0]}", highlight=False)
     for path in summary.outputs[:5]:
         console.print(f"  wrote {path}")
     if len(summary.outputs) > 5:

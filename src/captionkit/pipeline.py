@@ -69,6 +69,7 @@ class RunOptions:
         # checked now, before a model loads: --ext, and a caption extension that would overwrite images
         sources.normalise_extensions(self.extensions)
         self.export_options()
+        self.read_prompts()  # now, so that a bad --prompt-file is reported before a model loads
         if self.gate.copy_images and self.sidecars_beside_images:
             raise OptionError("--copy-images writes each caption file beside the image's copy in "
                               "--output-dir: drop --beside-images")
@@ -95,6 +96,10 @@ class RunOptions:
             if folder is not None and any(
                     Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
                 raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
+
+    def read_prompts(self) -> dict[str, str]:
+        """`--prompt-file`'s prompts by absolute image path (none without one), as the file is now."""
+        return read_prompt_file(Path(self.prompt_file)) if self.prompt_file is not None else {}
 
     def export_options(self) -> ExportOptions:
         return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
@@ -129,6 +134,8 @@ class RunSummary:
     """Images captioned earlier that are no longer on disk, left out of captions.txt and caption files."""
     kept: list[Path] = field(default_factory=list)
     """Existing caption files captionkit did not write, left as they were (`--overwrite` replaces them)."""
+    unmatched_prompts: list[str] = field(default_factory=list)
+    """`--prompt-file` images that are not among the inputs (a typo, another folder): nobody asked them."""
 
     @property
     def images_per_second(self) -> float:
@@ -205,7 +212,7 @@ class Pipeline:
             options.gate, generation, str(getattr(captioner, "device", "auto")))
         self.key = options_key(captioner, generation, self.scorer)
         self.batch_size = options.batch_size or default_batch_size(captioner)
-        self.prompts = read_prompt_file(options.prompt_file) if options.prompt_file else {}
+        self.prompts = options.read_prompts()
 
     def run(self, inputs: Sequence[str]) -> RunSummary:
         """Caption `inputs` (files, folders, globs, list files, `-`), resuming earlier work."""
@@ -218,6 +225,7 @@ class Pipeline:
                                           extensions=options.extensions,
                                           skip_names=OUTPUT_NAMES | {DB_NAME})
         refs = self._outside_output_dir(refs, inputs)
+        found = {str(ref.path) for ref in refs} | {problem.path for problem in problems}
         store = Store(options.output_dir / DB_NAME)
         try:
             summary = RunSummary(total=len(refs) + len(problems),
@@ -241,6 +249,7 @@ class Pipeline:
                                           store, options.overwrite, found=[ref.path for ref in refs],
                                           copies_in=[options.output_dir, options.gate.failed_dir])
             summary.kept = foreign_sidecars(results, written)
+            summary.unmatched_prompts = sorted(set(self.prompts) - found)
             summary.outputs = export(results, options.export_formats(), written)
             if options.draw_boxes is not None:
                 summary.outputs += boxes.draw_boxes(results, options.draw_boxes)

@@ -16,7 +16,10 @@ def read_prompt_file(path: Path) -> dict[str, str]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except OSError as err:
+        reason = (err.strerror or str(err)).lower()
+        raise InputError(f"--prompt-file {path}: cannot read it: {reason}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"--prompt-file {path}: cannot read it ({err})") from None
     # a header names its columns: `path,prompt`, `image,question`, `file,instruction`...
     header = bool(rows) and len(rows[0]) == 2 and rows[0][1].strip().lower() in PROMPT_HEADINGS
