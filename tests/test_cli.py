@@ -289,3 +289,22 @@ def test_prompt_file_rows_naming_no_input_image_are_reported(blip_dir, photo_dir
                       "-o", tmp_path / "out", "--max-new-tokens", "3", "-q")
     assert f"1 --prompt-file row named no input image, such as {photo_dir / 'Rocket.png'}" in \
         " ".join(proc.stderr.split())
+
+
+def test_export_of_another_model_leaves_the_default_and_takes_the_model_as_captioned(blip_dir, photo_dir,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    captionkit("caption", photo_dir, "--model", "objects", "-o", out, "-q")
+    local = tmp_path / "ck"
+    shutil.copytree(blip_dir, local)
+    captionkit("caption", photo_dir, "--model", "./ck", "-o", out, "--max-new-tokens", "3", "-q",
+               cwd=tmp_path)
+    blip = (out / "captions.txt").read_text()
+    captionkit("export", out, "--model", "objects", "--to", tmp_path / "objects")
+    assert (tmp_path / "objects" / "captions.txt").read_text() != blip
+    captionkit("export", out, "--to", tmp_path / "latest")  # still the latest captioning run's
+    assert (tmp_path / "latest" / "captions.txt").read_text() == blip
+    captionkit("export", out, "--model", "./ck", "--to", tmp_path / "again", cwd=tmp_path)
+    assert (tmp_path / "again" / "captions.txt").read_text() == blip
+    missing = captionkit("export", out, "--model", "blip-base", check=False)
+    assert missing.returncode == 2 and "its runs' models: " in missing.stderr and "objects" in missing.stderr

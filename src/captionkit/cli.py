@@ -378,6 +378,19 @@ def caption(
         raise typer.Exit(1)
 
 
+def _latest_key_of(store, model: str) -> str:
+    """The option set of the latest run of `model` (as given to `caption --model`) in `store`."""
+    from captionkit.models.registry import recorded_ids
+
+    ids = recorded_ids(model)
+    runs = store.db.execute("SELECT model_id, options_key FROM runs ORDER BY id DESC").fetchall()
+    key = next((key for model_id, key in runs if model_id in ids), None)
+    if key is None:
+        known = ", ".join(sorted({model_id for model_id, _ in runs})) or "none"
+        raise CaptionkitError(f"{store.path}: no run with model {model!r} (its runs' models: {known})")
+    return key
+
+
 def _counted(count: int, noun: str) -> str:
     """'1 caption', '2 captions'."""
     return f"{count} {noun}{'s' * (count != 1)}"
@@ -497,15 +510,7 @@ def export_command(
     try:
         key = store.latest_options_key()
         if model is not None:
-            keys = [
-                row[0]
-                for row in store.db.execute(
-                    "SELECT options_key FROM runs WHERE model_id = ? ORDER BY id DESC", (model,)
-                )
-            ]
-            if not keys:
-                raise CaptionkitError(f"{db}: no run with model {model!r}")
-            key = keys[0]
+            key = _latest_key_of(store, model)
         if key is None:
             raise CaptionkitError(f"{db}: the store holds no run yet")
         results = distinct_names(list(store.results(key)))

@@ -19,6 +19,9 @@ F = TypeVar("F", bound=Callable)
 DB_NAME = "captionkit.db"
 BUSY_SECONDS = 10.0
 
+NOT_RUNS = frozenset({"export", "captions"})
+"""Keys of the options that `captionkit export` and `captionkit score` record in `runs`."""
+
 MIGRATIONS = [
     """
     CREATE TABLE runs (
@@ -150,8 +153,12 @@ class Store:
                         (time.time(), json.dumps(summary), run_id))
 
     def latest_options_key(self) -> str | None:
-        row = self.db.execute("SELECT options_key FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        return row[0] if row else None
+        """The option set of the latest captioning run: the exports and scoring passes recorded
+        beside runs do not count, so `export --model X --to DIR` leaves the next export's default."""
+        for key, options in self.db.execute("SELECT options_key, options FROM runs ORDER BY id DESC"):
+            if not NOT_RUNS & set(json.loads(options)):
+                return key
+        return None
 
     @_reported("forget results")
     def forget(self, options_key: str) -> None:

@@ -137,6 +137,16 @@ def choose_auto() -> tuple[str, str]:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
+def recorded_ids(name: str) -> set[str]:
+    """The model ids a run may have recorded for `--model name` (an alias's Hub id, a local
+    folder's full path), found without loading anything: for `export --model`."""
+    spec = MODELS.get(name)
+    ids = {name, spec.source if spec and spec.family != "objects" else name}
+    if Path(name).expanduser().is_dir():
+        ids.add(str(Path(name).expanduser().resolve()))
+    return ids
+
+
 def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     """Load a captioner by alias, Hub id, local directory, `scheme:` name or `auto`."""
     options = options or LoadOptions()
