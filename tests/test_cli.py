@@ -186,6 +186,9 @@ def test_models_lists_the_registry():
     proc = captionkit("models")
     for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):
         assert alias in proc.stdout
+    from captionkit import __version__
+
+    assert captionkit("--version").stdout == f"captionkit {__version__}\n"
 
 
 def forty_images(photos, folder):
@@ -308,3 +311,13 @@ def test_export_of_another_model_leaves_the_default_and_takes_the_model_as_capti
     assert (tmp_path / "again" / "captions.txt").read_text() == blip
     missing = captionkit("export", out, "--model", "blip-base", check=False)
     assert missing.returncode == 2 and "its runs' models: " in missing.stderr and "objects" in missing.stderr
+
+
+def test_names_with_brackets_are_printed_as_they_are(photo_dir, tmp_path):
+    images = tmp_path / "images [2024]"
+    shutil.copytree(photo_dir, images)
+    (images / "broken [draft].jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    out = tmp_path / "o[/x]"  # read as markup, it closed a tag that was never opened: a crash at the end
+    proc = captionkit("caption", images, "--model", "objects", "-o", out)
+    text = " ".join(proc.stderr.split())
+    assert "failed broken [draft].jpg: " in text and f"wrote {out / 'captions.txt'}" in text

@@ -21,8 +21,26 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Turn images into text: caption folders with any model, resumably.",
 )
-console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from captionkit import __version__
+
+        out.print(f"captionkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Turn images into text: caption folders with any model, resumably."""
+# No markup unless a line asks for it: paths, names and reasons may hold `[...]` (`a [1].jpg`).
+console = Console(stderr=True, markup=False)
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 
 Inputs = Annotated[
     list[str],
@@ -417,10 +435,10 @@ def _print_summary(summary) -> None:
         parts.append(f"{summary.failed_earlier} failed earlier (--retry-failed to retry)")
     console.print(
         ", ".join(parts) + f" in {summary.seconds:.1f}s "
-        f"({summary.images_per_second:.2f} images/s) with {summary.model_id}"
+        f"({summary.images_per_second:.2f} images/s) with {escape(summary.model_id)}", markup=True
     )
     for name, reason in summary.failed[:20]:
-        console.print(f"  [red]failed[/] {name}: {reason}", markup=True, highlight=False)
+        console.print(f"  [red]failed[/] {escape(f'{name}: {reason}')}", markup=True, highlight=False)
     if failed > 20:
         console.print(f"  ... and {failed - 20} more (see captions.jsonl)")
     _print_missing(summary.missing)
@@ -585,10 +603,11 @@ def score(
     if scored.reused:
         console.print(f"{_counted(scored.reused, 'score')} reused from {record} (scored earlier)")
     for problem in scored.problems[:20]:
-        console.print(f"  [yellow]skipped[/] {escape(problem)}", highlight=False)
+        console.print(f"  [yellow]skipped[/] {escape(problem)}", markup=True, highlight=False)
     unscored = [r for r in scored.results if r.status != "done"]
     for result in unscored[:20]:
-        console.print(f"  [red]not scored[/] {escape(f'{result.name}: {result.error}')}", highlight=False)
+        console.print(f"  [red]not scored[/] {escape(f'{result.name}: {result.error}')}", markup=True,
+                      highlight=False)
     if len(unscored) > 20:
         console.print(f"  ... and {len(unscored) - 20} more (see {output})")
     writer = write_csv if output.suffix.lower() == ".csv" else write_jsonl
@@ -737,7 +756,7 @@ def main() -> None:
         code = app(standalone_mode=False)
     except CaptionkitError as err:
         # Escaped and soft-wrapped: a path like `a [1].jpg` is not markup, and one line stays one line.
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
