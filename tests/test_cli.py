@@ -120,6 +120,29 @@ def test_a_trigger_word_prefix_is_exported_while_the_store_keeps_the_model_capti
     assert (images / "chelsea.txt").read_text() == f"{stored['chelsea.png']}\n"
 
 
+def test_an_image_named_like_captionkits_own_files_gets_a_caption_file_of_its_own(photo_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, photo in [("captions.png", "chelsea"), ("captionkit.png", "rocket"), ("coffee.png", "coffee")]:
+        shutil.copy(photo_dir / f"{photo}.png", images / name)
+    out = tmp_path / "out"
+    args = ["caption", images, "--model", "objects", "-o", out]
+    captionkit(*args, "--format", "all")
+    listed = (out / "captions.txt").read_text()
+    assert [line.split(": ")[0] for line in listed.splitlines()] == ["captionkit.png", "captions.png",
+                                                                     "coffee.png"]
+    caption = listed.splitlines()[1].split(": ", 1)[1]
+    assert (out / "captions.png.txt").read_text() == f"{caption}\n"
+    second = captionkit(*args, "--format", "all")
+    assert "kept" not in second.stderr and (out / "captions.txt").read_text() == listed
+    captionkit("export", out, "--format", "captions.txt,txt", "--overwrite")
+    assert (out / "captions.txt").read_text() == listed
+    captionkit(*args, "--format", "txt", "--caption-extension", ".db", "--overwrite")
+    assert (out / "captionkit.png.db").is_file() and (out / "coffee.db").is_file()
+    captionkit("export", out, "--format", "captions.txt")  # the run store is still there, whole
+    assert (out / "captions.txt").read_text() == listed
+
+
 def test_score_refuses_to_write_over_the_captions_it_scores(tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text('{"image": "a.jpg", "caption": "a cat"}\n')

@@ -13,7 +13,7 @@ import pytest
 from captionkit.datasets import read_predictions
 from captionkit.errors import OptionError, OutputError
 from captionkit.exporters import ExportOptions, atomic_write, distinct_names, export, parse_formats
-from captionkit.store import Result
+from captionkit.store import DB_NAME, Result
 
 
 @pytest.fixture
@@ -155,3 +155,36 @@ def test_images_differing_only_in_extension_keep_a_caption_file_each(tmp_path):
     assert sorted(p.name for p in written) == ["a.jpg.txt", "a.png.txt", "b.txt"]
     assert read_predictions(tmp_path / "out").captions == {
         "a.jpg": "caption of a.jpg", "a.png": "caption of a.png", "b": "caption of b.jpg"}
+
+
+OWN_FILES = ["captions.txt", "captions.jsonl", "captions.csv", "captionkit.db", "captionkit.db-wal",
+             "captionkit.db-shm", "captionkit.db-journal"]
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["mirrored", "beside-images-in-the-output-folder"])
+def test_a_caption_file_never_takes_the_name_of_captionkits_own_files(tmp_path, beside):
+    images = tmp_path / "images"
+    out = images if beside else tmp_path / "out"
+    for name in OWN_FILES:
+        atomic_write(out / name, f"captionkit's own {name}\n")
+    results = [Result(path=images / name, name=name, status="done", caption=f"caption of {name}")
+               for name in ("captions.jpg", "captionkit.jpg", "Captions.png")]
+    for extension in {name[name.index("."):] for name in OWN_FILES}:  # .txt, .db-wal, ...
+        export(results, ["txt"], ExportOptions(out, caption_extension=extension,
+                                                sidecars_beside_images=beside))
+    assert {name: (out / name).read_text() for name in OWN_FILES} == {
+        name: f"captionkit's own {name}\n" for name in OWN_FILES}
+    assert (out / "captions.jpg.txt").read_text() == "caption of captions.jpg\n"
+    assert (out / "Captions.png.txt").read_text() == "caption of Captions.png\n"  # macOS: captions.txt
+    assert (out / "captionkit.jpg.db").read_text() == "caption of captionkit.jpg\n"
+    assert (out / "captionkit.jpg.db-wal").read_text() == "caption of captionkit.jpg\n"
+    assert read_predictions(out).captions["captions.jpg"] == "caption of captions.jpg"
+
+
+def test_an_image_without_an_extension_never_replaces_the_run_store(tmp_path):
+    (tmp_path / DB_NAME).write_text("the run store\n")
+    result = Result(path=tmp_path / "photos" / "captionkit", name="captionkit", status="done",
+                    caption="a scan")  # named directly, an image may have no extension
+    with pytest.raises(OutputError, match="would replace captionkit's own file"):
+        export([result], ["txt"], ExportOptions(tmp_path, caption_extension=".db"))
+    assert (tmp_path / DB_NAME).read_text() == "the run store\n"

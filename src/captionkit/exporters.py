@@ -15,7 +15,7 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.sources import IMAGE_EXTENSIONS
-from captionkit.store import RecordedCaptions, Result, Store
+from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,20 @@ def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> lis
 
 def sidecar_path(result: Result, options: ExportOptions, full_name: bool = False) -> Path:
     """`photo.txt` beside `photo.jpg`, or mirrored under the output folder; `photo.jpg.txt` with
-    `full_name` (for images whose names differ only in their extension)."""
+    `full_name` (for images whose names differ only in their extension) and where `photo.txt` would
+    take the name of one of captionkit's own files (`captions.jpg` gets `captions.jpg.txt`)."""
     extension = options.caption_extension
     image = result.path if options.sidecars_beside_images else options.output_dir / relative_path(result.name)
-    return image.with_name(image.name + extension) if full_name else image.with_suffix(extension)
+    path = image.with_suffix(extension)
+    return image.with_name(image.name + extension) if full_name or _reserved(path) else path
+
+
+def _reserved(path: Path) -> bool:
+    """Whether a caption file at `path` would take the name of one of captionkit's own files."""
+    # any folder, not only the output folder: an image folder may be one (or become one, for
+    # `export --to`), and the readers of caption folders skip these names wherever they are;
+    # any case, since on macOS and Windows `Captions.txt` is captions.txt
+    return path.name.lower() in RESERVED_NAMES
 
 
 def distinct_names(results: Sequence[Result]) -> list[Result]:
@@ -294,6 +304,9 @@ def _write_caption_file(result: Result, options: ExportOptions, path: Path, exis
     if existing is not None and result.path.exists() and path.samefile(result.path):
         raise OutputError(f"{path}: the caption file would replace the image itself; pick another "
                           "--caption-extension")
+    if _reserved(path):  # only an image with no extension, named directly, gets here
+        raise OutputError(f"{path}: the caption file of {result.name} would replace captionkit's own "
+                          "file; give the image an extension")
     atomic_write(path, text)
     return True
 
@@ -341,6 +354,9 @@ EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]]] = 
 }
 
 OUTPUT_NAMES = frozenset({"captions.txt", "captions.jsonl", "captions.csv"})
+RESERVED_NAMES = OUTPUT_NAMES | {DB_NAME + companion for companion in ("", "-wal", "-shm", "-journal")}
+"""The names of captionkit's own files in an output folder (SQLite's beside its store), which no
+caption file takes."""
 
 
 def parse_formats(spec: str) -> list[str]:
