@@ -151,14 +151,22 @@ def test_score_refuses_to_write_over_the_captions_it_scores(tmp_path):
     assert captions.read_text() == '{"image": "a.jpg", "caption": "a cat"}\n'
 
 
-def test_a_caption_extension_that_would_overwrite_images_stops_before_anything(photo_dir, tmp_path):
+@pytest.mark.parametrize(("extension", "said"), [
+    (".png", "ends in an image extension: caption files would overwrite images"),
+    (".txt.png", "ends in an image extension: caption files would overwrite images"),  # coffee.txt.png
+    (".a/b", "is not a file extension (it holds '/'): use a plain one like .caption"),
+])
+def test_a_caption_extension_that_would_overwrite_images_stops_before_anything(photo_dir, tmp_path,
+                                                                                extension, said):
     images = tmp_path / "images"
     shutil.copytree(photo_dir, images)
+    shutil.copy(images / "rocket.png", images / "coffee.txt.png")
     before = {p.name: p.read_bytes() for p in images.iterdir()}
-    proc = captionkit("caption", images, "--model", "objects", "--beside-images", "--format", "txt",
-                      "--caption-extension", ".png", "-o", tmp_path / "out", check=False)
+    proc = captionkit("caption", images, "--model", "./missing-model", "--beside-images", "--format",
+                      "txt", "--caption-extension", extension, "--overwrite", "-o", tmp_path / "out",
+                      check=False)
     assert proc.returncode == 2
-    assert "error: --caption-extension '.png' is an image extension" in proc.stderr
+    assert proc.stderr.strip() == f"error: --caption-extension {extension!r} {said}"
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
     assert not (tmp_path / "out").exists()
 

@@ -105,10 +105,16 @@ def test_parse_formats():
         ExportOptions(Path("/tmp"), caption_extension="txt")
 
 
-@pytest.mark.parametrize("extension", [".jpg", ".PNG", ".webp", ".heic"])
+@pytest.mark.parametrize("extension", [".jpg", ".PNG", ".webp", ".heic", ".txt.jpg", ".caption.PNG"])
 def test_a_caption_extension_that_would_overwrite_images_is_refused(extension):
-    with pytest.raises(OptionError, match=f"'{re.escape(extension)}' is an image extension"):
+    with pytest.raises(OptionError, match=f"'{re.escape(extension)}' ends in an image extension"):
         ExportOptions(Path("/tmp"), caption_extension=extension, sidecars_beside_images=True)
+
+
+@pytest.mark.parametrize("extension", [".a/b", "./txt", ".a\\b", ".txt\0"])
+def test_a_caption_extension_that_is_no_file_extension_is_refused(extension):
+    with pytest.raises(OptionError, match=r"is not a file extension \(it holds "):
+        ExportOptions(Path("/tmp"), caption_extension=extension)
 
 
 def test_a_caption_file_never_replaces_its_image(tmp_path):

@@ -41,8 +41,13 @@ class ExportOptions:
         extension = self.caption_extension
         if not extension.startswith(".") or extension == ".":
             raise OptionError(f"--caption-extension {extension!r} must start with '.', like .txt")
-        if extension.lower() in IMAGE_EXTENSIONS:
-            raise OptionError(f"--caption-extension {extension!r} is an image extension: caption "
+        unusable = [char for char in ("/", "\\", "\0") if char in extension]
+        if unusable:
+            raise OptionError(f"--caption-extension {extension!r} is not a file extension (it holds "
+                              f"{unusable[0]!r}): use a plain one like .caption")
+        # a.txt.jpg is an image too: --beside-images would turn it into a.jpg's caption file
+        if "." + extension.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS:
+            raise OptionError(f"--caption-extension {extension!r} ends in an image extension: caption "
                               "files would overwrite images")
 
     def decorate(self, caption: str | None) -> str | None:
