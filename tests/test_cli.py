@@ -213,6 +213,15 @@ def test_export_leaves_out_images_deleted_since(photo_dir, tmp_path):
     assert len((out / "captions.jsonl").read_text().splitlines()) == 8
 
 
+def test_a_format_named_twice_is_written_once(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    captioned = captionkit("caption", photo_dir, "--model", "objects", "-o", out, "--format", "csv,csv")
+    assert captioned.stderr.count("captions.csv") == 1
+    assert len((out / "captions.csv").read_text().splitlines()) == 1 + 8
+    exported = captionkit("export", out, "--format", "csv,jsonl,csv")
+    assert "exported 8 captions to 2 files" in exported.stderr
+
+
 def test_models_lists_the_registry():
     proc = captionkit("models")
     for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):

@@ -48,7 +48,8 @@ def test_sidecars_mirror_the_tree_or_sit_beside_images(results, tmp_path):
 
 def test_jsonl_and_csv_keep_every_field(results, tmp_path):
     out = tmp_path / "out"
-    export(results, parse_formats("jsonl,csv"), ExportOptions(out))
+    written = export(results, ["jsonl", "csv", "csv"], ExportOptions(out))  # as the Python API takes them
+    assert written == [out / "captions.jsonl", out / "captions.csv"]
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["done", "done", "failed"]
     assert records[0]["clip_score"] == 0.71 and records[2]["error"] == "truncated image data"
@@ -99,6 +100,7 @@ def test_names_two_images_share_are_lengthened_by_their_folders_until_they_diffe
 
 def test_parse_formats():
     assert parse_formats("all") == ["captions.txt", "txt", "jsonl", "csv"]
+    assert parse_formats("csv, jsonl,csv") == ["csv", "jsonl"]
     with pytest.raises(OptionError, match="choose from"):
         parse_formats("xml")
     with pytest.raises(OptionError, match="must start with"):

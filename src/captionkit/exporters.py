@@ -366,7 +366,7 @@ caption file takes."""
 
 def parse_formats(spec: str) -> list[str]:
     """`captions.txt,jsonl` or `all` to a list of exporter names."""
-    names = [part.strip() for part in spec.split(",") if part.strip()]
+    names = list(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))  # once each
     if "all" in names:
         return list(EXPORTERS)
     unknown = [name for name in names if name not in EXPORTERS]
@@ -376,8 +376,8 @@ def parse_formats(spec: str) -> list[str]:
 
 
 def export(results: Sequence[Result], formats: Sequence[str], options: ExportOptions) -> list[Path]:
-    """Write each requested format; returns the files written."""
+    """Write each requested format once; returns the files written."""
     written: list[Path] = []
-    for name in formats:
+    for name in dict.fromkeys(formats):
         written.extend(EXPORTERS[name](results, options))
     return written
