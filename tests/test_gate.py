@@ -436,6 +436,23 @@ def test_score_commits_each_batch_and_a_rerun_scores_only_what_changed(baseline,
     assert score_existing(captions, scorer, images, other_references, store=store).reused == 0
 
 
+def test_score_keeps_images_that_share_a_base_name_in_two_folders(scorer, photo_dir, tmp_path):
+    # captionkit's own captions.txt names them A/x.png and B/x.png when two input folders hold x.png
+    for folder, photo in (("A", "coffee.png"), ("B", "horse.png")):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        shutil.copy(photo_dir / photo, tmp_path / "photos" / folder / "x.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("A/x.png: a photo\nB/x.png: a photo\n")
+    scored = score_existing(captions, scorer, tmp_path / "photos")
+    assert scored.problems == []
+    assert {r.name: r.path for r in scored.results} == {
+        "A/x.png": tmp_path / "photos/A/x.png", "B/x.png": tmp_path / "photos/B/x.png"}
+    first, second = (r.extras["clip_score"] for r in scored.results)
+    assert first != second
+    # from a folder above, each still finds its own file by its folders
+    assert score_existing(captions, scorer, tmp_path).results[1].path == tmp_path / "photos/B/x.png"
+
+
 def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("top.png", "a/b/deep.jpg", "a/side.webp"):
@@ -443,3 +460,7 @@ def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):
     assert locate_images(["top.png", "deep.jpg", "side", "missing.png"], tmp_path) == {
         "top.png": tmp_path / "top.png", "deep.jpg": tmp_path / "a/b/deep.jpg",
         "side": tmp_path / "a/side.webp"}
+    (tmp_path / "c" / "b").mkdir(parents=True)
+    (tmp_path / "c/b/deep.jpg").write_bytes(b"")
+    assert locate_images(["x/c/b/deep.jpg", "x/a/b/deep.jpg"], tmp_path) == {
+        "x/c/b/deep.jpg": tmp_path / "c/b/deep.jpg", "x/a/b/deep.jpg": tmp_path / "a/b/deep.jpg"}

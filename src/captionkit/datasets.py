@@ -440,12 +440,15 @@ def _keep_split(refs: References, split_file: Path) -> None:
 
 
 def read_predictions(
-    path: Path, ids: Mapping[int, str] | None = None, fmt: str | None = None
+    path: Path, ids: Mapping[int, str] | None = None, fmt: str | None = None,
+    *, keep_folders: bool = False,
 ) -> Predictions:
     """Read one caption per image: captions.txt, JSONL, CSV, a JSON list, or a sidecar folder.
 
     COCO results (`[{"image_id", "caption"}]`) are named through `ids` (see `References.ids`);
-    without it an id stays a bare name. Failed or malformed rows go to `problems`.
+    without it an id stays a bare name. Failed or malformed rows go to `problems`. Images are
+    keyed by base name, or with `keep_folders` by the name as written (`A/x.jpg` and `B/x.jpg`
+    are then two images, as `score` finds them on disk).
     """
     path = Path(path)
     kind, rows = _rows(path, fmt, one_per_line=False)
@@ -455,7 +458,7 @@ def read_predictions(
         if row.error:
             predictions.problems.append(f"{row.where}: {row.error}")
             continue
-        name = image_key(row.image)
+        name = row.image if keep_folders else image_key(row.image)
         if row.image_id is not None and ids:
             if row.image_id not in ids:
                 predictions.problems.append(

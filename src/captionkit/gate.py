@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from captionkit import sources
 from captionkit.datasets import (
     IMAGE_EXTENSIONS,
+    image_key,
     match_images,
     read_predictions,
     read_references,
@@ -243,19 +244,38 @@ class ScoredCaptions:
 
 def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
     """Each name's image: `root/name`, else the file with that base name anywhere under `root` (or
-    with that stem, for a sidecar's name); names with no image are left out."""
+    with that stem, for a sidecar's name), the one sharing most of the name's folders when several
+    have it; names with no image are left out."""
     names = list(names)
     found = {name: root / name for name in names if (root / name).is_file()}
     rest = [name for name in names if name not in found]
     if rest:
-        index: dict[str, Path] = {}
+        index: dict[str, list[Path]] = {}
         for directory, subdirectories, files in os.walk(root):
             subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
             for file in sorted(files):
                 if Path(file).suffix.lower() in IMAGE_EXTENSIONS:
-                    index.setdefault(file, Path(directory) / file)
-        found.update({name: index[match] for name, match in match_images(rest, index).items()})
+                    index.setdefault(file, []).append(Path(directory) / file)
+        keys = {name: image_key(name) for name in rest}
+        matched = match_images(dict.fromkeys(keys.values()), index)
+        found.update({name: _closest(index[matched[key]], name)
+                      for name, key in keys.items() if key in matched})
     return found
+
+
+def _closest(paths: list[Path], name: str) -> Path:
+    """The path ending in most of `name`'s trailing parts (`B/x.jpg` picks `.../B/x.jpg`); the
+    first on a tie."""
+    parts = Path(name).parts[:-1]
+
+    def shared(path: Path) -> int:
+        folders = path.parts[:-1]
+        count = 0
+        while count < min(len(parts), len(folders)) and parts[-1 - count] == folders[-1 - count]:
+            count += 1
+        return count
+
+    return max(paths, key=shared)
 
 
 @contextmanager
@@ -297,13 +317,15 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
     root = Path(images) if images is not None else captions if captions.is_dir() else captions.parent
     if not root.is_dir():
         raise OptionError(f"--images {root}: no such folder")
-    predictions = read_predictions(captions)
+    predictions = read_predictions(captions, keep_folders=True)
     problems = list(predictions.problems)
     refs = read_references(references) if references is not None else None
     ref_names: Mapping[str, str] = {}
     if refs is not None:
         problems += refs.problems
-        ref_names = match_images(predictions.captions, refs.captions)
+        keys = {name: image_key(name) for name in predictions.captions}
+        matched = match_images(dict.fromkeys(keys.values()), refs.captions)
+        ref_names = {name: matched[key] for name, key in keys.items() if key in matched}
     paths = locate_images(predictions.captions, root)
     results = [Result(path=paths.get(name, root / name), name=name, status="failed", caption=text,
                       error=None if name in paths else f"no image file for it under {root}")
