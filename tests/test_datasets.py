@@ -303,10 +303,19 @@ def test_predictions_sidecars_mirrored_without_images(tmp_path):
 def test_name_matching_rule():
     assert image_key("val2014/COCO_val2014_000000391895.jpg") == "COCO_val2014_000000391895.jpg"
     assert image_key(r"C:\photos\Dog.JPG") == "Dog.JPG"
+    assert image_key(r"\\server\share\Dog.JPG") == "Dog.JPG"
+    assert image_key(r"photos/we\ird.jpg") == r"we\ird.jpg", "a backslash is a name's own on Linux"
     # Case and extension count; a bare stem matches only when one reference has it.
     assert match_images(["A.jpg", "b", "c.png", "d"],
                         ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "d.png"]) == {"b": "b.jpg"}
     assert match_images(["a", "a.jpg"], ["a.jpg"]) == {"a.jpg": "a.jpg"}
+
+
+def test_references_keep_names_with_a_backslash_apart(tmp_path):
+    write(tmp_path / "refs.csv", "image,caption\nwe\\ird.jpg,a cat\nother\\ird.jpg,a rocket\n")
+    refs = read_references(tmp_path / "refs.csv")
+    assert refs.problems == []
+    assert refs.captions == {"we\\ird.jpg": ["a cat"], "other\\ird.jpg": ["a rocket"]}
 
 
 def test_load_dataset_flickr8k_native_files(tmp_path):

@@ -12,7 +12,14 @@ import pytest
 
 from captionkit.datasets import read_predictions
 from captionkit.errors import OptionError, OutputError
-from captionkit.exporters import ExportOptions, atomic_write, distinct_names, export, parse_formats
+from captionkit.exporters import (
+    ExportOptions,
+    atomic_write,
+    distinct_names,
+    export,
+    parse_captions_txt_line,
+    parse_formats,
+)
 from captionkit.store import DB_NAME, Result
 
 
@@ -139,16 +146,25 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
 
 
 def test_captions_txt_escapes_names_with_line_breaks_and_reads_them_back(tmp_path):
-    names = ["new\nline.png", "back\\slash.png", "cr\r.png", "plain: colon.png"]
+    names = ["new\nline.png", "back\\slash.png", "cr\r.png", "plain: colon.png", "a: b\\: c.png",
+             "12:30.png"]
     results = [Result(path=tmp_path / name, name=name, status="done", caption=f"caption {index}",
                       hash=f"h{index}", model_id="m") for index, name in enumerate(names)]
     export(results, ["captions.txt"], ExportOptions(tmp_path))
     text = (tmp_path / "captions.txt").read_text()
     assert text.split("\n")[:2] == ["\\new\\nline.png: caption 0", "\\back\\\\slash.png: caption 1"]
+    assert text.split("\n")[3:6] == ["\\plain\\: colon.png: caption 3",
+                                     "\\a\\: b\\\\\\: c.png: caption 4", "12:30.png: caption 5"]
     assert text.count("\n") == len(names)
-    predictions = read_predictions(tmp_path / "captions.txt")  # keyed by base name; `\\` is a separator
-    assert predictions.captions == {"new\nline.png": "caption 0", "slash.png": "caption 1",
-                                    "cr\r.png": "caption 2", "plain": "colon.png: caption 3"}
+    predictions = read_predictions(tmp_path / "captions.txt")
+    assert predictions.captions == {name: f"caption {index}" for index, name in enumerate(names)}
+
+
+def test_captions_txt_written_before_colons_were_escaped_reads_as_it_did():
+    assert parse_captions_txt_line("\\back\\\\slash.png: a: b") == ("back\\slash.png", "a: b")
+    assert parse_captions_txt_line("\\new\\nline\\r.png: c") == ("new\nline\r.png", "c")
+    assert parse_captions_txt_line("plain.png: a: b") == ("plain.png", "a: b")
+    assert parse_captions_txt_line("no separator") == ("", "")
 
 
 def test_a_file_that_cannot_be_written_is_one_line_naming_it():

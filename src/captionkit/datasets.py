@@ -73,9 +73,18 @@ class _Row:
     image_id: int | None = None
 
 
+def posix_name(name: str) -> str:
+    r"""`name` with `/` between folders. A backslash separates folders only in a Windows path
+    (`C:\photos\dog.jpg`, `\\server\share\dog.jpg`) or on Windows; elsewhere it is part of
+    the file name, as Linux and macOS allow (`we\ird.jpg`)."""
+    if os.sep == "\\" or re.match(r"[A-Za-z]:\\|\\\\", name):
+        return name.replace("\\", "/")
+    return name
+
+
 def image_key(name: str) -> str:
     """The name images are matched by: the base file name, folders dropped."""
-    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return posix_name(name).rstrip("/").rsplit("/", 1)[-1]
 
 
 def match_images(predicted: Iterable[str], referenced: Iterable[str]) -> dict[str, str]:
@@ -401,7 +410,7 @@ def read_references(
             if split is not None and row.split != split:
                 continue
         name = image_key(row.image)
-        folder = PurePosixPath(row.image.replace("\\", "/")).parent.as_posix()
+        folder = PurePosixPath(posix_name(row.image)).parent.as_posix()
         if refs.folders.get(name, folder) != folder:
             refs.problems.append(f"{row.where}: {name} is also under {refs.folders[name]!r}; "
                                  "image names must be unique")

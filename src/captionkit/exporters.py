@@ -141,22 +141,25 @@ _NAME_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 
 
 def captions_txt_line(name: str, caption: str) -> str:
-    """One `image.jpg: caption` line. A name with a line break or backslash is escaped and the
-    line starts with a backslash, as `sha256sum` does, so every name reads back exactly."""
-    escaped = "".join(_NAME_ESCAPES.get(char, char) for char in name)
+    """One `image.jpg: caption` line. A name with a line break, backslash or `: ` is escaped (`\\n`,
+    `\\\\`, `\\: `) and the line starts with a backslash, as `sha256sum` does, so every name reads
+    back exactly."""
+    escaped = "".join(_NAME_ESCAPES.get(char, char) for char in name).replace(": ", "\\: ")
     prefix = "" if escaped == name else "\\"
     return f"{prefix}{escaped}: {_one_line(caption)}\n"
 
 
 def parse_captions_txt_line(line: str) -> tuple[str, str]:
-    """The (name, caption) of a captions.txt line; an empty name when it has no `: `."""
-    escaped = line.startswith("\\")
-    name, separator, caption = line[escaped:].partition(": ")
-    if not separator:
+    """The (name, caption) of a captions.txt line; an empty name when it has no `: `. On a line
+    starting with a backslash the name ends at the first `: ` that is not escaped."""
+    if not line.startswith("\\"):
+        name, separator, caption = line.partition(": ")
+        return (name, caption) if separator else ("", "")
+    match = re.match(r"\\((?:\\.|:(?! )|[^\\:])*): ", line, re.S)
+    if not match:
         return "", ""
-    if escaped:
-        name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), name)
-    return name, caption
+    name = re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), match[1], flags=re.S)
+    return name, line[match.end():]
 
 
 def write_captions_txt(results: Sequence[Result], options: ExportOptions) -> list[Path]:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from captionkit import sources
@@ -23,6 +23,7 @@ from captionkit.datasets import (
     IMAGE_EXTENSIONS,
     image_key,
     match_images,
+    posix_name,
     read_predictions,
     read_references,
 )
@@ -266,7 +267,7 @@ def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
 def _closest(paths: list[Path], name: str) -> Path:
     """The path ending in most of `name`'s trailing parts (`B/x.jpg` picks `.../B/x.jpg`); the
     first on a tie."""
-    parts = Path(name).parts[:-1]
+    parts = PurePosixPath(posix_name(name)).parts[:-1]
 
     def shared(path: Path) -> int:
         folders = path.parts[:-1]
