@@ -105,7 +105,7 @@ def test_one_call_captions_the_split_scores_it_and_resumes(flickr8k, blip_dir, t
     assert few.result.unpredicted == []
 
 
-def test_command_scores_a_captions_file(flickr8k, tiny_clip, tmp_path):
+def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path):
     split = _test_split(flickr8k)
     subjects = {_name(index): SUBJECTS[index % len(SUBJECTS)] for index in range(12)}
     lines = [f"photos/{name}: {subjects[name]} in a photo" for name in split[:5]]
@@ -140,6 +140,13 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, tmp_path):
     assert with_clip.returncode == 0, with_clip.stderr
     assert re.search(r"CLIPScore .* 10/10", with_clip.stderr), with_clip.stderr  # its progress bar
     assert "RefCLIPScore" in with_clip.stdout
+
+    # a captioner is no CLIP: its text tower would load random
+    not_clip = subprocess.run([*proc.args, "--clip-model", blip_dir, "--metrics", "bleu"],
+                              capture_output=True, text=True, timeout=120)
+    assert not_clip.returncode == 2, not_clip.stderr
+    assert not_clip.stderr.strip().count("\n") == 0
+    assert "not an image-text dual encoder" in not_clip.stderr
 
 
 @pytest.mark.parametrize(("args", "says"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -330,6 +331,25 @@ def test_not_a_dual_encoder_is_a_clear_error(tmp_path):
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
     with pytest.raises(OptionError, match="bert model, not an image-text dual encoder"):
+        load_scorer(str(tmp_path), device="cpu")
+
+
+def test_a_captioner_checkpoint_is_refused_not_scored_with_a_random_text_tower(blip_dir):
+    # AutoModel loads it as BlipModel, a dual encoder class, with its text model left random.
+    with pytest.raises(OptionError, match=r"is a blip model, not an image-text dual encoder \(it "
+                                          r"was saved as BlipForConditionalGeneration\)"):
+        load_scorer(str(blip_dir), device="cpu")
+
+
+def test_a_checkpoint_missing_weights_is_refused(tiny_clip, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_clip, tmp_path, dirs_exist_ok=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["text_projection.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OptionError, match=r"^\S+: 1 weights of its CLIPModel are not in \S+ \(such "
+                                          r"as text_projection.weight\), so its scores would be random"):
         load_scorer(str(tmp_path), device="cpu")
 
 

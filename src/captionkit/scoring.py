@@ -180,15 +180,29 @@ class HFEncoder:
     """A `transformers` dual encoder (CLIP, SigLIP, SigLIP 2, ...) loaded with AutoModel."""
 
     def __init__(self, path: Path, name: str, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import AutoModel, AutoProcessor
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoProcessor
 
         try:
-            model = AutoModel.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+            # A captioner's checkpoint (BlipForConditionalGeneration) loads into a dual encoder
+            # class (BlipModel) with a random text tower: refuse it by what it was saved as.
+            saved_as = [getattr(transformers, arch, None) for arch in config.architectures or []]
+            if saved_as and all(cls is not None and not _dual_encoder(cls) for cls in saved_as):
+                raise OptionError(f"{name} is a {config.model_type} model, not an image-text dual "
+                                  f"encoder (it was saved as {config.architectures[0]}): pass a "
+                                  "CLIP-family model (CLIP, SigLIP, open_clip)")
+            model, loading = AutoModel.from_pretrained(path, output_loading_info=True)
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             raise ModelNotFoundError(f"{name}: cannot load a model from {path} ({err})") from err
-        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        if not _dual_encoder(model):
             raise OptionError(f"{name} is a {model.config.model_type} model, not an image-text "
                               "dual encoder: pass a CLIP-family model (CLIP, SigLIP, open_clip)")
+        if loading["missing_keys"]:
+            missing = sorted(loading["missing_keys"])
+            raise OptionError(f"{name}: {len(missing)} weights of its {type(model).__name__} are not "
+                              f"in {path} (such as {missing[0]}), so its scores would be random: "
+                              "pass a CLIP-family model (CLIP, SigLIP, open_clip)")
         try:
             self.processor = AutoProcessor.from_pretrained(path)
         except (OSError, ValueError, KeyError) as err:
@@ -296,6 +310,11 @@ def histogram_text(scores: Sequence[float], bins: int = 10, width: int = 40,
         failed = sum(score < threshold for score in scores)
         lines.append(f"{failed} of {len(scores)} below {threshold:g}")
     return "\n".join(lines)
+
+
+def _dual_encoder(model: object) -> bool:
+    """Whether a transformers model (or its class) embeds both images and texts."""
+    return hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
 
 
 def _resolve(name: str) -> Path:
