@@ -128,6 +128,17 @@ def test_coco_captions_json(tmp_path):
     assert refs.problems == [f"{path}: annotations[3]: image_id 999 is not in `images`"]
 
 
+def test_coco_repeated_image_id_is_a_problem_not_a_silent_move(tmp_path):
+    path = write(tmp_path / "coco.json", json.dumps(
+        {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+         "annotations": [{"image_id": 1, "caption": "a man riding a moped"}]}))
+    refs = read_references(path)
+    assert refs.captions == {"a.jpg": ["a man riding a moped"]}
+    assert refs.ids == {1: "a.jpg"}
+    assert refs.problems == [f"{path}: images[1]: id 1 of b.jpg is already images[0]'s (a.jpg), "
+                             "which keeps the captions; image ids must be unique"]
+
+
 def karpathy(dataset: str, images: list[tuple[str, str, str | None]]) -> dict:
     entries = []
     for index, (filename, split, filepath) in enumerate(images):

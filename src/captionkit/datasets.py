@@ -225,12 +225,18 @@ def _rows_flickr30k_csv(path: Path) -> Iterator[_Row]:
 
 
 def _rows_coco(path: Path, data: dict) -> Iterator[_Row]:
-    names = {}
+    names, first = {}, {}
     for index, image in enumerate(data["images"]):
-        if isinstance(image, dict) and "id" in image and isinstance(image.get("file_name"), str):
-            names[image["id"]] = image["file_name"]
+        where = f"{path}: images[{index}]"
+        if not isinstance(image, dict) or "id" not in image or not isinstance(
+                image.get("file_name"), str):
+            yield _Row(where, error="needs `id` and `file_name`")
+        elif image["id"] in names:
+            yield _Row(where, error=f"id {image['id']!r} of {image['file_name']} is already "
+                                    f"images[{first[image['id']]}]'s ({names[image['id']]}), which "
+                                    "keeps the captions; image ids must be unique")
         else:
-            yield _Row(f"{path}: images[{index}]", error="needs `id` and `file_name`")
+            names[image["id"]], first[image["id"]] = image["file_name"], index
     for index, note in enumerate(data["annotations"]):
         where = f"{path}: annotations[{index}]"
         if not isinstance(note, dict) or not isinstance(note.get("caption"), str):
