@@ -246,6 +246,14 @@ def test_no_overlap_and_unknown_metrics_are_errors():
         score_captions({"x.jpg": "a"}, {"x.jpg": ["b"]}, metrics=("bleu4",))
 
 
+def test_a_reference_given_as_a_str_is_refused_not_read_letter_by_letter():
+    with pytest.raises(TypeError, match=r"references\['a.jpg'\] must be a list of caption strings, "
+                                        r"such as \['a dog runs'\], not a str"):
+        score_captions({"a.jpg": "a dog runs"}, {"a.jpg": "a dog runs"}, ("bleu",))
+    with pytest.raises(TypeError, match=r"predictions\['a.jpg'\] is a list"):
+        score_captions({"a.jpg": ["a dog runs"]}, {"a.jpg": ["a dog runs"]}, ("bleu",))
+
+
 class ColourEncoder:
     """A dual encoder whose features are easy to follow: mean colour, and letter counts."""
 

@@ -241,6 +241,9 @@ def _inputs(
         references = references.captions
     preds: dict[str, str] = {}
     for name, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise TypeError(f"predictions[{name!r}] is a {type(caption).__name__}; give one caption "
+                            "string per image")
         key = image_key(name)
         if key in preds:
             problems.append(f"predictions: {name} has the same base name as another; "
@@ -249,6 +252,10 @@ def _inputs(
         preds[key] = " ".join(caption.split())
     refs: dict[str, list[str]] = {}
     for name, captions in references.items():
+        # a str would be iterated as one reference per character
+        if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"references[{name!r}] must be a list of caption strings, such as "
+                            f"[{captions!r}], not a {type(captions).__name__}")
         texts = [" ".join(c.split()) for c in captions]
         if not texts:
             problems.append(f"references: {name} has no reference captions")
