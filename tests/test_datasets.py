@@ -154,6 +154,40 @@ def karpathy(dataset: str, images: list[tuple[str, str, str | None]]) -> dict:
     return {"images": entries, "dataset": dataset}
 
 
+@pytest.mark.parametrize(("data", "says"), [
+    ({"images": [{"id": [1], "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+      "annotations": [{"image_id": 2, "caption": "a bowl"}]}, "images[0]: `id` must be a number, not [1]"),
+    ({"images": [{"id": 2, "file_name": "b.jpg"}],
+      "annotations": [{"image_id": [3], "caption": "x"}, {"image_id": 2, "caption": "a bowl"}]},
+     "annotations[0]: `image_id` must be a number, not [3]"),
+    *(({"dataset": "x", "images": [{"filename": "a.jpg", "sentences": [{"raw": "a man"}], **bad},
+                                   {"filename": "b.jpg", "sentences": [{"raw": "a bowl"}]}]},
+       f"images[0]: {says}") for bad, says in [
+        ({"sentences": 5}, "`sentences` must be a list, not 5"),
+        ({"split": ["test"]}, "`split` must be a string, not ['test']"),
+        ({"filepath": 5}, "`filepath` must be a string, not 5"),
+        ({"cocoid": [1]}, "`cocoid` must be a number, not [1]")]),
+])
+def test_json_of_the_wrong_shape_is_a_problem_row_not_a_crash(tmp_path, data, says):
+    path = write(tmp_path / "refs.json", json.dumps(data))
+    refs = read_references(path)
+    assert list(refs.captions) == ["b.jpg"]
+    assert refs.problems == [f"{path}: {says}"]
+
+
+def test_coco_results_with_a_list_id_and_deep_json_are_reported(tmp_path):
+    results = write(tmp_path / "res.json", json.dumps(
+        [{"image_id": [2], "caption": "x"}, {"image_id": 1, "caption": "a man"}]))
+    predictions = read_predictions(results, ids={1: "a.jpg"})
+    assert predictions.captions == {"a.jpg": "a man"}
+    assert predictions.problems == [f"{results}: entry 0: `image_id` must be a number, not [2]"]
+    deep = write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match=r"deep.json: JSON nested too deeply to read$"):
+        read_references(deep)
+    lines = write(tmp_path / "p.jsonl", "[" * 100_000 + "\n" + '{"image": "a.jpg", "caption": "x"}\n')
+    assert read_predictions(lines).problems == [f"{lines}:1: JSON nested too deeply to read"]
+
+
 def test_karpathy_coco_split_ids_and_folders(tmp_path):
     data = karpathy("coco", [("COCO_val2014_000000000001.jpg", "test", "val2014"),
                              ("COCO_train2014_000000000002.jpg", "train", "train2014"),

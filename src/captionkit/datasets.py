@@ -133,6 +133,8 @@ def _load_json(path: Path) -> object:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _failed(record: Mapping, where: str) -> _Row | None:
@@ -170,6 +172,9 @@ def _rows_jsonl(path: Path) -> Iterator[_Row]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             yield _Row(where, error=f"invalid JSON ({error.msg})")
+            continue
+        except RecursionError:
+            yield _Row(where, error="JSON nested too deeply to read")
             continue
         if not isinstance(record, dict):
             yield _Row(where, error="not a JSON object")
@@ -224,6 +229,11 @@ def _rows_flickr30k_csv(path: Path) -> Iterator[_Row]:
             yield _Row(f"{path}:{number}", parts[0], parts[2])
 
 
+def _bad_id(value: object) -> bool:
+    """An id that cannot name an image: a JSON list or object (valid JSON, but not a number)."""
+    return isinstance(value, list | dict)
+
+
 def _rows_coco(path: Path, data: dict) -> Iterator[_Row]:
     names, first = {}, {}
     for index, image in enumerate(data["images"]):
@@ -231,6 +241,8 @@ def _rows_coco(path: Path, data: dict) -> Iterator[_Row]:
         if not isinstance(image, dict) or "id" not in image or not isinstance(
                 image.get("file_name"), str):
             yield _Row(where, error="needs `id` and `file_name`")
+        elif _bad_id(image["id"]):
+            yield _Row(where, error=f"`id` must be a number, not {image['id']!r}")
         elif image["id"] in names:
             yield _Row(where, error=f"id {image['id']!r} of {image['file_name']} is already "
                                     f"images[{first[image['id']]}]'s ({names[image['id']]}), which "
@@ -241,6 +253,8 @@ def _rows_coco(path: Path, data: dict) -> Iterator[_Row]:
         where = f"{path}: annotations[{index}]"
         if not isinstance(note, dict) or not isinstance(note.get("caption"), str):
             yield _Row(where, error="needs `image_id` and a `caption` string")
+        elif _bad_id(note.get("image_id")):
+            yield _Row(where, error=f"`image_id` must be a number, not {note['image_id']!r}")
         elif note.get("image_id") not in names:
             yield _Row(where, error=f"image_id {note.get('image_id')!r} is not in `images`")
         else:
@@ -248,11 +262,26 @@ def _rows_coco(path: Path, data: dict) -> Iterator[_Row]:
             yield _Row(where, names[image_id], note["caption"], image_id=image_id)
 
 
+def _karpathy_field_error(image: dict) -> str | None:
+    """What is wrong with an entry's optional fields, such as `"sentences": 5`; None if nothing."""
+    for key, kind, valid in (("filepath", "a string", str), ("split", "a string", str),
+                             ("sentences", "a list", list)):
+        if image.get(key) is not None and not isinstance(image[key], valid):
+            return f"`{key}` must be {kind}, not {image[key]!r}"
+    if _bad_id(image.get("cocoid")):
+        return f"`cocoid` must be a number, not {image['cocoid']!r}"
+    return None
+
+
 def _rows_karpathy(path: Path, data: dict) -> Iterator[_Row]:
     for index, image in enumerate(data["images"]):
         where = f"{path}: images[{index}]"
         if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
             yield _Row(where, error="needs a `filename`")
+            continue
+        wrong = _karpathy_field_error(image)
+        if wrong:
+            yield _Row(where, error=wrong)
             continue
         name = "/".join(filter(None, [image.get("filepath"), image["filename"]]))
         sentences = image.get("sentences") or []
@@ -272,6 +301,8 @@ def _rows_json_list(path: Path, data: list) -> Iterator[_Row]:
         elif "image_id" in record and "image" not in record:
             if not isinstance(record.get("caption"), str) or not record["caption"].strip():
                 yield _Row(where, error="needs a non-empty `caption` string")
+            elif _bad_id(record["image_id"]):
+                yield _Row(where, error=f"`image_id` must be a number, not {record['image_id']!r}")
             else:
                 image_id = record["image_id"]
                 yield _Row(where, str(image_id), record["caption"], image_id=image_id)
