@@ -253,6 +253,30 @@ def test_full_decode_gives_the_model_every_pixel(captioner, photos, tmp_path, mo
     assert captions_txt(tmp_path / "full") == {"astronaut.jpg": reference}
 
 
+def test_full_decode_captions_again_only_the_images_it_changes(captioner, photos, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    photos[0].resize((2048, 2048)).save(images / "big.jpg", quality=92)
+    # a short side under twice the model's input size: drafted or not, the same pixels
+    photos[1].resize((60, 48)).save(images / "small.jpg", quality=92)
+    assert 48 < 2 * captioner.input_size <= 2048 // 2
+    out = tmp_path / "out"
+    run(captioner, [images], out)
+    drafted = captions_txt(out)
+    full = run(captioner, [images], out, full_decode=True)
+    assert (full.done, full.skipped, full.duplicates) == (1, 1, 0)
+    reference = captioner.caption([Image.open(images / "big.jpg").convert("RGB")], GEN)[0].text
+    assert drafted["big.jpg"] != reference
+    assert captions_txt(out) == {"big.jpg": reference, "small.jpg": drafted["small.jpg"]}
+    assert run(captioner, [images], out, full_decode=True).skipped == 2
+    again = run(captioner, [images], out)
+    assert again.skipped == 2 and captions_txt(out) == drafted, "the drafted captions are kept apart"
+    redo = run(captioner, [images], out, full_decode=True, overwrite=True)
+    assert redo.done == 2 and captions_txt(out)["big.jpg"] == reference
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_malloc_recycles_small_frees_and_returns_big_ones():
     # Pipeline.run sets these thresholds: blocks under 16 MiB are reused without new page faults,

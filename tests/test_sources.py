@@ -25,6 +25,7 @@ from captionkit.sources import (
     discover,
     load_image,
     read_bytes,
+    shrinks,
 )
 
 
@@ -370,6 +371,19 @@ def test_large_png_is_reduced_by_an_integer_factor(astronaut: Image.Image) -> No
     data = encode(astronaut.resize((1000, 800)), "PNG")
     assert decode(data, "x", target_size=300).size == (500, 400)
     assert decode(data, "x", target_size=500).size == (1000, 800)
+
+
+@pytest.mark.parametrize("mode, fmt, params", [("RGB", "JPEG", {}), ("L", "JPEG", {}),
+                                               ("CMYK", "JPEG", {}), ("RGB", "JPEG", {"progressive": True}),
+                                               ("RGB", "PNG", {})])
+def test_images_that_do_not_shrink_decode_to_the_same_pixels_in_full(astronaut: Image.Image, mode: str,
+                                                                      fmt: str, params: dict) -> None:
+    # a resumed --full-decode run reuses drafted captions exactly where `shrinks` is False
+    for size in ((599, 700), (700, 599), (600, 900)):
+        data = encode(astronaut.convert(mode).resize(size), fmt, **params)
+        same = decode(data, "x", target_size=300).tobytes() == decode(data, "x").tobytes()
+        assert same != shrinks(data, 300), size
+    assert not shrinks(data, None) and shrinks(b"not an image", 300)
 
 
 def test_decoded_image_is_loaded_and_detached(jpeg: bytes) -> None:

@@ -163,6 +163,8 @@ class _Item:
     image: Image.Image | None = None
     error: str | None = None
     prompt: str | None = None
+    reused: tuple[str, dict] | None = None
+    """The caption the other decoding (draft or full) gave these same pixels."""
 
     @property
     def reuse_key(self) -> tuple[str | None, str | None]:
@@ -192,11 +194,17 @@ def default_workers() -> int:
 
 
 def options_key(captioner: Captioner, generation: GenerationOptions,
-                scorer: ClipScorer | None = None) -> str:
-    """Results are only reused for the same model, generation options and scorer."""
+                scorer: ClipScorer | None = None, full_decode: bool = False) -> str:
+    """Results are only reused for the same model, generation options, decoding and scorer.
+
+    A part that does not apply adds nothing, so keys stay what they were before it was added and
+    earlier stores resume.
+    """
     key = f"{captioner.model_id}#{generation.key()}"
     variant = getattr(captioner, "variant", "")
     key = f"{key}#{variant}" if variant else key
+    # Without a size to shrink big images toward, draft decoding is a full decode.
+    key = f"{key}#full-decode" if full_decode and captioner.input_size else key
     return f"{key}#{scorer.name}@{scorer.scale}" if scorer is not None else key
 
 
@@ -210,7 +218,9 @@ class Pipeline:
         self.options = options
         self.scorer = scorer if scorer is not None else gate.load_scorer(
             options.gate, generation, str(getattr(captioner, "device", "auto")))
-        self.key = options_key(captioner, generation, self.scorer)
+        self.key = options_key(captioner, generation, self.scorer, options.full_decode)
+        # The other decoding's key: its captions of images that decode the same either way are reused.
+        self.other_key = options_key(captioner, generation, self.scorer, not options.full_decode)
         self.batch_size = options.batch_size or default_batch_size(captioner)
         self.prompts = options.read_prompts()
 
@@ -297,9 +307,14 @@ class Pipeline:
         try:
             data = sources.read_bytes(item.ref.path)
             item.hash = sources.content_hash(data)
-            if item.reuse_key not in self._known:
-                target = None if self.options.full_decode else self.captioner.input_size
-                item.image = sources.decode(data, item.ref.name, target, self.options.max_pixels)
+            size = self.captioner.input_size
+            if item.reuse_key in self._known:
+                return item
+            if item.reuse_key in self._same_pixels and not sources.shrinks(data, size):
+                item.reused = self._same_pixels[item.reuse_key]
+                return item
+            target = None if self.options.full_decode else size
+            item.image = sources.decode(data, item.ref.name, target, self.options.max_pixels)
         except ImageError as err:
             item.error = err.reason
         return item
@@ -328,6 +343,9 @@ class Pipeline:
     def _caption_all(self, items: list[_Item], store: Store, run_id: int,
                      summary: RunSummary) -> None:
         self._known = store.captions_by_content(self.key)
+        # --overwrite starts over, so it takes nothing from the other decoding either.
+        reuse = self.other_key != self.key and not self.options.overwrite
+        self._same_pixels = store.captions_by_content(self.other_key) if reuse else {}
         with progress_bar(len(items), self.options.progress) as advance:
             batch: list[_Item] = []
             for item in self._decoded(items):
@@ -345,6 +363,8 @@ class Pipeline:
         """Caption the batch's new images, reuse captions of identical files, commit."""
         leaders: dict[tuple[str | None, str | None], _Item] = {}
         for item in batch:
+            if item.reused is not None:
+                self._known.setdefault(item.reuse_key, item.reused)
             fresh = item.reuse_key not in self._known and item.reuse_key not in leaders
             if item.error is None and fresh:
                 leaders[item.reuse_key] = item
@@ -372,8 +392,11 @@ class Pipeline:
                 result.status = "done"
                 result.caption, result.extras = self._known[item.reuse_key]
                 result.seconds = seconds if item in to_caption else 0.0
-                summary.done += 1
-                summary.duplicates += item not in to_caption
+                if item.reused is not None:
+                    summary.skipped += 1
+                else:
+                    summary.done += 1
+                    summary.duplicates += item not in to_caption
             else:
                 result.error = item.error or "not captioned"
                 summary.failed.append((item.ref.name, result.error))

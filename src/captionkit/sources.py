@@ -166,6 +166,18 @@ def decode(data: bytes, name: str, target_size: int | None = None,
         raise ImageError(name, _failure_reason(error)) from None
 
 
+def shrinks(data: bytes, target_size: int | None) -> bool:
+    """Whether `decode` with `target_size` gives other pixels than a full decode: only images whose
+    short side is at least twice the target are drafted (JPEG) or reduced (any format)."""
+    if not target_size:
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            return min(image.size) >= 2 * target_size
+    except Exception:  # noqa: BLE001 - not readable: `decode` says why
+        return True
+
+
 URL_REASON = "a URL: captionkit reads local files; download it first (or pass its bytes in Python)"
 
 
