@@ -266,6 +266,18 @@ def test_bfloat16_path_runs(blip_dir, photos):
     assert len(captioner.caption(photos[:2], GenerationOptions(max_new_tokens=4))) == 2
 
 
+def test_the_effective_dtype_names_the_weights_in_the_store_key(blip_dir, monkeypatch):
+    from captionkit import device
+    from captionkit.models.hf import _variant
+
+    assert load(str(blip_dir), FP32).variant == "", "float32 keeps the key it always had"
+    # `--dtype auto` is bf16 on a CPU with native bf16 (and on GPUs): that is what gets named
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    assert load(str(blip_dir), LoadOptions(device="cpu")).variant == "bfloat16"
+    assert _variant(LoadOptions(load_in_8bit=True), torch.float16) == "bnb-8bit+float16"
+    assert _variant(LoadOptions(quantize="int8"), torch.float32) == "int8"
+
+
 def test_impossible_options_are_refused(blip_dir):
     with pytest.raises(OptionError, match="float16 is not supported on the CPU"):
         load(str(blip_dir), LoadOptions(device="cpu", dtype="float16"))

@@ -277,6 +277,18 @@ def test_full_decode_captions_again_only_the_images_it_changes(captioner, photos
     assert redo.done == 2 and captions_txt(out)["big.jpg"] == reference
 
 
+def test_captions_in_another_precision_are_not_reused(captioner, blip_dir, photo_dir, tmp_path):
+    from captionkit.models import load
+    from captionkit.options import LoadOptions
+
+    bf16 = load(str(blip_dir), LoadOptions(device="cpu", dtype="bfloat16"))
+    out = tmp_path / "out"
+    run(captioner, [photo_dir], out)
+    first, again = run(bf16, [photo_dir], out), run(bf16, [photo_dir], out)
+    assert (first.done, first.skipped, again.skipped) == (8, 0, 8)
+    assert run(captioner, [photo_dir], out).skipped == 8
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_malloc_recycles_small_frees_and_returns_big_ones():
     # Pipeline.run sets these thresholds: blocks under 16 MiB are reused without new page faults,

@@ -36,8 +36,8 @@ class HFCaptioner:
         # int8 quantization runs on the CPU from float32 weights, whatever `auto` would pick.
         self.device = torch.device("cpu") if options.quantize else pick_device(options.device)
         self.dtype = torch.float32 if options.quantize else pick_dtype(options.dtype, self.device)
-        # Part of the store's key: int8 captions are not the float model's.
-        self.variant = options.quantize or ""
+        # Part of the store's key: int8 or half-precision captions are not the float32 model's.
+        self.variant = _variant(options, self.dtype)
         self.processor = self.load_processor(path)
         model_cls = getattr(transformers, self.model_class)
         self.model = model_cls.from_pretrained(path, **_weight_kwargs(options, self.device,
@@ -306,6 +306,23 @@ def _to(value, device: torch.device, dtype: torch.dtype):
     if value.is_floating_point():
         return value.to(device=device, dtype=dtype)
     return value.to(device)
+
+
+def _variant(options: LoadOptions, dtype: torch.dtype) -> str:
+    """How the weights run, for the store's key: int8, 8-bit or 4-bit, and the dtype unless float32.
+
+    The effective dtype is named, not `--dtype`: `auto` is bf16 on a GPU and float32 on most CPUs,
+    so a store made on one and resumed on the other captions again instead of mixing precisions.
+    float32 adds nothing, so a float32 run keeps the key it had before dtypes were part of it and
+    stores made with the CPU default still resume. The price: bf16 and fp16 results recorded before
+    then have that key too, so a float32 run still takes them (a bf16 run captions them again).
+    The hardware is not named: float32 on a GPU and on a CPU differ by kernel rounding, as torch
+    versions do.
+    """
+    quantized = options.quantize or ("bnb-8bit" if options.load_in_8bit else
+                                     "bnb-4bit" if options.load_in_4bit else "")
+    precision = "" if dtype == torch.float32 else str(dtype).removeprefix("torch.")
+    return "+".join(part for part in (quantized, precision) if part)
 
 
 def _weight_kwargs(options: LoadOptions, device: torch.device, dtype: torch.dtype) -> dict:
