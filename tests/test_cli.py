@@ -361,3 +361,28 @@ def test_names_with_brackets_are_printed_as_they_are(photo_dir, tmp_path):
     proc = captionkit("caption", images, "--model", "objects", "-o", out)
     text = " ".join(proc.stderr.split())
     assert "failed broken [draft].jpg: " in text and f"wrote {out / 'captions.txt'}" in text
+
+
+def test_a_local_checkpoint_replaced_in_place_is_captioned_again(blip_dir, photo_dir, tmp_path):
+    import tiny
+
+    other = tiny.build_blip(tmp_path / "other", seed=1)
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    shutil.copytree(blip_dir, ck)
+    common = ["caption", photo_dir, "--model", ck, "-o", out, "--dtype", "float32",
+              "--max-new-tokens", "5", "-q", "--format", "captions.txt"]
+    assert "8 captioned" in captionkit(*common).stderr
+    assert "8 already done" in captionkit(*common).stderr, "an unchanged checkpoint resumes"
+    before = (out / "captions.txt").read_text()
+    shutil.rmtree(ck)
+    shutil.copytree(other, ck)  # a fine-tuning loop saving into the same folder
+    replaced = captionkit(*common)
+    assert "8 captioned" in replaced.stderr, replaced.stderr
+    after = (out / "captions.txt").read_text()
+    assert after != before
+    (out / "captions.txt").unlink()
+    captionkit("export", out, "--format", "captions.txt")
+    assert (out / "captions.txt").read_text() == after, "export takes the latest run's captions"
+    captionkit("export", out, "--format", "captions.txt", "--model", ck.resolve(), "--to",
+               tmp_path / "by-model")
+    assert (tmp_path / "by-model" / "captions.txt").read_text() == after

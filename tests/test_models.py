@@ -170,6 +170,23 @@ def test_cached_hub_snapshot_is_found_without_network(monkeypatch, tmp_path, bli
     assert choose_auto()[0] == "blip-large"
     captioner = load("blip-large", FP32)
     assert captioner.model_id == "Salesforce/blip-image-captioning-large"
+    assert captioner.fingerprint == "", "a Hub id's cached files are not fingerprinted"
+
+
+def test_a_local_checkpoint_is_fingerprinted_by_its_weights_and_configs(blip_dir, tmp_path):
+    import os
+
+    checkpoint = shutil.copytree(blip_dir, tmp_path / "ck")
+    first = load(str(checkpoint), FP32).fingerprint
+    assert first and hub.fingerprint(checkpoint) == first
+    (checkpoint / "README.md").write_text("notes")
+    assert hub.fingerprint(checkpoint) == first, "only what the loader reads counts"
+    for name in ("config.json", "model.safetensors"):
+        stat = (checkpoint / name).stat()
+        os.utime(checkpoint / name, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        assert hub.fingerprint(checkpoint) != first, name
+        os.utime(checkpoint / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hub.fingerprint(checkpoint) == first
 
 
 def test_auto_falls_back_to_objects_when_blip_large_is_absent(monkeypatch, tmp_path):

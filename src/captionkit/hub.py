@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -10,6 +11,7 @@ from urllib.parse import urlparse
 from captionkit.errors import ModelNotFoundError, ModelUnavailableError
 
 REACHABILITY_TIMEOUT_S = 3.0
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 IGNORED_WEIGHTS = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "flax_model*", "tf_model*",
                    "coreml/*", "onnx/*", "openvino/*"]
 
@@ -57,6 +59,21 @@ def cached_snapshot(repo_id: str) -> Path | None:
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
         return None
     return path if (path / "config.json").exists() or any(path.iterdir()) else None
+
+
+def fingerprint(folder: Path) -> str:
+    """A digest of the names, sizes and modification times of a checkpoint folder's weights and
+    JSON files (model, generation, processor and tokenizer configs): it changes when the checkpoint
+    is replaced in place, for a few stat calls instead of reading gigabytes."""
+    digest = hashlib.sha256()
+    files = {found for pattern in (*WEIGHT_FILES, "*.json") for found in folder.glob(pattern)}
+    for path in sorted(files):
+        try:
+            stat = path.stat()
+        except OSError:  # a dangling link: loading the checkpoint says what is missing
+            continue
+        digest.update(os.fsencode(path.name) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def resolve(name: str, download: bool = True, option: str = "--model") -> Path:

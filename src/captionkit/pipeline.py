@@ -195,7 +195,8 @@ def default_workers() -> int:
 
 def options_key(captioner: Captioner, generation: GenerationOptions,
                 scorer: ClipScorer | None = None, full_decode: bool = False) -> str:
-    """Results are only reused for the same model, generation options, decoding and scorer.
+    """Results are only reused for the same model (a local checkpoint's files, the weights'
+    precision), generation options, decoding and scorer.
 
     A part that does not apply adds nothing, so keys stay what they were before it was added and
     earlier stores resume.
@@ -203,6 +204,8 @@ def options_key(captioner: Captioner, generation: GenerationOptions,
     key = f"{captioner.model_id}#{generation.key()}"
     variant = getattr(captioner, "variant", "")
     key = f"{key}#{variant}" if variant else key
+    fingerprint = getattr(captioner, "fingerprint", "")
+    key = f"{key}#files-{fingerprint}" if fingerprint else key
     # Without a size to shrink big images toward, draft decoding is a full decode.
     key = f"{key}#full-decode" if full_decode and captioner.input_size else key
     return f"{key}#{scorer.name}@{scorer.scale}" if scorer is not None else key

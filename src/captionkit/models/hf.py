@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from captionkit import hub
 from captionkit.device import pick_device, pick_dtype, quantize_int8
 from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.models.base import Caption
@@ -33,6 +34,10 @@ class HFCaptioner:
         import transformers
 
         self.model_id = model_id
+        # A local checkpoint (its model id is its path) can be replaced in place, say by a
+        # fine-tuning loop saving into it, so its files are part of the store's key. Taken before
+        # the weights load: a checkpoint that changes during the load is captioned again next time.
+        self.fingerprint = hub.fingerprint(path) if Path(model_id).is_absolute() else ""
         # int8 quantization runs on the CPU from float32 weights, whatever `auto` would pick.
         self.device = torch.device("cpu") if options.quantize else pick_device(options.device)
         self.dtype = torch.float32 if options.quantize else pick_dtype(options.dtype, self.device)

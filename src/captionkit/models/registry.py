@@ -134,9 +134,6 @@ def choose_auto() -> tuple[str, str]:
                        "in the Hugging Face cache; pass --model blip-large to download them)")
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-
-
 def recorded_ids(name: str) -> set[str]:
     """The model ids a run may have recorded for `--model name` (an alias's Hub id, a local
     folder's full path), found without loading anything: for `export --model`."""
@@ -179,7 +176,7 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
         # no weights, a truncated weights file, a missing processor file, a missing package
         where = name if Path(name) == path else f"{name} ({path})"
-        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        if not any(next(path.glob(pattern), None) for pattern in hub.WEIGHT_FILES):
             raise ModelUnavailableError(f"{where}: no weights file (model.safetensors or "
                                         "pytorch_model.bin): an interrupted download or copy? "
                                         "Fetch it again") from error
