@@ -222,6 +222,26 @@ def test_a_format_named_twice_is_written_once(photo_dir, tmp_path):
     assert "exported 8 captions to 2 files" in exported.stderr
 
 
+def test_names_that_are_not_utf8_caption_resume_and_export(photo_dir, tmp_path):
+    # They crashed the end of every run, and every export, while writing captions.txt.
+    images, out = tmp_path / "images", tmp_path / "out"
+    for folder, name in [(b"Gr\xfcn", b"x.png"), (b"Blau", b"x.png"), (b"same", b"y\xfe.png"),
+                         (b"same", b"y\xff.png")]:
+        (images / os.fsdecode(folder)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo_dir / "chelsea.png", images / os.fsdecode(folder) / os.fsdecode(name))
+    inputs = sorted(images.iterdir())
+    first = captionkit("caption", *inputs, "--model", "objects", "-o", out, "-q")
+    assert "Traceback" not in first.stderr and "4 captioned" in first.stderr
+    names = sorted(line.partition(": ")[0] for line in (out / "captions.txt").read_text().splitlines())
+    assert names == ["Blau/x.png", "Gr\ufffdn/x.png", "\\y\\\\xfe.png", "\\y\\\\xff.png"]
+    assert len((out / "captions.jsonl").read_text().splitlines()) == 4
+    again = captionkit("caption", *inputs, "--model", "objects", "-o", out, "-q")
+    assert "0 captioned, 4 already done" in " ".join(again.stderr.split())
+    exported = captionkit("export", out, "--format", "all", "--to", tmp_path / "again")
+    assert "exported 4 captions" in exported.stderr
+    assert (tmp_path / "again" / "captions.txt").read_text() == (out / "captions.txt").read_text()
+
+
 def test_models_lists_the_registry():
     proc = captionkit("models")
     for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):

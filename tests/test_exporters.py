@@ -105,6 +105,32 @@ def test_names_two_images_share_are_lengthened_by_their_folders_until_they_diffe
     assert distinct_names(unique) == unique
 
 
+def undecodable(folder: Path, *names: bytes) -> list[Path]:
+    """Image files whose names are the given bytes, not all UTF-8, under `folder`."""
+    paths = [folder / os.fsdecode(name) for name in names]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"an image")
+    return paths
+
+
+def test_names_that_differ_only_in_bytes_that_are_not_utf8_are_told_apart_and_exported(tmp_path):
+    # The lengthened names kept the paths' surrogate escapes, and writing captions.txt crashed.
+    paths = undecodable(tmp_path / "images", b"Gr\xfcn/x.jpg", b"Blau/x.jpg", b"y\xfe.jpg",
+                        b"y\xff.jpg", b"Gr\xfcn/z.jpg", b"Gr\xfdn/z.jpg")
+    shown = ["x.jpg", "x.jpg", "y\ufffd.jpg", "y\ufffd.jpg", "z.jpg", "z.jpg"]  # as discover names them
+    results = [Result(path=path, name=name, status="done", caption=f"caption {index}", model_id="m")
+               for index, (path, name) in enumerate(zip(paths, shown, strict=True))]
+    named = distinct_names(results)
+    assert [r.name for r in named] == ["Blau/x.jpg", "Gr\\xfcn/z.jpg", "Gr\\xfdn/z.jpg",
+                                       "Gr\ufffdn/x.jpg", "y\\xfe.jpg", "y\\xff.jpg"]
+    out = tmp_path / "out"
+    written = export(named, parse_formats("all"), ExportOptions(out))
+    assert len(written) == 3 + len(paths), "a caption file each, none written over another"
+    lines = (out / "captions.txt").read_text(encoding="utf-8").splitlines()
+    assert [parse_captions_txt_line(line)[0] for line in lines] == [r.name for r in named]
+
+
 def test_parse_formats():
     assert parse_formats("all") == ["captions.txt", "txt", "jsonl", "csv"]
     assert parse_formats("csv, jsonl,csv") == ["csv", "jsonl"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
-from captionkit.sources import IMAGE_EXTENSIONS
+from captionkit.sources import IMAGE_EXTENSIONS, exact_text, printable
 from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
 
@@ -199,14 +199,7 @@ def distinct_names(results: Sequence[Result]) -> list[Result]:
     for name, indices in groups.items():
         if len(indices) < 2:
             continue
-        paths = [PurePath(os.fsdecode(results[i].path)).parts[1:] for i in indices]
-        tail = PurePosixPath(name).parts
-        for depth in range(1, max(map(len, paths)) + 1):
-            longer = ["/".join(_above(parts, tail, depth) + tail) for parts in paths]
-            if len(set(longer)) == len(longer):
-                break
-        else:
-            longer = ["/".join(parts) for parts in paths]  # the whole paths, which always differ
+        longer = _lengthened(name, [results[i].path for i in indices])
         for index, new in zip(indices, longer, strict=True):
             renamed[index] = replace(results[index], name=new)
     if all(len(indices) < 2 for indices in groups.values()):
@@ -214,10 +207,29 @@ def distinct_names(results: Sequence[Result]) -> list[Result]:
     return sorted(renamed, key=lambda result: (result.name, os.fsencode(result.path)))  # as the store orders
 
 
-def _above(parts: tuple[str, ...], tail: tuple[str, ...], depth: int) -> tuple[str, ...]:
-    """The `depth` folders above the name's own parts in a path's parts."""
-    below = len(tail) if parts[-len(tail):] == tail else 1
-    return parts[:-below][-depth:]
+def _lengthened(name: str, paths: Sequence[Path]) -> list[str]:
+    r"""`name` for each of `paths` with the fewest of its folders in front that tell them all apart,
+    printable as names are (a byte that is not UTF-8 shows as U+FFFD). Paths that differ only in
+    such bytes (`x\xfe.jpg`, `x\xff.jpg`) are told apart by those bytes spelt out as `\xfe`, as in
+    `exact_text`; failing all that, the whole paths are, spelt out so."""
+    tail = PurePosixPath(name).parts
+    split = [PurePath(path).parts[1:] for path in paths]
+    for shown, fewest in ((printable, 1), (exact_text, 0)):
+        parts = [_folders_and_name(path_parts, tail, shown) for path_parts in split]
+        for depth in range(fewest, max(len(folders) for folders, _ in parts) + 1):
+            longer = ["/".join(folders[max(len(folders) - depth, 0):] + own) for folders, own in parts]
+            if len(set(longer)) == len(longer):
+                return longer
+    return ["/".join(map(exact_text, path_parts)) for path_parts in split]
+
+
+def _folders_and_name(parts: tuple[str, ...], tail: tuple[str, ...],
+                      shown: Callable[[str], str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A path's parts split into the folders above the name's own parts and those parts, each
+    `shown`; the name's parts stay as they are when the path does not end in them."""
+    if tuple(map(printable, parts[-len(tail):])) == tail:
+        return tuple(map(shown, parts[:-len(tail)])), tuple(map(shown, parts[-len(tail):]))
+    return tuple(map(shown, parts[:-1])), tail
 
 
 def relative_path(name: str) -> Path:

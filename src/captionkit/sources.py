@@ -88,10 +88,10 @@ def discover(inputs: Sequence[str], recursive: bool = False, extensions: Iterabl
         try:
             found = finder.expand(os.fspath(item))
         except _Unusable as error:
-            raise InputError(f"{_printable(item)}: {error}") from None
+            raise InputError(f"{printable(item)}: {error}") from None
         for path, name in found:
             path = os.path.abspath(path)
-            refs.setdefault(path, ImageRef(Path(path), _printable(name)))
+            refs.setdefault(path, ImageRef(Path(path), printable(name)))
     return list(refs.values()), finder.problems
 
 
@@ -111,7 +111,7 @@ def check_inputs_exist(inputs: Sequence[str]) -> None:
     for item in inputs:
         text = os.path.expanduser(os.fspath(item))
         if text != "-" and not os.path.lexists(text) and not _is_pattern(text):
-            raise InputError(f"{_printable(item)}: {_absent_reason(text)}")
+            raise InputError(f"{printable(item)}: {_absent_reason(text)}")
 
 
 def _is_pattern(item: str) -> bool:
@@ -126,13 +126,13 @@ def read_bytes(path: Path) -> bytes:
     """The whole file; raises ImageError with a one-line reason."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ImageError(_printable(path), "not a regular file")
+            raise ImageError(printable(path), "not a regular file")
         with open(path, "rb") as file:
             data = file.read()
     except OSError as error:
-        raise ImageError(_printable(path), _os_reason(error, path)) from None
+        raise ImageError(printable(path), _os_reason(error, path)) from None
     if not data:
-        raise ImageError(_printable(path), "empty file (0 bytes)")
+        raise ImageError(printable(path), "empty file (0 bytes)")
     return data
 
 
@@ -187,11 +187,11 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
     if isinstance(source, str | os.PathLike):
         if is_url(str(source)):
             raise ImageError(str(source), URL_REASON)
-        return decode(read_bytes(Path(source)), _printable(source), target_size)
+        return decode(read_bytes(Path(source)), printable(source), target_size)
     if isinstance(source, bytes | bytearray | memoryview):
         return decode(bytes(source), "<bytes>", target_size)
     if hasattr(source, "read"):
-        return decode(source.read(), _printable(getattr(source, "name", "<stream>")), target_size)
+        return decode(source.read(), printable(getattr(source, "name", "<stream>")), target_size)
     if hasattr(source, "__array_interface__") and not isinstance(source, Image.Image):
         source = _array_image(source)
     if not isinstance(source, Image.Image):
@@ -200,7 +200,7 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
     try:
         return _finish(source, target_size)
     except Exception as error:
-        shown = _printable(source.filename) if getattr(source, "filename", "") else "<image>"
+        shown = printable(source.filename) if getattr(source, "filename", "") else "<image>"
         raise ImageError(shown, _failure_reason(error)) from None
 
 
@@ -267,7 +267,7 @@ class _Finder:
                 text = os.fsdecode(file.read())
         except OSError as error:
             raise _Unusable(_os_reason(error, path)) from None
-        return self.list_lines(text, os.path.dirname(path), _printable(path))
+        return self.list_lines(text, os.path.dirname(path), printable(path))
 
     def list_lines(self, text: str, folder: str, source: str) -> list[tuple[str, str]]:
         lines = enumerate(text.removeprefix("\ufeff").split("\n"), 1)
@@ -280,7 +280,7 @@ class _Finder:
             try:
                 found += self.expand(entry, folder, listed=True)
             except _Unusable as error:
-                where = _printable(os.path.abspath(os.path.join(folder, entry)))
+                where = printable(os.path.abspath(os.path.join(folder, entry)))
                 self.problems.append(Problem(where, f"{error} (listed in {source} line {number})"))
         return found
 
@@ -331,7 +331,7 @@ class _Finder:
         except OSError as error:
             if not parts:
                 raise _Unusable(_os_reason(error, folder)) from None
-            self.problems.append(Problem(_printable(folder), _os_reason(error, folder)))
+            self.problems.append(Problem(printable(folder), _os_reason(error, folder)))
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -348,7 +348,7 @@ class _Finder:
                 if is_file:
                     yield entry.path, below
                 else:
-                    self.problems.append(Problem(_printable(entry.path),
+                    self.problems.append(Problem(printable(entry.path),
                                                  _unusable_reason(entry.path)))
 
 
@@ -420,9 +420,15 @@ def _os_reason(error: OSError, path: str | Path) -> str:
     return _one_line(error.strerror or error)
 
 
-def _printable(path: str | os.PathLike[str]) -> str:
+def printable(path: str | os.PathLike[str]) -> str:
     """Valid UTF-8 for messages and export names; undecodable bytes become U+FFFD."""
     return os.fsencode(path).decode("utf-8", "replace")
+
+
+def exact_text(path: str | os.PathLike[str]) -> str:
+    """Valid UTF-8 that still tells a file's name byte for byte: each byte that is not UTF-8
+    becomes `\\xNN` (Python's backslashreplace), so `x\\xfe.jpg` and `x\\xff.jpg` stay apart."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _finish(image: Image.Image, target_size: int | None) -> Image.Image:
