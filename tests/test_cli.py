@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -240,6 +241,19 @@ def test_names_that_are_not_utf8_caption_resume_and_export(photo_dir, tmp_path):
     exported = captionkit("export", out, "--format", "all", "--to", tmp_path / "again")
     assert "exported 4 captions" in exported.stderr
     assert (tmp_path / "again" / "captions.txt").read_text() == (out / "captions.txt").read_text()
+
+
+def test_rows_of_images_named_not_in_utf8_lead_back_to_their_files(photo_dir, tmp_path):
+    # `path` had `?` for each such byte: both rows named one file that does not exist.
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in (b"bad\xfe.png", b"bad\xff.png"):
+        shutil.copy(photo_dir / "chelsea.png", images / os.fsdecode(name))
+    captionkit("caption", images, "--model", "objects", "-o", out, "-q", "--format", "jsonl,csv")
+    lines = (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()
+    paths = [f"{images}/bad\\xfe.png", f"{images}/bad\\xff.png"]
+    assert [json.loads(line)["path"] for line in lines] == paths
+    assert (out / "captions.csv").read_text(encoding="utf-8").count(paths[1]) == 1
 
 
 def test_models_lists_the_registry():

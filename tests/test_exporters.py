@@ -131,6 +131,25 @@ def test_names_that_differ_only_in_bytes_that_are_not_utf8_are_told_apart_and_ex
     assert [parse_captions_txt_line(line)[0] for line in lines] == [r.name for r in named]
 
 
+def named_file(path: str) -> bytes:
+    """The file a JSONL or CSV `path` names, by the README's rule: `\\xNN` is the byte NN."""
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda match: bytes([int(match[1], 16)]), path.encode())
+
+
+def test_jsonl_and_csv_paths_name_files_that_are_not_utf8_exactly(tmp_path):
+    # They were written with `?` for each such byte: a path naming no file, the same for both.
+    paths = undecodable(tmp_path / "Gr\u00fcn", b"bad\xfe.jpg", b"bad\xff.jpg")
+    results = [Result(path=path, name=f"{index}.jpg", status="done", caption="a cat", model_id="m")
+               for index, path in enumerate(paths)]
+    out = tmp_path / "out"
+    export(results, ["jsonl", "csv"], ExportOptions(out))
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert records[0]["path"] == f"{tmp_path}/Gr\u00fcn/bad\\xfe.jpg"
+    assert [named_file(record["path"]) for record in records] == [os.fsencode(p) for p in paths]
+    rows = list(csv.DictReader((out / "captions.csv").open(encoding="utf-8")))
+    assert [row["path"] for row in rows] == [record["path"] for record in records]
+
+
 def test_parse_formats():
     assert parse_formats("all") == ["captions.txt", "txt", "jsonl", "csv"]
     assert parse_formats("csv, jsonl,csv") == ["csv", "jsonl"]

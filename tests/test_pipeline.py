@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -229,6 +230,28 @@ def test_non_utf8_file_names_go_all_the_way_through(captioner, photo_dir, tmp_pa
     record = json.loads((out / "captions.jsonl").read_text(encoding="utf-8"))
     assert record["status"] == "done" and record["image"] == "caf\ufffd.png"
     assert run(captioner, [images], out).skipped == 1, "resume finds the file by its real bytes"
+
+
+def test_rows_for_file_names_that_are_not_utf8_name_their_files_exactly(captioner, photo_dir, tmp_path):
+    # The path field had `?` for each such byte, and two broken links shared one row of the store.
+    images = tmp_path / "images"
+    images.mkdir()
+    odd = [images / os.fsdecode(name) for name in (b"bad\xfe.png", b"bad\xff.png")]
+    links = [images / os.fsdecode(name) for name in (b"gone\xfe.png", b"gone\xff.png")]
+    for image, link in zip(odd, links, strict=True):
+        shutil.copy(photo_dir / "chelsea.png", image)
+        link.symlink_to(images / "nowhere.png")
+    out = tmp_path / "out"
+    summary = run(captioner, [images], out, formats=("jsonl", "csv"))
+    assert summary.done == 2 and summary.duplicates == 1
+    assert sorted(summary.failed) == [(f"{images}/gone\ufffd.png", "broken symbolic link")] * 2
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    named = [re.sub(rb"\\x([0-9a-f]{2})", lambda match: bytes([int(match[1], 16)]), r["path"].encode())
+             for r in records]
+    assert sorted(named) == sorted(map(os.fsencode, odd + links))
+    assert sorted(r["image"] for r in records if r["status"] == "failed") == [
+        f"{images}/gone\\xfe.png", f"{images}/gone\\xff.png"]  # told apart, as names that clash are
+    assert run(captioner, [images], out).skipped == 2
 
 
 def test_full_decode_gives_the_model_every_pixel(captioner, photos, tmp_path, monkeypatch):

@@ -212,21 +212,23 @@ def _lengthened(name: str, paths: Sequence[Path]) -> list[str]:
     printable as names are (a byte that is not UTF-8 shows as U+FFFD). Paths that differ only in
     such bytes (`x\xfe.jpg`, `x\xff.jpg`) are told apart by those bytes spelt out as `\xfe`, as in
     `exact_text`; failing all that, the whole paths are, spelt out so."""
-    tail = PurePosixPath(name).parts
-    split = [PurePath(path).parts[1:] for path in paths]
     for shown, fewest in ((printable, 1), (exact_text, 0)):
-        parts = [_folders_and_name(path_parts, tail, shown) for path_parts in split]
+        parts = [_folders_and_name(path, name, shown) for path in paths]
         for depth in range(fewest, max(len(folders) for folders, _ in parts) + 1):
             longer = ["/".join(folders[max(len(folders) - depth, 0):] + own) for folders, own in parts]
             if len(set(longer)) == len(longer):
                 return longer
-    return ["/".join(map(exact_text, path_parts)) for path_parts in split]
+    return ["/".join(map(exact_text, PurePath(path).parts[1:])) for path in paths]
 
 
-def _folders_and_name(parts: tuple[str, ...], tail: tuple[str, ...],
+def _folders_and_name(path: Path, name: str,
                       shown: Callable[[str], str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A path's parts split into the folders above the name's own parts and those parts, each
-    `shown`; the name's parts stay as they are when the path does not end in them."""
+    `shown`. A name that is the whole path (a file found unusable) is one part; other names that
+    the path does not end in stay as they are."""
+    if printable(path) == name:
+        return (), (shown(path),)
+    parts, tail = PurePath(path).parts[1:], PurePosixPath(name).parts
     if tuple(map(printable, parts[-len(tail):])) == tail:
         return tuple(map(shown, parts[:-len(tail)])), tuple(map(shown, parts[-len(tail):]))
     return tuple(map(shown, parts[:-1])), tail
@@ -332,7 +334,7 @@ def _write_caption_file(result: Result, options: ExportOptions, path: Path, exis
 
 
 def _record(result: Result, options: ExportOptions) -> dict:
-    record = {"image": result.name, "path": os.fsdecode(result.path), "status": result.status,
+    record = {"image": result.name, "path": exact_text(result.path), "status": result.status,
               "caption": options.decorate(result.caption), "model": result.model_id, "hash": result.hash,
               "seconds": result.seconds, "error": result.error}
     record.update(result.extras)

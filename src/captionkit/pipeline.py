@@ -249,10 +249,10 @@ class Pipeline:
             if options.overwrite:
                 store.forget(self.key)
             todo = self._pending(refs, store, summary)
-            failures = [Result(path=Path(p.path), name=p.path, status="failed", error=p.reason,
-                             model_id=self.captioner.model_id) for p in problems]
+            failures = [Result(path=Path(p.path), name=sources.printable(p.path), status="failed",
+                               error=p.reason, model_id=self.captioner.model_id) for p in problems]
             store.record(failures, self.key, run_id)
-            summary.failed.extend((p.path, p.reason) for p in problems)
+            summary.failed.extend((failure.name, failure.error) for failure in failures)
             self._caption_all(todo, store, run_id, summary)
             summary.seconds = time.perf_counter() - started
             results = distinct_names(list(store.results(self.key)))

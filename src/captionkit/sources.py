@@ -69,6 +69,7 @@ class Problem:
     """Something found while discovering inputs that cannot be captioned, and why."""
 
     path: str
+    """As `os.fsdecode` gives it, so it names the file even when its bytes are not UTF-8."""
     reason: str
 
 
@@ -280,7 +281,7 @@ class _Finder:
             try:
                 found += self.expand(entry, folder, listed=True)
             except _Unusable as error:
-                where = printable(os.path.abspath(os.path.join(folder, entry)))
+                where = os.path.abspath(os.path.join(folder, entry))
                 self.problems.append(Problem(where, f"{error} (listed in {source} line {number})"))
         return found
 
@@ -331,7 +332,7 @@ class _Finder:
         except OSError as error:
             if not parts:
                 raise _Unusable(_os_reason(error, folder)) from None
-            self.problems.append(Problem(printable(folder), _os_reason(error, folder)))
+            self.problems.append(Problem(folder, _os_reason(error, folder)))
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -348,8 +349,7 @@ class _Finder:
                 if is_file:
                     yield entry.path, below
                 else:
-                    self.problems.append(Problem(printable(entry.path),
-                                                 _unusable_reason(entry.path)))
+                    self.problems.append(Problem(entry.path, _unusable_reason(entry.path)))
 
 
 def _glob_match(pattern: tuple[str, ...], parts: tuple[str, ...], partial: bool = False) -> bool:
