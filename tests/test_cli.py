@@ -256,6 +256,23 @@ def test_rows_of_images_named_not_in_utf8_lead_back_to_their_files(photo_dir, tm
     assert (out / "captions.csv").read_text(encoding="utf-8").count(paths[1]) == 1
 
 
+def test_caption_files_and_copies_of_images_named_not_in_utf8_pair_with_them(photo_dir, tmp_path):
+    # Under the output folder they were named with U+FFFD for each such byte.
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    shutil.copy(photo_dir / "chelsea.png", images / os.fsdecode(b"img\xff.png"))
+    run = captionkit("caption", images, "--model", "objects", "-o", out, "-q", "--format", "txt",
+                     "--copy-images")
+    said = run.stderr.replace("\n", "")  # long paths are folded
+    assert "img\ufffd.txt" in said and "\\udc" not in said, "paths in messages are printable"
+    assert sorted(name for name in os.listdir(os.fsencode(out)) if not name.startswith(b"captionkit")) == [
+        b"img\xff.png", b"img\xff.txt"]
+    captionkit("export", out, "--format", "txt", "--beside-images")
+    assert sorted(os.listdir(os.fsencode(images))) == [b"img\xff.png", b"img\xff.txt"]
+    caption_file = os.fsdecode(b"img\xff.txt")
+    assert (images / caption_file).read_text() == (out / caption_file).read_text()
+
+
 def test_models_lists_the_registry():
     proc = captionkit("models")
     for alias in ("blip-base", "blip-large", "blip2-opt-2.7b", "git-base", "vit-gpt2", "objects"):

@@ -131,6 +131,22 @@ def test_names_that_differ_only_in_bytes_that_are_not_utf8_are_told_apart_and_ex
     assert [parse_captions_txt_line(line)[0] for line in lines] == [r.name for r in named]
 
 
+def test_caption_files_keep_the_bytes_of_image_names_that_are_not_utf8(tmp_path):
+    # Under the output folder they were named as the printable name, U+FFFD for each such byte, so
+    # a caption file never paired with its image by name.
+    paths = undecodable(tmp_path / "images", b"solo\xfd.jpg", b"y\xfe.jpg", b"y\xff.jpg",
+                        b"Gr\xfcn/x.jpg", b"Blau/x.jpg")
+    shown = ["solo\ufffd.jpg", "y\ufffd.jpg", "y\ufffd.jpg", "x.jpg", "x.jpg"]
+    results = distinct_names([Result(path=path, name=name, status="done", caption="a cat")
+                              for path, name in zip(paths, shown, strict=True)])
+    out = tmp_path / "out"
+    mirrored = export(results, ["txt"], ExportOptions(out))
+    assert sorted(os.fsencode(path.relative_to(out)) for path in mirrored) == [
+        b"Blau/x.txt", b"Gr\xfcn/x.txt", b"solo\xfd.txt", b"y\xfe.txt", b"y\xff.txt"]
+    beside = export(results, ["txt"], ExportOptions(out, sidecars_beside_images=True))
+    assert sorted(map(os.fsencode, beside)) == sorted(os.fsencode(p.with_suffix(".txt")) for p in paths)
+
+
 def named_file(path: str) -> bytes:
     """The file a JSONL or CSV `path` names, by the README's rule: `\\xNN` is the byte NN."""
     return re.sub(rb"\\x([0-9a-f]{2})", lambda match: bytes([int(match[1], 16)]), path.encode())

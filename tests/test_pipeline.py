@@ -254,6 +254,23 @@ def test_rows_for_file_names_that_are_not_utf8_name_their_files_exactly(captione
     assert run(captioner, [images], out).skipped == 2
 
 
+def test_copies_and_caption_files_keep_the_bytes_of_names_that_are_not_utf8(captioner, photo_dir,
+                                                                            tmp_path):
+    # They were named as the printable name, U+FFFD for each such byte: neither paired with the image.
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    odd = images / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photo_dir / "chelsea.png", odd)
+    shutil.copy(photo_dir / "coffee.png", images)
+    options = {"formats": ("captions.txt", "txt"), "gate": GateOptions(copy_images=True)}
+    run(captioner, [images], out, **options)
+    assert sorted(name for name in os.listdir(os.fsencode(out)) if not name.startswith(b"captionkit")) == [
+        b"caf\xe9.png", b"caf\xe9.txt", b"captions.txt", b"coffee.png", b"coffee.txt"]
+    odd.unlink()
+    again = run(captioner, [images], out, **options)
+    assert again.missing == [] and "caf\ufffd.png" in captions_txt(out), "its copy is found by its bytes"
+
+
 def test_full_decode_gives_the_model_every_pixel(captioner, photos, tmp_path, monkeypatch):
     from PIL import Image
 

@@ -30,7 +30,7 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
             entities = result.extras.get("entities")
             if result.status != "done" or entities is None:
                 continue
-            target = _mirrored(result.name, directory)
+            target = _mirrored(result, directory)
             if target.exists() and target.samefile(result.path):
                 raise OutputError(f"{target}: the annotated copy would replace the image itself; "
                                   "pick a --draw-boxes folder outside the inputs")
@@ -78,10 +78,10 @@ def annotate(image: Image.Image, entities: list[dict]) -> Image.Image:
     return out
 
 
-def _mirrored(name: str, directory: Path) -> Path:
+def _mirrored(result: Result, directory: Path) -> Path:
     """`DIR/sub/photo.jpg` for an image exported as `sub/photo.jpg`; formats Pillow cannot write
     become PNG."""
-    relative = relative_path(name)
+    relative = relative_path(result)
     if Image.registered_extensions().get(relative.suffix.lower()) not in Image.SAVE:
         relative = relative.with_suffix(relative.suffix + ".png")
     return directory / relative

@@ -421,12 +421,16 @@ def _print_missing(missing: list[str]) -> None:
 
 
 def _print_kept(kept: list[Path]) -> None:
+    from captionkit.sources import printable
+
     if kept:
         console.print(f"  kept {_counted(len(kept), 'caption file')} captionkit did not write, such as "
-                      f"{kept[0]} (--overwrite replaces them)", highlight=False)
+                      f"{printable(kept[0])} (--overwrite replaces them)", highlight=False)
 
 
 def _print_summary(summary) -> None:
+    from captionkit.sources import printable
+
     failed = len(summary.failed)
     parts = [f"[bold]{summary.done}[/] captioned", f"{summary.skipped} already done", f"{failed} failed"]
     if summary.duplicates:
@@ -447,7 +451,7 @@ def _print_summary(summary) -> None:
         console.print(f"  {_counted(len(summary.unmatched_prompts), '--prompt-file row')} named no input "
                       f"image, such as {summary.unmatched_prompts[0]}", highlight=False)
     for path in summary.outputs[:5]:
-        console.print(f"  wrote {path}")
+        console.print(f"  wrote {printable(path)}")
     if len(summary.outputs) > 5:
         console.print(f"  ... and {len(summary.outputs) - 5} more files")
     if getattr(summary, "scores", None):

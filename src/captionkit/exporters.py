@@ -124,7 +124,7 @@ def missing_images(results: Sequence[Result], found: Collection[Path] = (),
     folders = [folder for folder in copies_in if folder is not None]
     return frozenset(result.path for result in results if result.status == "done"
                      and result.path not in found and not result.path.exists()
-                     and not any((folder / relative_path(result.name)).exists() for folder in folders))
+                     and not any((folder / relative_path(result)).exists() for folder in folders))
 
 
 def with_existing_files(results: Sequence[Result], formats: Collection[str], options: ExportOptions,
@@ -175,7 +175,7 @@ def sidecar_path(result: Result, options: ExportOptions, full_name: bool = False
     `full_name` (for images whose names differ only in their extension) and where `photo.txt` would
     take the name of one of captionkit's own files (`captions.jpg` gets `captions.jpg.txt`)."""
     extension = options.caption_extension
-    image = result.path if options.sidecars_beside_images else options.output_dir / relative_path(result.name)
+    image = result.path if options.sidecars_beside_images else options.output_dir / relative_path(result)
     path = image.with_suffix(extension)
     return image.with_name(image.name + extension) if full_name or _reserved(path) else path
 
@@ -234,11 +234,16 @@ def _folders_and_name(path: Path, name: str,
     return tuple(map(shown, parts[:-1])), tail
 
 
-def relative_path(name: str) -> Path:
-    """An export name as a path that stays inside the folder it is joined to."""
-    relative = PurePosixPath(name)
+def relative_path(result: Result) -> Path:
+    """The result's export name as a path that stays inside the folder it is joined to (its caption
+    file's, its copy's), spelt with the image's own bytes where the name shows them printably: a
+    caption file and copy of `y` + byte 0xFE + `.jpg` keep that byte, not the name's U+FFFD."""
+    relative = PurePosixPath(result.name)
     if relative.is_absolute() or ".." in relative.parts:
         relative = PurePosixPath(relative.name)
+    own = result.path.parts[-len(relative.parts):]
+    if any(tuple(map(shown, own)) == relative.parts for shown in (printable, exact_text)):
+        return Path(*own)
     return Path(*relative.parts)
 
 

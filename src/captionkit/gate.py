@@ -143,7 +143,7 @@ def bring_back(results: Iterable[Result], options: GateOptions, export: ExportOp
         return
     aside = _failed_folder(options.failed_dir, export)
     for result in results:
-        parked = aside.output_dir / relative_path(result.name)
+        parked = aside.output_dir / relative_path(result)
         if result.status == "done" and result.extras.get("passed") is not False and (
                 not result.path.exists() and parked.exists()):
             _put(parked, result.path, move=True)
@@ -160,8 +160,8 @@ def place(results: Iterable[Result], options: GateOptions, export: ExportOptions
         if result.status != "done":
             continue
         failed = result.extras.get("passed") is False
-        parked = None if aside is None else aside.output_dir / relative_path(result.name)
-        copy = export.output_dir / relative_path(result.name)
+        parked = None if aside is None else aside.output_dir / relative_path(result)
+        copy = export.output_dir / relative_path(result)
         if options.copy_images and listed(result, export):
             _put(result.path, copy, move=False)
         elif options.copy_images and failed:
