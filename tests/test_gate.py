@@ -453,6 +453,16 @@ def test_score_keeps_images_that_share_a_base_name_in_two_folders(scorer, photo_
     assert score_existing(captions, scorer, tmp_path).results[1].path == tmp_path / "photos/B/x.png"
 
 
+def test_score_reads_caption_files_named_not_in_utf8_and_records_them(scorer, photo_dir, tmp_path):
+    # Their names reached the store with surrogate escapes, which SQLite cannot take: a traceback.
+    shutil.copy(photo_dir / "coffee.png", tmp_path / os.fsdecode(b"caf\xe9.png"))
+    (tmp_path / os.fsdecode(b"caf\xe9.txt")).write_text("a cup of coffee\n")
+    store = Store(tmp_path / "scores.db")
+    scored = score_existing(tmp_path, scorer, store=store)
+    assert [(r.name, r.status) for r in scored.results] == [("caf\ufffd.png", "done")]
+    assert score_existing(tmp_path, scorer, store=store).reused == 1
+
+
 def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("top.png", "a/b/deep.jpg", "a/side.webp"):

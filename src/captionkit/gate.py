@@ -326,10 +326,11 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
         problems += refs.problems
         keys = {name: image_key(name) for name in predictions.captions}
         matched = match_images(dict.fromkeys(keys.values()), refs.captions)
-        ref_names = {name: matched[key] for name, key in keys.items() if key in matched}
+        ref_names = {sources.printable(name): matched[key] for name, key in keys.items() if key in matched}
     paths = locate_images(predictions.captions, root)
-    results = [Result(path=paths.get(name, root / name), name=name, status="failed", caption=text,
-                      error=None if name in paths else f"no image file for it under {root}")
+    # Names read from a folder keep the bytes of caption files' names; shown and stored, they are printable.
+    results = [Result(path=paths.get(name, root / name), name=sources.printable(name), status="failed",
+                      caption=text, error=None if name in paths else f"no image file for it under {root}")
                for name, text in predictions.captions.items()]
     todo = [result for result in results if result.error is None]
     ref_captions = refs.captions if refs is not None else None
