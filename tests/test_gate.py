@@ -199,7 +199,9 @@ class StopsAfter:
 
     def __init__(self, inner, batches: int) -> None:
         self.inner, self.batches = inner, batches
-        self.model_id, self.input_size = inner.model_id, inner.input_size
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # model_id, input_size, fingerprint: what the resume key reads
 
     def caption(self, images, options, prompts=None):
         if self.batches == 0:
