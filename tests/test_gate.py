@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -476,3 +477,16 @@ def test_images_are_found_by_path_base_name_or_sidecar_stem(tmp_path):
     (tmp_path / "c/b/deep.jpg").write_bytes(b"")
     assert locate_images(["x/c/b/deep.jpg", "x/a/b/deep.jpg"], tmp_path) == {
         "x/c/b/deep.jpg": tmp_path / "c/b/deep.jpg", "x/a/b/deep.jpg": tmp_path / "a/b/deep.jpg"}
+
+
+def test_score_output_named_like_the_run_store_keeps_out_of_it(baseline, tiny_clip, photo_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline[0], run_dir)
+    runs_before = sqlite3.connect(run_dir / "captionkit.db").execute("SELECT COUNT(*) FROM runs").fetchone()
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "score", str(run_dir / "captions.txt"),
+                           "--images", str(photo_dir), "--clip-model", str(tiny_clip), "--device", "cpu",
+                           "-o", str(run_dir / "captionkit.csv"), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs_after = sqlite3.connect(run_dir / "captionkit.db").execute("SELECT COUNT(*) FROM runs").fetchone()
+    assert runs_after == runs_before and (run_dir / "captionkit.scores.db").is_file()

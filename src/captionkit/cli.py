@@ -588,7 +588,7 @@ def score(
     from captionkit.gate import score_existing, tally
     from captionkit.pipeline import progress_bar
     from captionkit.scoring import DEFAULT_MODEL, load_scorer
-    from captionkit.store import Store
+    from captionkit.store import DB_NAME, Store
 
     if output.is_dir():
         output = output / "scores.jsonl"
@@ -598,6 +598,8 @@ def score(
     _quiet_transformers()
     scorer = load_scorer(clip_model or DEFAULT_MODEL, device=device, scale=score_scale)
     record = output.with_suffix(".db")
+    if record.name == DB_NAME:  # `-o OUT/captionkit.csv` beside a run: its store is the run's, not ours
+        record = output.with_suffix(".scores.db")
     store = Store(record)
     try:
         scored = score_existing(captions, scorer, images, references, min_score, store=store,
