@@ -173,3 +173,13 @@ def test_an_opencv_that_cannot_read_the_detector_says_what_to_install(monkeypatc
     with pytest.raises(ModelUnavailableError,
                        match=r"TensorFlow graph.*pip install 'opencv-python-headless<5'"):
         load(LoadOptions())
+
+
+def test_generation_options_it_ignores_do_not_caption_again(captioner, tmp_path):
+    from captionkit.pipeline import Pipeline, RunOptions
+
+    options = RunOptions(output_dir=tmp_path / "out", progress=False)
+    inputs = [str(EXAMPLES / "images")]
+    assert Pipeline(captioner, OPTIONS, options).run(inputs).done == 6
+    again = Pipeline(captioner, GenerationOptions(max_new_tokens=5, num_beams=3, seed=1), options).run(inputs)
+    assert (again.done, again.skipped) == (0, 6)

@@ -201,7 +201,10 @@ def options_key(captioner: Captioner, generation: GenerationOptions,
     A part that does not apply adds nothing, so keys stay what they were before it was added and
     earlier stores resume.
     """
-    key = f"{captioner.model_id}#{generation.key()}"
+    # A captioner that generates no text writes the same captions whatever the generation options,
+    # so its key is the defaults' (what its stores were keyed by before this rule).
+    asked = generation if getattr(captioner, "generates", True) else GenerationOptions()
+    key = f"{captioner.model_id}#{asked.key()}"
     variant = getattr(captioner, "variant", "")
     key = f"{key}#{variant}" if variant else key
     fingerprint = getattr(captioner, "fingerprint", "")

@@ -441,6 +441,8 @@ class ObjectsCaptioner:
 
     model_id = MODEL_ID
     input_size = DETECTOR_SIZE
+    generates = False
+    """No text generation: --max-new-tokens, --num-beams, --seed... change nothing it writes."""
 
     def __init__(self, detector: cv2.dnn.Net, classifier: torch.nn.Module,
                  imagenet_names: list[str]) -> None:
