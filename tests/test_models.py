@@ -246,6 +246,10 @@ def test_python_api_accepts_bytes_files_and_arrays(photo_dir):
         model.caption("https://example.com/a.jpg")
     with pytest.raises(TypeError, match="an image is a path, .* not int"):
         model.caption([path, 42])
+    with pytest.raises(ImageError, match=r"<array>: an array of shape \(0, 0, 3\) .* not empty"):
+        model.caption(np.zeros((0, 0, 3), dtype=np.uint8))  # torch raised its own RuntimeError
+    with open(path) as text, pytest.raises(ImageError, match="opened as text: open it in binary mode"):
+        model.caption(text)  # a UnicodeDecodeError, before
 
 
 def test_a_broken_local_checkpoint_is_one_line_saying_what_is_wrong(blip_dir, tmp_path):

@@ -192,7 +192,10 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
     if isinstance(source, bytes | bytearray | memoryview):
         return decode(bytes(source), "<bytes>", target_size)
     if hasattr(source, "read"):
-        return decode(source.read(), printable(getattr(source, "name", "<stream>")), target_size)
+        name = printable(getattr(source, "name", "<stream>"))
+        if isinstance(source, io.TextIOBase):
+            raise ImageError(name, "a file opened as text: open it in binary mode (open(path, 'rb'))")
+        return decode(source.read(), name, target_size)
     if hasattr(source, "__array_interface__") and not isinstance(source, Image.Image):
         source = _array_image(source)
     if not isinstance(source, Image.Image):
@@ -211,9 +214,10 @@ def is_url(text: str) -> bool:
 
 def _array_image(array) -> Image.Image:
     shape, kind = array.__array_interface__["shape"], array.__array_interface__["typestr"]
-    if kind != "|u1" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4))):
+    if (kind != "|u1" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4)))
+            or 0 in shape[:2]):
         raise ImageError("<array>", f"an array of shape {tuple(shape)} and type {kind}: "
-                                    "expected H x W (gray) or H x W x 3/4 (RGB/RGBA) uint8")
+                                    "expected H x W (gray) or H x W x 3/4 (RGB/RGBA) uint8, not empty")
     return Image.fromarray(array)
 
 
