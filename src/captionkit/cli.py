@@ -21,6 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Turn images into text: caption folders with any model, resumably.",
 )
+# No markup unless a line asks for it: paths, names and reasons may hold `[...]` (`a [1].jpg`).
+console = Console(stderr=True, markup=False)
+out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
 
 
 def _print_version(asked: bool) -> None:
@@ -38,9 +41,7 @@ def _options(
     ] = False,
 ) -> None:
     """Turn images into text: caption folders with any model, resumably."""
-# No markup unless a line asks for it: paths, names and reasons may hold `[...]` (`a [1].jpg`).
-console = Console(stderr=True, markup=False)
-out = Console(width=None if sys.stdout.isatty() else 200, markup=False)
+
 
 Inputs = Annotated[
     list[str],
@@ -400,11 +401,9 @@ def _latest_key_of(store, model: str) -> str:
     """The option set of the latest run of `model` (as given to `caption --model`) in `store`."""
     from captionkit.models.registry import recorded_ids
 
-    ids = recorded_ids(model)
-    runs = store.db.execute("SELECT model_id, options_key FROM runs ORDER BY id DESC").fetchall()
-    key = next((key for model_id, key in runs if model_id in ids), None)
+    key = store.latest_options_key(recorded_ids(model))
     if key is None:
-        known = ", ".join(sorted({model_id for model_id, _ in runs})) or "none"
+        known = ", ".join(sorted(store.run_models())) or "none"
         raise CaptionkitError(f"{store.path}: no run with model {model!r} (its runs' models: {known})")
     return key
 

@@ -257,11 +257,17 @@ def locate_images(names: Iterable[str], root: Path) -> dict[str, Path]:
             for file in sorted(files):
                 if Path(file).suffix.lower() in IMAGE_EXTENSIONS:
                     index.setdefault(file, []).append(Path(directory) / file)
-        keys = {name: image_key(name) for name in rest}
-        matched = match_images(dict.fromkeys(keys.values()), index)
-        found.update({name: _closest(index[matched[key]], name)
-                      for name, key in keys.items() if key in matched})
+        found.update({name: _closest(index[match], name)
+                      for name, match in _match_by_base_name(rest, index).items()})
     return found
+
+
+def _match_by_base_name(names: Iterable[str], referenced: Iterable[str]) -> dict[str, str]:
+    """Each name, folders kept (`A/x.jpg`), matched to a referenced name by its base name under
+    `match_images`' rule."""
+    keys = {name: image_key(name) for name in names}
+    matched = match_images(dict.fromkeys(keys.values()), referenced)
+    return {name: matched[key] for name, key in keys.items() if key in matched}
 
 
 def _closest(paths: list[Path], name: str) -> Path:
@@ -324,9 +330,8 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
     ref_names: Mapping[str, str] = {}
     if refs is not None:
         problems += refs.problems
-        keys = {name: image_key(name) for name in predictions.captions}
-        matched = match_images(dict.fromkeys(keys.values()), refs.captions)
-        ref_names = {sources.printable(name): matched[key] for name, key in keys.items() if key in matched}
+        ref_names = {sources.printable(name): ref
+                     for name, ref in _match_by_base_name(predictions.captions, refs.captions).items()}
     paths = locate_images(predictions.captions, root)
     # Names read from a folder keep the bytes of caption files' names; shown and stored, they are printable.
     results = [Result(path=paths.get(name, root / name), name=sources.printable(name), status="failed",

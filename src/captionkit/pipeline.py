@@ -241,7 +241,6 @@ class Pipeline:
                                           extensions=options.extensions,
                                           skip_names=OUTPUT_NAMES | {DB_NAME})
         refs = self._outside_output_dir(refs, inputs)
-        found = {str(ref.path) for ref in refs} | {problem.path for problem in problems}
         store = Store(options.output_dir / DB_NAME)
         try:
             summary = RunSummary(total=len(refs) + len(problems),
@@ -265,7 +264,9 @@ class Pipeline:
                                           store, options.overwrite, found=[ref.path for ref in refs],
                                           copies_in=[options.output_dir, options.gate.failed_dir])
             summary.kept = foreign_sidecars(results, written)
-            summary.unmatched_prompts = sorted(set(self.prompts) - found)
+            if self.prompts:
+                found = {str(ref.path) for ref in refs} | {problem.path for problem in problems}
+                summary.unmatched_prompts = sorted(set(self.prompts) - found)
             summary.outputs = export(results, options.export_formats(), written)
             if options.draw_boxes is not None:
                 summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
@@ -284,12 +285,14 @@ class Pipeline:
         that a folder, glob or list found inside our own folders, unless an input points into one."""
         ours = [self.options.output_dir, self.options.gate.failed_dir, self.options.draw_boxes]
         named = [Path(i).resolve() for i in inputs if i != "-" and Path(i).exists()]
-        prefixes = tuple({os.path.join(form, "") for out in ours if out is not None
-                          and not any(out.resolve() == p or out.resolve() in p.parents for p in named)
-                          for form in (os.path.abspath(out), str(out.resolve()))})
+        prefixes: set[str] = set()
+        for out in filter(None, ours):
+            real = out.resolve()
+            if not any(real == path or real in path.parents for path in named):
+                prefixes |= {os.path.join(os.path.abspath(out), ""), os.path.join(real, "")}
         if not prefixes:
             return refs
-        return [ref for ref in refs if not str(ref.path).startswith(prefixes)]
+        return [ref for ref in refs if not str(ref.path).startswith(tuple(prefixes))]
 
     def _pending(self, refs: list[sources.ImageRef], store: Store,
                  summary: RunSummary) -> list[_Item]:

@@ -174,7 +174,7 @@ def shrinks(data: bytes, target_size: int | None) -> bool:
         return False
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            return min(image.size) >= 2 * target_size
+            return _reduction(image.size, target_size) >= 2
     except Exception:  # noqa: BLE001 - not readable: `decode` says why
         return True
 
@@ -439,9 +439,14 @@ def _finish(image: Image.Image, target_size: int | None) -> Image.Image:
     """Load, turn upright, convert to RGB and shrink; the result shares nothing with `image`."""
     image.load()
     rgb = _to_rgb(_upright(image))
-    factor = min(rgb.size) // target_size if target_size else 1
+    factor = _reduction(rgb.size, target_size)
     # An integer box reduction keeps the short side >= target_size and is far cheaper than resizing.
     return rgb.reduce(factor) if factor >= 2 else rgb
+
+
+def _reduction(size: tuple[int, int], target_size: int | None) -> int:
+    """The integer factor an image of `size` shrinks by toward `target_size` (under 2: not at all)."""
+    return min(size) // target_size if target_size else 1
 
 
 def _upright(image: Image.Image) -> Image.Image:

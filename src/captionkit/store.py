@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -152,13 +152,25 @@ class Store:
         self.db.execute("UPDATE runs SET finished = ?, summary = ? WHERE id = ?",
                         (time.time(), json.dumps(summary), run_id))
 
-    def latest_options_key(self) -> str | None:
-        """The option set of the latest captioning run: the exports and scoring passes recorded
-        beside runs do not count, so `export --model X --to DIR` leaves the next export's default."""
-        for key, options in self.db.execute("SELECT options_key, options FROM runs ORDER BY id DESC"):
-            if not NOT_RUNS & set(json.loads(options)):
+    def latest_options_key(self, model_ids: Collection[str] | None = None) -> str | None:
+        """The option set of the latest captioning run (of one of `model_ids`, if given): the
+        exports and scoring passes recorded beside runs do not count, so `export --model X --to DIR`
+        leaves the next export's default."""
+        for model_id, key in self._captioning_runs():
+            if model_ids is None or model_id in model_ids:
                 return key
         return None
+
+    def run_models(self) -> set[str]:
+        """The model ids of the captioning runs recorded here."""
+        return {model_id for model_id, _ in self._captioning_runs()}
+
+    def _captioning_runs(self) -> Iterator[tuple[str, str]]:
+        """(model id, option set) of each captioning run, the latest first."""
+        for model_id, key, options in self.db.execute(
+                "SELECT model_id, options_key, options FROM runs ORDER BY id DESC"):
+            if not NOT_RUNS & set(json.loads(options)):
+                yield model_id, key
 
     @_reported("forget results")
     def forget(self, options_key: str) -> None:

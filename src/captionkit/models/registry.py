@@ -138,7 +138,9 @@ def recorded_ids(name: str) -> set[str]:
     """The model ids a run may have recorded for `--model name` (an alias's Hub id, a local
     folder's full path), found without loading anything: for `export --model`."""
     spec = MODELS.get(name)
-    ids = {name, spec.source if spec and spec.family != "objects" else name}
+    ids = {name}
+    if spec is not None and spec.family != "objects":  # objects records its alias
+        ids.add(spec.source)
     if Path(name).expanduser().is_dir():
         ids.add(str(Path(name).expanduser().resolve()))
     return ids
