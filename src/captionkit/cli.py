@@ -585,9 +585,9 @@ def score(
     """Score existing captions against their images with CLIP, without captioning again."""
     from captionkit.exporters import ExportOptions, check_output_dir, write_csv, write_jsonl
     from captionkit.gate import score_existing, tally
-    from captionkit.pipeline import progress_bar
     from captionkit.scoring import DEFAULT_MODEL, load_scorer
     from captionkit.store import DB_NAME, Store
+    from captionkit.ui import progress_bar
 
     if output.is_dir():
         output = output / "scores.jsonl"

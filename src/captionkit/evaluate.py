@@ -366,7 +366,7 @@ def _load_image(path: Path | None) -> Image.Image | None:
 
 
 def _clip(result: EvalResult, scorer: ClipScorer, progress: bool = False) -> None:
-    from captionkit.pipeline import progress_bar
+    from captionkit.ui import progress_bar
 
     unreadable: list[str] = []
     values: dict[str, list[float]] = {"CLIPScore": [], "RefCLIPScore": []}

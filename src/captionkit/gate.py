@@ -30,7 +30,7 @@ from captionkit.datasets import (
 from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import ExportOptions, listed, relative_path, sidecar_path, write_sidecar
 from captionkit.models.base import Caption
-from captionkit.options import GenerationOptions
+from captionkit.options import GateOptions, GenerationOptions
 from captionkit.store import Result, Store, extras_of, unchanged_row
 
 if TYPE_CHECKING:
@@ -39,41 +39,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from captionkit.scoring import ClipScorer
-
-
-@dataclass(frozen=True)
-class GateOptions:
-    """Whether captions are scored, the threshold they must reach, and where images go."""
-
-    clip_model: str | None = None
-    """The scoring model; a threshold or candidates without one use `scoring.DEFAULT_MODEL`."""
-    min_score: float | None = None
-    score_scale: str = "clipscore"
-    failed_dir: Path | None = None
-    move: bool = False
-    keep_failed: bool = False
-    copy_images: bool = False
-    """Copy the images that get a caption file into the output folder, the caption beside each."""
-
-    def __post_init__(self) -> None:
-        from captionkit.scoring import SCALES
-
-        if self.failed_dir is not None:
-            object.__setattr__(self, "failed_dir", Path(self.failed_dir))  # the Python API passes str
-        if self.score_scale not in SCALES:
-            raise OptionError(f"--score-scale {self.score_scale!r}: use {' or '.join(SCALES)}")
-        if self.min_score is None and (self.failed_dir is not None or self.keep_failed):
-            raise OptionError("--failed-dir and --keep-failed need a threshold: add --min-score")
-        if self.move and self.failed_dir is None:
-            raise OptionError("--move moves images into --failed-dir: add --failed-dir")
-
-    def scorer_name(self, generation: GenerationOptions) -> str | None:
-        """The CLIP model a run with these options scores with, or None when it does not score."""
-        from captionkit.scoring import DEFAULT_MODEL
-
-        if self.clip_model is not None:
-            return self.clip_model
-        return DEFAULT_MODEL if self.min_score is not None or generation.candidates > 1 else None
 
 
 def load_scorer(options: GateOptions, generation: GenerationOptions,

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from captionkit import sources
 from captionkit.errors import OptionError
+from captionkit.prompts import read_prompt_file
+
+if TYPE_CHECKING:
+    from captionkit.exporters import ExportOptions
 
 DETAIL_LEVELS = ("brief", "detailed", "more-detailed")
 QUANTIZE_MODES = ("int8",)
@@ -129,3 +137,116 @@ class LoadOptions:
             raise OptionError("--timeout must be positive")
         if self.max_retries < 0:
             raise OptionError("--max-retries cannot be negative")
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """Whether captions are scored, the threshold they must reach, and where images go."""
+
+    clip_model: str | None = None
+    """The scoring model; a threshold or candidates without one use `scoring.DEFAULT_MODEL`."""
+    min_score: float | None = None
+    score_scale: str = "clipscore"
+    failed_dir: Path | None = None
+    move: bool = False
+    keep_failed: bool = False
+    copy_images: bool = False
+    """Copy the images that get a caption file into the output folder, the caption beside each."""
+
+    def __post_init__(self) -> None:
+        from captionkit.scoring import SCALES
+
+        if self.failed_dir is not None:
+            object.__setattr__(self, "failed_dir", Path(self.failed_dir))  # the Python API passes str
+        if self.score_scale not in SCALES:
+            raise OptionError(f"--score-scale {self.score_scale!r}: use {' or '.join(SCALES)}")
+        if self.min_score is None and (self.failed_dir is not None or self.keep_failed):
+            raise OptionError("--failed-dir and --keep-failed need a threshold: add --min-score")
+        if self.move and self.failed_dir is None:
+            raise OptionError("--move moves images into --failed-dir: add --failed-dir")
+
+    def scorer_name(self, generation: GenerationOptions) -> str | None:
+        """The CLIP model a run with these options scores with, or None when it does not score."""
+        from captionkit.scoring import DEFAULT_MODEL
+
+        if self.clip_model is not None:
+            return self.clip_model
+        return DEFAULT_MODEL if self.min_score is not None or generation.candidates > 1 else None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything about a captioning run that is not the model or generation."""
+
+    output_dir: Path = Path("captionkit-out")
+    recursive: bool = False
+    extensions: tuple[str, ...] | None = None
+    formats: tuple[str, ...] = ("captions.txt", "jsonl")
+    caption_extension: str = ".txt"
+    sidecars_beside_images: bool = False
+    batch_size: int | None = None
+    workers: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    max_pixels: int = sources.DEFAULT_MAX_PIXELS
+    full_decode: bool = False
+    """Decode every pixel of big JPEGs, as the model's own processor would, instead of DCT drafts."""
+    progress: bool = True
+    gate: GateOptions = field(default_factory=GateOptions)
+    prompt_file: Path | None = None
+    """A CSV of `image path,prompt` rows: each listed image is asked its own prompt."""
+    draw_boxes: Path | None = None
+    """Where annotated copies of grounded images (Kosmos-2 entities) go."""
+    prefix: str = ""
+    """Text put before every exported caption (a LoRA trigger word); the store keeps the model's."""
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
+        if self.draw_boxes is not None:
+            object.__setattr__(self, "draw_boxes", Path(self.draw_boxes))
+        # checked now, before a model loads: --ext, and a caption extension that would overwrite images
+        sources.normalise_extensions(self.extensions)
+        self.export_options()
+        self.read_prompts()  # now, so that a bad --prompt-file is reported before a model loads
+        if self.gate.copy_images and self.sidecars_beside_images:
+            raise OptionError("--copy-images writes each caption file beside the image's copy in "
+                              "--output-dir: drop --beside-images")
+        self._check_image_folders()
+
+    def _check_image_folders(self) -> None:
+        """The folders images are written into must differ, or one kind would replace the other."""
+        folders = {"--failed-dir": self.gate.failed_dir, "--draw-boxes": self.draw_boxes,
+                   "--output-dir": self.output_dir}
+        clashes = [("--failed-dir", "--output-dir"), ("--failed-dir", "--draw-boxes")]
+        if self.gate.copy_images:
+            clashes.append(("--draw-boxes", "--output-dir"))
+        for first, second in clashes:
+            one, other = folders[first], folders[second]
+            if one is not None and other is not None and one.resolve() == other.resolve():
+                raise OptionError(f"{first} and {second} are the same folder ({one}): pick another "
+                                  f"{first}")
+
+    def check_inputs(self, inputs: Sequence[str]) -> None:
+        """No input folder may receive annotated copies or failed images."""
+        for flag, folder, why in (
+                ("--draw-boxes", self.draw_boxes, "the annotated copies would replace the images"),
+                ("--failed-dir", self.gate.failed_dir, "failed images would stay among the others")):
+            if folder is not None and any(
+                    Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
+                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
+
+    def read_prompts(self) -> dict[str, str]:
+        """`--prompt-file`'s prompts by absolute image path (none without one), as the file is now."""
+        return read_prompt_file(Path(self.prompt_file)) if self.prompt_file is not None else {}
+
+    def export_options(self) -> ExportOptions:
+        from captionkit.exporters import ExportOptions
+
+        return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
+                             self.gate.keep_failed, prefix=self.prefix, suffix=self.suffix)
+
+    def export_formats(self) -> tuple[str, ...]:
+        """The formats asked for, plus the copies' caption files with `--copy-images`."""
+        needs_sidecars = self.gate.copy_images and "txt" not in self.formats
+        return (*self.formats, "txt") if needs_sidecars else self.formats

@@ -15,100 +15,22 @@ from PIL import Image
 
 from captionkit import boxes, gate, sources
 from captionkit.device import set_malloc_thresholds, usable_cpus
-from captionkit.errors import CaptionkitError, ImageError, OptionError
+from captionkit.errors import CaptionkitError, ImageError
 from captionkit.exporters import (
     OUTPUT_NAMES,
-    ExportOptions,
     distinct_names,
     export,
     foreign_sidecars,
     make_output_dir,
     with_existing_files,
 )
-from captionkit.gate import GateOptions
 from captionkit.models.base import Caption, Captioner
-from captionkit.options import GenerationOptions
-from captionkit.prompts import read_prompt_file
+from captionkit.options import GenerationOptions, RunOptions
 from captionkit.store import DB_NAME, Result, Store, extras_of, unchanged_row
+from captionkit.ui import progress_bar
 
 if TYPE_CHECKING:
     from captionkit.scoring import ClipScorer
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything about a captioning run that is not the model or generation."""
-
-    output_dir: Path = Path("captionkit-out")
-    recursive: bool = False
-    extensions: tuple[str, ...] | None = None
-    formats: tuple[str, ...] = ("captions.txt", "jsonl")
-    caption_extension: str = ".txt"
-    sidecars_beside_images: bool = False
-    batch_size: int | None = None
-    workers: int | None = None
-    overwrite: bool = False
-    retry_failed: bool = False
-    max_pixels: int = sources.DEFAULT_MAX_PIXELS
-    full_decode: bool = False
-    """Decode every pixel of big JPEGs, as the model's own processor would, instead of DCT drafts."""
-    progress: bool = True
-    gate: GateOptions = field(default_factory=GateOptions)
-    prompt_file: Path | None = None
-    """A CSV of `image path,prompt` rows: each listed image is asked its own prompt."""
-    draw_boxes: Path | None = None
-    """Where annotated copies of grounded images (Kosmos-2 entities) go."""
-    prefix: str = ""
-    """Text put before every exported caption (a LoRA trigger word); the store keeps the model's."""
-    suffix: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
-        if self.draw_boxes is not None:
-            object.__setattr__(self, "draw_boxes", Path(self.draw_boxes))
-        # checked now, before a model loads: --ext, and a caption extension that would overwrite images
-        sources.normalise_extensions(self.extensions)
-        self.export_options()
-        self.read_prompts()  # now, so that a bad --prompt-file is reported before a model loads
-        if self.gate.copy_images and self.sidecars_beside_images:
-            raise OptionError("--copy-images writes each caption file beside the image's copy in "
-                              "--output-dir: drop --beside-images")
-        self._check_image_folders()
-
-    def _check_image_folders(self) -> None:
-        """The folders images are written into must differ, or one kind would replace the other."""
-        folders = {"--failed-dir": self.gate.failed_dir, "--draw-boxes": self.draw_boxes,
-                   "--output-dir": self.output_dir}
-        clashes = [("--failed-dir", "--output-dir"), ("--failed-dir", "--draw-boxes")]
-        if self.gate.copy_images:
-            clashes.append(("--draw-boxes", "--output-dir"))
-        for first, second in clashes:
-            one, other = folders[first], folders[second]
-            if one is not None and other is not None and one.resolve() == other.resolve():
-                raise OptionError(f"{first} and {second} are the same folder ({one}): pick another "
-                                  f"{first}")
-
-    def check_inputs(self, inputs: Sequence[str]) -> None:
-        """No input folder may receive annotated copies or failed images."""
-        for flag, folder, why in (
-                ("--draw-boxes", self.draw_boxes, "the annotated copies would replace the images"),
-                ("--failed-dir", self.gate.failed_dir, "failed images would stay among the others")):
-            if folder is not None and any(
-                    Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
-                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
-
-    def read_prompts(self) -> dict[str, str]:
-        """`--prompt-file`'s prompts by absolute image path (none without one), as the file is now."""
-        return read_prompt_file(Path(self.prompt_file)) if self.prompt_file is not None else {}
-
-    def export_options(self) -> ExportOptions:
-        return ExportOptions(self.output_dir, self.caption_extension, self.sidecars_beside_images,
-                             self.gate.keep_failed, prefix=self.prefix, suffix=self.suffix)
-
-    def export_formats(self) -> tuple[str, ...]:
-        """The formats asked for, plus the copies' caption files with `--copy-images`."""
-        needs_sidecars = self.gate.copy_images and "txt" not in self.formats
-        return (*self.formats, "txt") if needs_sidecars else self.formats
 
 
 @dataclass
@@ -455,46 +377,3 @@ def _free_accelerator_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class progress_bar:
-    """A rich progress bar on stderr with images/s and ETA, or nothing when hidden."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "captioning") -> None:
-        self.total = total
-        self.enabled = enabled and total > 0
-        self.label = label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), transient=False,
-                            console=Console(stderr=True))  # stdout stays for results
-        self.bar.start()
-        task = self.bar.add_task("caption", total=self.total, rate="")
-        started = time.perf_counter()
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            self.bar.update(task, advance=n, rate=f"{rate:.2f} img/s")
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()
