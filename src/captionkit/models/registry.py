@@ -77,7 +77,7 @@ MODELS: dict[str, ModelSpec] = {spec.alias: spec for spec in [
 AUTO_PREFERRED = "blip-large"
 
 # config.json `model_type` -> "module:factory"; imported lazily so `objects` never loads transformers.
-FAMILIES: dict[str, str] = {
+FAMILIES: dict[str, str | Callable[..., Captioner]] = {
     "objects": "captionkit.models.objects:load",
     "blip": "captionkit.models.hf:BlipCaptioner",
     "blip-2": "captionkit.models.hf:Blip2Captioner",
@@ -96,7 +96,31 @@ SCHEMES: dict[str, str] = {
 }
 
 
-def _factory(target: str) -> Callable[..., Captioner]:
+ENTRY_POINT_GROUP = "captionkit.models"
+"""Installed packages add families here: `model_type = "module:factory"` in their entry points."""
+
+Factory = Callable[..., Captioner]
+"""Called as `factory(path, model_id, options)` with the checkpoint folder and LoadOptions."""
+
+
+def register(model_type: str, factory: str | Factory) -> None:
+    """Serve checkpoints whose config.json says `model_type` with `factory` (a callable, or a
+    "module:attribute" path imported when such a checkpoint loads)."""
+    if not model_type or model_type == "objects":
+        raise OptionError(f"cannot register model type {model_type!r}")
+    FAMILIES[model_type] = factory
+
+
+def _installed_families() -> dict[str, str]:
+    """Families that installed packages declare in the `captionkit.models` entry-point group."""
+    from importlib.metadata import entry_points
+
+    return {point.name: point.value for point in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _factory(target: str | Factory) -> Factory:
+    if callable(target):
+        return target
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -111,6 +135,10 @@ def detect_family(path: Path) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelNotFoundError(f"{config_file}: unreadable config ({err})") from err
     if model_type in FAMILIES:
+        return model_type
+    installed = _installed_families()
+    if model_type in installed:
+        FAMILIES.setdefault(model_type, installed[model_type])
         return model_type
     if _image_text_to_text(model_type):
         return VLM_FAMILY
