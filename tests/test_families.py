@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from captionkit import sources
 from captionkit.cli import app
 from captionkit.errors import InputError, ModelNotFoundError, OptionError, OutputError
-from captionkit.models import FAMILIES, MODELS, Caption, load
+from captionkit.models import FAMILIES, MODELS, Caption, Captioner, load
 from captionkit.models.registry import VLM_FAMILY, detect_family
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.pipeline import Pipeline, RunOptions
+from captionkit.predictions import Region, phrase_regions
 from captionkit.prompts import read_prompt_file
 
 FP32 = LoadOptions(device="cpu", dtype="float32")
@@ -137,29 +138,48 @@ def test_kosmos2_returns_grounded_entities_without_the_prompt(captioner, photos)
         assert text[start:end] == entity["phrase"]
         for x0, y0, x1, y1 in entity["boxes"]:
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-    json.dumps(entities)  # stored as JSON in the run store and captions.jsonl
+    regions = phrase_regions(entities, (640, 480))  # what a prediction carries: pixel boxes
+    assert [(r.label, r.span, r.kind) for r in regions] == [
+        ("a dog", tuple(entities[0]["span"]), "phrase"), ("the grass", tuple(entities[1]["span"]), "phrase")]
+    assert all(0 <= r.box[0] < r.box[2] <= 640 and 0 <= r.box[1] < r.box[3] <= 480 for r in regions)
+    json.dumps([r.to_dict() for r in regions])  # stored as JSON in the run store and captions.jsonl
     caption = model.caption(photos[:1], GenerationOptions(max_new_tokens=4))[0]
-    assert isinstance(caption.extras["entities"], list)
+    assert isinstance(caption.regions, list) and all(r.kind == "phrase" for r in caption.regions)
+    assert model.grounded
 
 
-class Grounded:
+def test_kosmos2_predict_gives_regions_in_the_images_own_pixels(family_models, photos):
+    from captionkit import load
+
+    model = load(str(family_models["kosmos2"]), device="cpu", dtype="float32")
+    big = photos[0].resize((photos[0].width * 3, photos[0].height * 3))
+    found = model.predict(big, max_new_tokens=8)
+    seen = sources.load_image(big, model.captioner.input_size)  # shrunk toward the model's input
+    assert seen.width < big.width
+    direct = model.captioner.caption([seen], GenerationOptions(max_new_tokens=8))[0]
+    assert found.text == direct.text
+    factor = big.width / seen.width
+    assert [r.box for r in found.regions] == pytest.approx(
+        [[v * factor for v in r.box] for r in direct.regions], abs=1e-3)
+
+
+class Grounded(Captioner):
     """A captioner that grounds one phrase to the left half of every image."""
 
-    model_id, input_size = "grounded", None
+    model_id, input_size, grounded = "grounded", None, True
+    phrase, box = "left", (0.1, 0.2, 0.5, 0.8)
 
     def caption(self, images, options, prompts=None):
-        entity = {"phrase": "left", "span": [0, 4], "boxes": [[0.1, 0.2, 0.5, 0.8]]}
-        return [Caption("left half", {"entities": [entity]}) for _ in images]
+        return [Caption(f"{self.phrase} half", regions=[Region(
+            box=[v * image.size[i % 2] for i, v in enumerate(self.box)], label=self.phrase,
+            span=(0, len(self.phrase)), kind="phrase")]) for image in images]
 
 
 class Regrounded(Grounded):
     """The same phrase grounded to the right half instead."""
 
     model_id = "regrounded"
-
-    def caption(self, images, options, prompts=None):
-        entity = {"phrase": "right", "span": [0, 5], "boxes": [[0.6, 0.2, 0.9, 0.8]]}
-        return [Caption("right half", {"entities": [entity]}) for _ in images]
+    phrase, box = "right", (0.6, 0.2, 0.9, 0.8)
 
 
 def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
@@ -182,7 +202,10 @@ def test_draw_boxes_writes_annotated_copies(tmp_path, photo_dir):
     assert annotated.getpixel(edge) != original.getpixel(edge)
     assert annotated.getpixel(far) == original.getpixel(far)
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    assert all(r["entities"][0]["boxes"] == [[0.1, 0.2, 0.5, 0.8]] for r in records)
+    for record in records:
+        width, height = Image.open(record["path"]).size
+        assert record["regions"][0]["box"] == pytest.approx([0.1 * width, 0.2 * height, 0.5 * width,
+                                                             0.8 * height], abs=0.01)
 
     # A resumed run redraws nothing, except a copy that went missing; other boxes are drawn anew.
     def rerun(model=None):
@@ -220,7 +243,7 @@ def test_kosmos2_through_the_cli_with_detail_and_boxes(family_models, photo_dir,
         "--device", "cpu", "--dtype", "float32", "-q"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    assert len(records) == 8 and all(isinstance(r["entities"], list) for r in records)
+    assert len(records) == 8 and all(isinstance(r.get("regions", []), list) for r in records)
     assert len(list(drawn.glob("*.png"))) == 8
 
 

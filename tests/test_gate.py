@@ -22,7 +22,7 @@ from captionkit import sources
 from captionkit.cli import app
 from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.gate import GateOptions, locate_images, score_existing
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner, CaptionerWrapper
 from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions
 from captionkit.scoring import ClipScorer
@@ -195,14 +195,12 @@ def test_copy_images_reproduces_the_folder_script_layout(baseline, blip_dir, tin
             assert (folder / name).with_suffix(".txt").read_text() == done[name]["caption"] + "\n"
 
 
-class StopsAfter:
+class StopsAfter(CaptionerWrapper):
     """A captioner that is interrupted (Ctrl-C) after a number of batches."""
 
     def __init__(self, inner, batches: int) -> None:
-        self.inner, self.batches = inner, batches
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)  # model_id, input_size, fingerprint: what the resume key reads
+        super().__init__(inner)  # model_id, input_size, fingerprint: what the resume key reads
+        self.batches = batches
 
     def caption(self, images, options, prompts=None):
         if self.batches == 0:
@@ -317,7 +315,7 @@ def test_boxes_may_go_into_the_output_folder_when_it_holds_no_copies(tmp_path):
     assert RunOptions(output_dir=tmp_path, draw_boxes=str(tmp_path)).draw_boxes == tmp_path
 
 
-class Verbose:
+class Verbose(Captioner):
     """A captioner whose captions overflow the tiny CLIP's 16-token text context."""
 
     model_id, input_size = "verbose", None

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from captionkit.gate import GateOptions
+from captionkit.models.base import Captioner, CaptionerWrapper
 from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions, default_batch_size
 
@@ -162,12 +163,12 @@ def test_output_folder_inside_the_input_is_not_captioned(captioner, photo_dir, t
     assert "captions-out/copied.png" not in captions_txt(out)
 
 
-class Flaky:
+class Flaky(CaptionerWrapper):
     """Wraps a real captioner and fails on solid red images or on batches above a size."""
 
     def __init__(self, inner, oom_above: int | None = None):
-        self.inner, self.oom_above = inner, oom_above
-        self.model_id, self.input_size = inner.model_id, inner.input_size
+        super().__init__(inner)
+        self.oom_above = oom_above
         self.batch_sizes: list[int] = []
 
     def caption(self, images, options, prompts=None):
@@ -203,7 +204,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(captioner, photo_dir, 
 def test_default_batch_size_follows_the_device(captioner):
     # 16 on a CPU; 64 on CUDA, halved on out-of-memory (above) for models too big for it
     assert captioner.device.type == "cpu" and default_batch_size(captioner) == 16
-    on_gpu = type("OnGpu", (), {"device": torch.device("cuda")})()
+    on_gpu = type("OnGpu", (Captioner,), {"device": torch.device("cuda")})()
     assert default_batch_size(on_gpu) == 64
 
 

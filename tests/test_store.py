@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from captionkit.errors import OutputError
+from captionkit.keys import resume_key
+from captionkit.predictions import Prediction
 from captionkit.store import DB_NAME, MIGRATIONS, Result, Store
 
 
@@ -34,7 +37,7 @@ def test_record_and_read_back_with_non_utf8_paths(tmp_path):
     back = list(store.results("m#1"))
     assert [r.path for r in back] == [tmp_path / "b.jpg", odd]
     assert back[1].extras == {"score": 0.5}
-    assert store.captions_by_content("m#1") == {("h1", None): ("a cat", {"score": 0.5})}
+    assert store.captions_by_content("m#1") == {("h1", None): Prediction("a cat", {"score": 0.5})}
     assert set(store.previous("m#1")) == {os.fsencode(odd), os.fsencode(tmp_path / "b.jpg")}
     assert store.latest_options_key() == "m#1"
 
@@ -47,7 +50,7 @@ def test_identical_files_asked_different_prompts_keep_both_captions(tmp_path):
                          extras={"prompt": prompt} if prompt else {}, hash="same bytes", model_id="m")
                   for name, prompt in asked.items()], "m#1", run)
     assert store.captions_by_content("m#1") == {
-        ("same bytes", prompt): (f"answer to {prompt}", {"prompt": prompt} if prompt else {})
+        ("same bytes", prompt): Prediction(f"answer to {prompt}", {"prompt": prompt} if prompt else {})
         for prompt in asked.values()}
 
 
@@ -137,3 +140,62 @@ def test_a_full_disk_or_a_broken_file_is_one_line_naming_the_store(tmp_path):
     with pytest.raises(OutputError, match=r"junk.db: cannot open the run record: file is not a "
                                           r"database$"):
         Store(tmp_path / "junk.db")
+
+
+V1 = Path(__file__).parent / "data" / "v1-store"
+
+
+def _lay_out_v1_photos() -> Path:
+    """The v1 fixture's photos at the absolute paths, sizes and modification times it recorded."""
+    examples = Path(__file__).parents[1] / "examples" / "images"
+    db = sqlite3.connect(V1 / DB_NAME)
+    rows = db.execute("SELECT path, size, mtime_ns FROM results").fetchall()
+    db.close()
+    for raw, size, mtime_ns in rows:
+        path = Path(os.fsdecode(raw))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = examples / path.name
+        path.write_bytes(source.read_bytes() if source.exists() else b"not really a jpeg")
+        assert path.stat().st_size == size
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path.parent
+
+
+def test_a_v1_store_migrates_in_place_and_resumes_without_captioning_again(tmp_path):
+    from captionkit.models import load
+    from captionkit.options import GenerationOptions, RunOptions
+    from captionkit.pipeline import Pipeline
+
+    photos = _lay_out_v1_photos()
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(V1 / DB_NAME, out / DB_NAME)
+    summary = Pipeline(load("objects"), GenerationOptions(),
+                       RunOptions(output_dir=out, progress=False, formats=("captions.txt", "csv"))
+                       ).run([str(photos)])
+    assert (summary.done, summary.skipped, summary.failed_earlier) == (0, 6, 1)
+    assert (out / "captions.txt").read_text() == (V1 / "captions.txt").read_text()
+    assert (out / "captions.csv").read_text() == (V1 / "captions.csv").read_text()
+    store = Store(out / DB_NAME)
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    kinds = [row[0] for row in store.db.execute("SELECT kind FROM runs ORDER BY id")]
+    assert kinds == ["caption", "export", "caption"]
+    keys = {row[0] for row in store.db.execute("SELECT options_key FROM results")}
+    assert keys == {store.latest_options_key()} and next(iter(keys)).startswith("v2:")
+
+
+def test_migration_keeps_keys_it_cannot_read(tmp_path):
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
+    db.execute("INSERT INTO runs (started, model_id, options_key, options) VALUES (1, 'm', 'm#1', '{}')")
+    db.execute("INSERT INTO runs (started, model_id, options_key, options) "
+               "VALUES (2, 'm', 'blip#0123456789ab#bfloat16#files-42#full-decode#clip@clipscore', "
+               "'{\"captions\": \"x.txt\"}')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / DB_NAME)
+    rows = store.db.execute("SELECT options_key, kind FROM runs ORDER BY id").fetchall()
+    assert rows[0][0] == "m#1" and rows[0][1] == "caption"
+    assert rows[1][1] == "score"
+    assert rows[1][0] == resume_key({"model": "blip", "generation": "0123456789ab", "variant": "bfloat16",
+                                     "fingerprint": "42", "full_decode": True, "scorer": "clip@clipscore"})

@@ -14,6 +14,7 @@ from captionkit.models import Captioner
 from captionkit.models import load as load_captioner
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.pipeline import Pipeline, RunOptions, RunSummary, default_batch_size
+from captionkit.predictions import Prediction
 
 ImageLike = str | Path | Image.Image | bytes | IO[bytes] | np.ndarray
 
@@ -28,23 +29,26 @@ class Model:
     def model_id(self) -> str:
         return self.captioner.model_id
 
-    def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
-        """Caption one image (returns a string) or a list of them (returns a list)."""
-        # an H x W (x C) array is one image, an N x H x W x C array a list of them
-        single = isinstance(images, str | Path | Image.Image | bytes | bytearray) or (
-            hasattr(images, "read") or len(getattr(images, "shape", ())) in (2, 3))
-        if not single and not isinstance(images, Iterable):
-            raise TypeError("caption() takes an image (a path, a PIL image, encoded bytes, a binary "
-                            f"file or an RGB array) or a list of them, not {type(images).__name__}")
-        batch = [images] if single else list(images)
+    def predict(self, images: ImageLike | Sequence[ImageLike],
+                **generation) -> Prediction | list[Prediction]:
+        """Predict one image (returns a Prediction: text, candidates, regions in the image's own
+        pixels) or a list of them (returns a list)."""
+        single, batch = _one_or_many(images)
         options = GenerationOptions(**generation)
         size = default_batch_size(self.captioner)  # a long list goes through in batches, not at once
-        texts = []
+        found: list[Prediction] = []
         for start in range(0, len(batch), size):
             decoded = [sources.load_image(image, self.captioner.input_size)
                        for image in batch[start:start + size]]
-            texts += [c.text for c in self.captioner.caption(decoded, options)]
-        return texts[0] if single else texts
+            found += [prediction.scaled(image.size, image.info.get(sources.FULL_SIZE, image.size))
+                      for image, prediction in zip(decoded, self.captioner.caption(decoded, options),
+                                                   strict=True)]
+        return found[0] if single else found
+
+    def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
+        """Caption one image (returns a string) or a list of them (returns a list)."""
+        found = self.predict(images, **generation)
+        return found.text if isinstance(found, Prediction) else [p.text for p in found]
 
     def run(self, inputs: str | Path | Sequence[str | Path], generation: GenerationOptions | None = None,
             **run_options) -> RunSummary:
@@ -53,6 +57,17 @@ class Model:
             inputs = [inputs]
         return Pipeline(self.captioner, generation or GenerationOptions(),
                         RunOptions(**run_options)).run([str(i) for i in inputs])
+
+
+def _one_or_many(images: object) -> tuple[bool, list]:
+    """Whether `images` is one image, and the images as a list."""
+    # an H x W (x C) array is one image, an N x H x W x C array a list of them
+    single = isinstance(images, str | Path | Image.Image | bytes | bytearray) or (
+        hasattr(images, "read") or len(getattr(images, "shape", ())) in (2, 3))
+    if not single and not isinstance(images, Iterable):
+        raise TypeError("caption() takes an image (a path, a PIL image, encoded bytes, a binary "
+                        f"file or an RGB array) or a list of them, not {type(images).__name__}")
+    return single, [images] if single else list(images)
 
 
 def load(name: str = "auto", device: str = "auto", dtype: str = "auto", **load_options) -> Model:

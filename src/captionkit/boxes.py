@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 from captionkit import sources
 from captionkit.errors import ImageError, OutputError
 from captionkit.exporters import atomic_write, relative_path
+from captionkit.predictions import Region, phrase_regions, regions_to_json
 from captionkit.store import Result
 
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -27,21 +28,26 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
     written = []
     try:
         for result in results:
-            entities = result.extras.get("entities")
-            if result.status != "done" or entities is None:
+            # Every result is a grounded model's (the pipeline refuses --draw-boxes otherwise), so
+            # an image with no phrase is copied without boxes. Stores made before regions kept
+            # Kosmos-2's entities, with boxes normalized to 0..1.
+            legacy = result.extras.get("entities", [])
+            if result.status != "done":
                 continue
             target = _mirrored(result, directory)
             if target.exists() and target.samefile(result.path):
                 raise OutputError(f"{target}: the annotated copy would replace the image itself; "
                                   "pick a --draw-boxes folder outside the inputs")
-            digest = sources.content_hash(json.dumps([result.hash, entities], sort_keys=True).encode())
+            shown = regions_to_json(result.regions) if result.regions else legacy
+            digest = sources.content_hash(json.dumps([result.hash, shown], sort_keys=True).encode())
             if drawn.get(result.name) == digest and target.exists():
                 continue
             try:
                 image = sources.load_image(result.path)
             except ImageError:
                 continue  # the file changed or went away since it was captioned
-            _save(annotate(image, entities), target)
+            regions = result.regions or phrase_regions(legacy, image.size)
+            _save(annotate(image, regions), target)
             drawn[result.name] = digest
             written.append(target)
     finally:  # what was drawn before an interrupt is not drawn again
@@ -58,23 +64,22 @@ def _read_manifest(path: Path) -> dict[str, str]:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def annotate(image: Image.Image, entities: list[dict]) -> Image.Image:
-    """A copy of `image` with every entity's boxes (normalized x0, y0, x1, y1) and phrase drawn."""
+def annotate(image: Image.Image, regions: Sequence[Region]) -> Image.Image:
+    """A copy of `image` with every region's box (pixels) and label drawn, one colour per label."""
     out = image.convert("RGB")
     draw = ImageDraw.Draw(out)
     width, height = out.size
     line = max(2, round(min(width, height) / 200))
     font = ImageFont.load_default(size=max(12, 6 * line))
-    for index, entity in enumerate(entities):
-        color = COLORS[index % len(COLORS)]
-        for x0, y0, x1, y1 in entity.get("boxes", []):
-            box = (x0 * width, y0 * height, max(x0, x1) * width, max(y0, y1) * height)
-            draw.rectangle(box, outline=color, width=line)
-            label = draw.textbbox((box[0] + line, box[1] + line), entity.get("phrase", ""),
-                                  font=font)
-            draw.rectangle(label, fill=color)
-            draw.text((box[0] + line, box[1] + line), entity.get("phrase", ""), fill="white",
-                      font=font)
+    colours: dict[str, str] = {}
+    for region in regions:
+        color = colours.setdefault(region.label, COLORS[len(colours) % len(COLORS)])
+        x0, y0, x1, y1 = region.box
+        box = (x0, y0, max(x0, x1), max(y0, y1))
+        draw.rectangle(box, outline=color, width=line)
+        label = draw.textbbox((box[0] + line, box[1] + line), region.label, font=font)
+        draw.rectangle(label, fill=color)
+        draw.text((box[0] + line, box[1] + line), region.label, fill="white", font=font)
     return out
 
 

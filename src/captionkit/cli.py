@@ -545,7 +545,8 @@ def export_command(
         done = sum(result.status == "done" for result in results)
         # Recorded so that a later run knows these caption files, prefix and all, as its own.
         model_id = model or (results[0].model_id if results else "")
-        run_id = store.start_run(model_id, key, {"export": formats, "prefix": prefix, "suffix": suffix})
+        run_id = store.start_run(model_id, key, {"export": formats, "prefix": prefix, "suffix": suffix},
+                                 kind="export")
         store.finish_run(run_id, {"exported": done, "files": len(written)})
     finally:
         store.close()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
+from captionkit.predictions import regions_to_json
 from captionkit.sources import IMAGE_EXTENSIONS, exact_text, printable
 from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
@@ -343,6 +344,8 @@ def _record(result: Result, options: ExportOptions) -> dict:
               "caption": options.decorate(result.caption), "model": result.model_id, "hash": result.hash,
               "seconds": result.seconds, "error": result.error}
     record.update(result.extras)
+    if result.regions:
+        record["regions"] = regions_to_json(result.regions)
     return record
 
 

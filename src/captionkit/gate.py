@@ -29,8 +29,8 @@ from captionkit.datasets import (
 )
 from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.exporters import ExportOptions, listed, relative_path, sidecar_path, write_sidecar
-from captionkit.models.base import Caption
 from captionkit.options import GateOptions, GenerationOptions
+from captionkit.predictions import Caption, regions_from_json
 from captionkit.store import Result, Store, extras_of, unchanged_row
 
 if TYPE_CHECKING:
@@ -72,8 +72,11 @@ def score_batch(scorer: ClipScorer, pairs: Sequence[tuple[Image, Caption]]) -> N
             candidates = [{**candidate, "clip_score": score} for candidate, score
                           in zip(caption.extras["candidates"], scores, strict=True)]
             caption.extras["candidates"] = candidates
-            # The kept candidate's own fields (a model's entities, say) replace the first one's.
-            caption.extras.update({k: v for k, v in candidates[best].items() if k != "text"})
+            # The kept candidate's own fields (a model's regions, say) replace the first one's.
+            kept = candidates[best]
+            caption.extras.update({k: v for k, v in kept.items() if k not in ("text", "regions")})
+            if "regions" in kept:
+                caption.regions = regions_from_json(kept["regions"])
         caption.text = group[best]
         caption.extras["clip_score"] = scores[best]
 
@@ -307,7 +310,8 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
     key = score_key(scorer, ref_captions)
     reused = _reuse_scores(todo, store.previous(key)) if store is not None else 0
     todo = [result for result in todo if result.status != "done"]
-    run_id = store.start_run(scorer.name, key, {"captions": str(captions)}) if store else 0
+    run_id = store.start_run(scorer.name, key, {"captions": str(captions)},
+                             kind="score") if store else 0
     with (progress or _no_progress)(len(todo)) as advance:
         for start in range(0, len(todo), scorer.batch_size):
             batch = todo[start:start + scorer.batch_size]

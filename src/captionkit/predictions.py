@@ -7,7 +7,7 @@ COCO run-length encodings (`{"size": [height, width], "counts": "..."}`) at that
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -23,6 +23,11 @@ class Region:
     span: tuple[int, int] | None = None
     kind: str = "instance"
     """instance (a detector's object), phrase (a grounded caption phrase) or region (a model's own)."""
+
+    def scaled(self, sx: float, sy: float) -> Region:
+        """The region on an image resized by these factors (a mask keeps its size)."""
+        x0, y0, x1, y1 = self.box
+        return replace(self, box=[x0 * sx, y0 * sy, x1 * sx, y1 * sy])
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"box": [round(float(v), 2) for v in self.box], "label": self.label}
@@ -54,6 +59,19 @@ class Prediction:
     extras: dict = field(default_factory=dict)
     regions: list[Region] = field(default_factory=list)
 
+    def scaled(self, seen: tuple[int, int], full: tuple[int, int]) -> Prediction:
+        """This prediction for the full-size image when the model saw it at `seen` pixels: boxes
+        scale with the image (masks are made at the full size by the models that make them)."""
+        if seen == full:
+            return self
+        factors = (full[0] / seen[0], full[1] / seen[1])
+        extras = dict(self.extras)
+        if "candidates" in extras:
+            extras["candidates"] = [
+                {**c, "regions": [Region.from_dict(r).scaled(*factors).to_dict() for r in c["regions"]]}
+                if "regions" in c else c for c in extras["candidates"]]
+        return Prediction(self.text, extras, [region.scaled(*factors) for region in self.regions])
+
     @property
     def candidates(self) -> list[dict]:
         """The captions generated for this image, best first when they were scored."""
@@ -71,3 +89,13 @@ def regions_to_json(regions: list[Region]) -> list[dict] | None:
 
 def regions_from_json(data: list[dict] | None) -> list[Region]:
     return [Region.from_dict(item) for item in data or []]
+
+
+def phrase_regions(entities: list[dict], size: tuple[int, int]) -> list[Region]:
+    """Grounded phrases (`{"phrase", "span", "boxes"}` with boxes normalized to 0..1, as Kosmos-2's
+    processor gives them) as one pixel region per box on an image of `size`."""
+    width, height = size
+    return [Region(box=[x0 * width, y0 * height, max(x0, x1) * width, max(y0, y1) * height],
+                   label=entity.get("phrase", ""), span=tuple(entity["span"]) if "span" in entity else None,
+                   kind="phrase")
+            for entity in entities for x0, y0, x1, y1 in entity.get("boxes", [])]

@@ -142,6 +142,10 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+FULL_SIZE = "captionkit.full_size"
+"""`Image.info` key of a decoded image: its upright size before any draft decoding or reduction."""
+
+
 def decode(data: bytes, name: str, target_size: int | None = None,
            max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An upright, fully loaded RGB image whose short side stays >= `target_size` when it was.
@@ -158,7 +162,9 @@ def decode(data: bytes, name: str, target_size: int | None = None,
             if target_size and image.format in ("JPEG", "MPO"):
                 # Decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below the requested size.
                 image.draft("RGB", (target_size, target_size))
-            return _finish(image, target_size)
+            decoded = _finish(image, target_size)
+            decoded.info[FULL_SIZE] = _upright_size((width, height), decoded.size)
+            return decoded
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -202,10 +208,12 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
         raise TypeError("an image is a path, a PIL image, encoded bytes, a binary file or an "
                         f"H x W x 3 uint8 array, not {type(source).__name__}")
     try:
-        return _finish(source, target_size)
+        decoded = _finish(source, target_size)
     except Exception as error:
         shown = printable(source.filename) if getattr(source, "filename", "") else "<image>"
         raise ImageError(shown, _failure_reason(error)) from None
+    decoded.info[FULL_SIZE] = _upright_size(source.size, decoded.size)
+    return decoded
 
 
 def is_url(text: str) -> bool:
@@ -447,6 +455,16 @@ def _finish(image: Image.Image, target_size: int | None) -> Image.Image:
 def _reduction(size: tuple[int, int], target_size: int | None) -> int:
     """The integer factor an image of `size` shrinks by toward `target_size` (under 2: not at all)."""
     return min(size) // target_size if target_size else 1
+
+
+def _upright_size(stored: tuple[int, int], decoded: tuple[int, int]) -> tuple[int, int]:
+    """The full upright size of an image stored as `stored`, decoded (turned, maybe shrunk) as
+    `decoded`: turned by a quarter when the decoded shape says so. Boxes found on a shrunk image
+    are scaled back to this size."""
+    width, height = stored
+    ratio = decoded[0] / decoded[1]
+    turned = abs(ratio - height / width) < abs(ratio - width / height)
+    return (height, width) if turned else (width, height)
 
 
 def _upright(image: Image.Image) -> Image.Image:

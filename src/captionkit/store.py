@@ -13,16 +13,32 @@ from pathlib import Path
 from typing import TypeVar
 
 from captionkit.errors import OutputError
+from captionkit.keys import identity_of_v1_key, resume_key
+from captionkit.predictions import Prediction, Region, regions_from_json, regions_to_json
 
 F = TypeVar("F", bound=Callable)
 
 DB_NAME = "captionkit.db"
 BUSY_SECONDS = 10.0
 
-NOT_RUNS = frozenset({"export", "captions"})
-"""Keys of the options that `captionkit export` and `captionkit score` record in `runs`."""
+RUN_KINDS = ("caption", "score", "export", "segment", "train")
+"""What a row of `runs` records: a captioning run, a scoring or export pass, and what comes next."""
 
-MIGRATIONS = [
+
+def _rekey_v1(db: sqlite3.Connection) -> None:
+    """Give v1 results and runs the v2 key of the same identity, so they resume as they were."""
+    keys = {key for (key,) in db.execute("SELECT options_key FROM results UNION "
+                                         "SELECT options_key FROM runs")}
+    for old in keys:
+        identity = identity_of_v1_key(old)
+        if identity is None:
+            continue
+        new = resume_key(identity)
+        db.execute("UPDATE results SET options_key = ? WHERE options_key = ?", (new, old))
+        db.execute("UPDATE runs SET options_key = ? WHERE options_key = ?", (new, old))
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """
     CREATE TABLE runs (
         id INTEGER PRIMARY KEY,
@@ -52,6 +68,13 @@ MIGRATIONS = [
     );
     CREATE INDEX results_by_hash ON results (options_key, hash);
     """,
+    """
+    ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'caption';
+    UPDATE runs SET kind = 'export' WHERE json_type(options, '$.export') IS NOT NULL;
+    UPDATE runs SET kind = 'score' WHERE json_type(options, '$.captions') IS NOT NULL;
+    ALTER TABLE results ADD COLUMN regions TEXT;
+    """,
+    _rekey_v1,
 ]
 
 
@@ -70,6 +93,7 @@ class Result:
     mtime_ns: int | None = None
     seconds: float | None = None
     model_id: str = ""
+    regions: list[Region] = field(default_factory=list)
 
 
 KEPT = "; what was recorded before is kept, so the same command resumes once this is fixed"
@@ -122,17 +146,32 @@ class Store:
 
     def _migrate(self) -> None:
         """Bring the schema up to date; safe when several runs open a new store at once."""
-        for number, script in enumerate(MIGRATIONS, start=1):
+        for number, step in enumerate(MIGRATIONS, start=1):
             if self._version() >= number:
                 continue
             try:
-                self.db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+                if callable(step):
+                    self._apply(number, step)
+                else:
+                    self.db.executescript(f"BEGIN IMMEDIATE; {step}; PRAGMA user_version = {number}; COMMIT;")
             except sqlite3.OperationalError:
                 # Another run may have applied it between our check and our write lock.
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 if self._version() < number:
                     raise
+
+    def _apply(self, number: int, step: Callable[[sqlite3.Connection], None]) -> None:
+        """Run a migration written in Python in one transaction, unless another run just did."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._version() < number:
+                step(self.db)
+                self.db.execute(f"PRAGMA user_version = {number}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def _version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -141,10 +180,13 @@ class Store:
         self.db.close()
 
     @_reported("start a run")
-    def start_run(self, model_id: str, options_key: str, options: dict) -> int:
+    def start_run(self, model_id: str, options_key: str, options: dict, kind: str = "caption") -> int:
+        """Record the start of a run or pass of `kind` (one of RUN_KINDS)."""
+        if kind not in RUN_KINDS:
+            raise ValueError(f"unknown run kind {kind!r}")
         cursor = self.db.execute(
-            "INSERT INTO runs (started, model_id, options_key, options) VALUES (?, ?, ?, ?)",
-            (time.time(), model_id, options_key, json.dumps(options, sort_keys=True)))
+            "INSERT INTO runs (started, model_id, options_key, options, kind) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), model_id, options_key, json.dumps(options, sort_keys=True), kind))
         return int(cursor.lastrowid)
 
     @_reported("finish the run")
@@ -167,10 +209,8 @@ class Store:
 
     def _captioning_runs(self) -> Iterator[tuple[str, str]]:
         """(model id, option set) of each captioning run, the latest first."""
-        for model_id, key, options in self.db.execute(
-                "SELECT model_id, options_key, options FROM runs ORDER BY id DESC"):
-            if not NOT_RUNS & set(json.loads(options)):
-                yield model_id, key
+        yield from self.db.execute("SELECT model_id, options_key FROM runs WHERE kind = 'caption' "
+                                   "ORDER BY id DESC")
 
     @_reported("forget results")
     def forget(self, options_key: str) -> None:
@@ -183,15 +223,16 @@ class Store:
                                "WHERE options_key = ?", (options_key,))
         return {bytes(row["path"]): row for row in rows}
 
-    def captions_by_content(self, options_key: str) -> dict[tuple[str, str | None], tuple[str, dict]]:
-        """Finished captions by (content hash, the image's own prompt), so identical files asked
+    def captions_by_content(self, options_key: str) -> dict[tuple[str, str | None], Prediction]:
+        """Finished predictions by (content hash, the image's own prompt), so identical files asked
         the same thing are captioned once."""
-        rows = self.db.execute("SELECT hash, caption, extras FROM results WHERE options_key = ? "
+        rows = self.db.execute("SELECT hash, caption, extras, regions FROM results WHERE options_key = ? "
                                "AND status = 'done' AND hash IS NOT NULL", (options_key,))
         found = {}
         for row in rows:
             extras = extras_of(row)
-            found[row["hash"], extras.get("prompt")] = (row["caption"], extras)
+            found[row["hash"], extras.get("prompt")] = Prediction(
+                row["caption"], extras, regions_from_json(json.loads(row["regions"] or "null")))
         return found
 
     @_reported("record results")
@@ -200,13 +241,13 @@ class Store:
         now = time.time()
         rows = [(os.fsencode(r.path), r.name, options_key, r.model_id, r.hash, r.size, r.mtime_ns,
                  r.status, r.caption, json.dumps(r.extras) if r.extras else None, r.error,
-                 r.seconds, run_id, now) for r in results]
+                 r.seconds, run_id, now, _json_or_none(regions_to_json(r.regions))) for r in results]
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(
                 "INSERT OR REPLACE INTO results (path, name, options_key, model_id, hash, size, "
-                "mtime_ns, status, caption, extras, error, seconds, run_id, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "mtime_ns, status, caption, extras, error, seconds, run_id, updated, regions) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def recorded_captions(self) -> RecordedCaptions:
         """Every caption recorded for each image path, under any model or options, and every
@@ -231,7 +272,8 @@ class Store:
                          status=row["status"], caption=row["caption"],
                          extras=extras_of(row), error=row["error"],
                          hash=row["hash"], size=row["size"], mtime_ns=row["mtime_ns"],
-                         seconds=row["seconds"], model_id=row["model_id"])
+                         seconds=row["seconds"], model_id=row["model_id"],
+                         regions=regions_from_json(json.loads(row["regions"] or "null")))
 
     @_reported("update results")
     def update_extras(self, results: Iterable[Result], options_key: str) -> None:
@@ -277,3 +319,7 @@ def unchanged_row(previous: Mapping[bytes, sqlite3.Row],
 def extras_of(row: sqlite3.Row) -> dict:
     """A stored row's extras (prompt, candidates, score...), decoded."""
     return json.loads(row["extras"] or "{}")
+
+
+def _json_or_none(value: object) -> str | None:
+    return json.dumps(value) if value is not None else None

@@ -1,36 +1,67 @@
-"""The one interface every captioner implements."""
+"""What the pipeline asks of every model: the `Captioner` base class."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any
 
 from PIL import Image
 
 from captionkit.options import GenerationOptions
+from captionkit.predictions import Caption, Prediction
+
+__all__ = ["Caption", "Captioner", "Prediction"]
 
 
-@dataclass
-class Caption:
-    """One image's caption, plus whatever else the model can tell (candidates, entities...)."""
+class Captioner:
+    """Takes decoded RGB images and generation options, returns one Prediction per image.
 
-    text: str
-    extras: dict = field(default_factory=dict)
+    Adapters subclass it and set what applies; the defaults describe a plain local model. Every
+    attribute that changes what a model outputs (`variant`, `fingerprint`, `generates`) is part of
+    the resume key, so a wrapper must pass them on.
+    """
 
-
-@runtime_checkable
-class Captioner(Protocol):
-    """Takes decoded RGB images and generation options, returns one Caption per image."""
-
-    model_id: str
-    """The name captions are recorded under: a Hub id, a local path or a built-in name."""
-
-    input_size: int | None
+    model_id: str = ""
+    """The name results are recorded under: a Hub id, a local path or a built-in name."""
+    input_size: int | None = None
     """The side in pixels the model looks at; decoders may shrink images to about this size."""
+    device: Any = "cpu"
+    """Where it runs (a torch.device or its name): picks the default batch size."""
+    preferred_batch_size: int | None = None
+    """Images per batch this model wants (remote endpoints: requests in flight); None: the default."""
+    generates: bool = True
+    """False for models whose output ignores the generation options (the built-in `objects`)."""
+    grounded: bool = False
+    """True when predictions carry regions for the caption's phrases (`--draw-boxes`)."""
+    variant: str = ""
+    """How the weights run when not plain float32 (int8, bfloat16...): outputs differ."""
+    fingerprint: str = ""
+    """A digest of a local checkpoint's files: replaced weights give other outputs."""
 
-    def caption(
-        self,
-        images: list[Image.Image],
-        options: GenerationOptions,
-        prompts: list[str | None] | None = None,
-    ) -> list[Caption]: ...
+    def caption(self, images: list[Image.Image], options: GenerationOptions,
+                prompts: list[str | None] | None = None) -> list[Prediction]:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What makes this model's outputs differ from another's, for the resume key."""
+        return {"model": self.model_id, "variant": self.variant, "fingerprint": self.fingerprint}
+
+
+class CaptionerWrapper(Captioner):
+    """A captioner that adds behaviour around another: every declared attribute is the inner
+    model's, so the wrapper keeps its resume key."""
+
+    def __init__(self, inner: Captioner) -> None:
+        self.inner = inner
+
+    def __getattribute__(self, name: str):
+        if name in _DECLARED:
+            return getattr(object.__getattribute__(self, "inner"), name)
+        return object.__getattribute__(self, name)
+
+    def caption(self, images: list[Image.Image], options: GenerationOptions,
+                prompts: list[str | None] | None = None) -> list[Prediction]:
+        return self.inner.caption(images, options, prompts)
+
+
+_DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
+                       "grounded", "variant", "fingerprint"})

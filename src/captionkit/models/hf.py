@@ -16,11 +16,11 @@ from PIL import Image
 from captionkit import hub
 from captionkit.device import pick_device, pick_dtype, quantize_int8
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
 
 
-class HFCaptioner:
+class HFCaptioner(Captioner):
     """A transformers model whose `generate` turns pixel values (and maybe a prompt) into text."""
 
     model_class: str = ""

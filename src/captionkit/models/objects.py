@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
 
 MODEL_ID = "objects"
@@ -436,7 +436,7 @@ def _detector_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
-class ObjectsCaptioner:
+class ObjectsCaptioner(Captioner):
     """Captions from detected COCO objects, counted, placed, and hinted by an ImageNet label."""
 
     model_id = MODEL_ID

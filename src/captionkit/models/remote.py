@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from PIL import Image
 
 from captionkit.errors import CaptionkitError, ModelNotFoundError, OptionError
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
 
 DEFAULT_PROMPT = "Write a one-sentence caption for this image."
@@ -78,7 +78,7 @@ class _Rejected(Exception):
     """The server will never caption this image as sent (400, 422, an unusable answer)."""
 
 
-class RemoteCaptioner:
+class RemoteCaptioner(Captioner):
     """What every endpoint shares: `concurrency` requests in flight, retries, and error mapping.
 
     Subclasses send one image in `_request`, raising `_Transient`, `_Rejected` or what `_http_error` gives.
