@@ -193,9 +193,11 @@ def load(name: str = "auto", options: LoadOptions | None = None) -> Captioner:
     try:
         path = hub.resolve(source)
     except (ModelNotFoundError, ModelUnavailableError) as error:
-        alias = difflib.get_close_matches(name, MODELS, n=1) if "/" not in name else []
-        if alias:  # a mistyped alias reads as a Hub id: say which alias it looks like
-            raise type(error)(f"{error} (did you mean --model {alias[0]}?)") from error
+        alias = difflib.get_close_matches(name, MODELS, n=1) if spec is None and "/" not in name else []
+        if alias:  # a mistyped alias reads as a Hub id: say which alias it looks like, first
+            raise type(error)(f"{name}: not a model alias, a local folder or a cached Hub id; "
+                                     f"did you mean --model {alias[0]}? (`captionkit models` lists "
+                                     "the aliases)") from error
         raise
     family = detect_family(path)
     if family == "objects":
