@@ -170,4 +170,5 @@ def print_models(specs: Iterable[ModelSpec], families: Iterable[str], cached: Ma
 def _fits(table: Table) -> bool:
     from rich.measure import Measurement
 
-    return Measurement.get(out, out.options, table).maximum <= out.width
+    unbounded = out.options.update_width(1_000_000)  # measured as if any width would do
+    return Measurement.get(out, unbounded, table).maximum <= out.width
