@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captionkit.errors import OptionError
-from captionkit.flags import flag
+from captionkit.flags import PANELS, flag
 from captionkit.prompts import read_prompt_file
 
 if TYPE_CHECKING:
@@ -25,9 +25,7 @@ QUANTIZE_MODES = ("int8",)
 DEFAULT_MAX_PIXELS = 100_000_000
 """`sources.DEFAULT_MAX_PIXELS`, here so that reading options needs no image library."""
 
-INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME = (
-    "Inputs", "Model and hardware", "Generation", "Outputs", "Quality gate (CLIP)", "Remote endpoints",
-    "Resume and exit code")
+INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME = PANELS  # help panels, in their order
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
