@@ -34,13 +34,13 @@ from captionkit.options import (
 
 
 class _Unlabelled:
-    """Help without the `<bool>` and `<list[str]>` labels typer >= 0.29 gives flags and list
-    arguments: a flag takes no value, and an argument's metavar already names what it takes."""
+    """Help without the `<bool>` and `<list[str]>` labels typer >= 0.29 gives flags and arguments:
+    a flag takes no value, and an argument's help says what it takes."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         params = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
-            if param.param_type_name == "argument" and param.metavar:
+            if param.param_type_name == "argument":
                 param.display_type_rich = lambda ctx: None
             elif getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
@@ -87,7 +87,7 @@ def _options(
 
 
 Inputs = Annotated[list[str], typer.Argument(
-    help="Image files, folders, globs, list files (one path per line) or - for stdin.", metavar="INPUT")]
+    help="Image files, folders, globs, list files (one path per line) or - for stdin.")]
 ModelName = Annotated[str, typer.Option(
     "--model", "-m", help="Alias, Hub id, local directory, openai:MODEL or hf-api:MODEL (remote "
     "endpoints), or auto (blip-large if cached, else objects).", rich_help_panel=MODEL, metavar="NAME")]
@@ -145,8 +145,8 @@ def models() -> None:
 
 @command("export")
 def export_command(
-    output_dir: Annotated[Path, typer.Argument(help="A folder holding captionkit.db.", metavar="DIR")],
-    to: Annotated[Path | None, typer.Option(help="Write here instead of DIR.", metavar="DIR",
+    output_dir: Annotated[Path, typer.Argument(help="A run's folder, holding captionkit.db.")],
+    to: Annotated[Path | None, typer.Option(help="Write here instead of the run's folder.", metavar="DIR",
                                             rich_help_panel=OUTPUTS)] = None,
     model: Annotated[str | None, typer.Option(
         help="Export this model's results (default: the latest run's).", metavar="NAME",
@@ -214,7 +214,7 @@ def _latest_key_of(store, model: str) -> str:
 @command()
 def score(
     captions: Annotated[Path, typer.Argument(
-        exists=True, help="captions.txt, JSONL, CSV, or a folder of caption files.", metavar="CAPTIONS")],
+        exists=True, help="captions.txt, JSONL, CSV, or a folder of caption files.")],
     images: Annotated[Path | None, typer.Option(
         exists=True, file_okay=False, help="Where the images are (default: the captions file's folder), "
         "searched recursively.", rich_help_panel=INPUTS, metavar="DIR")] = None,
