@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -437,3 +438,81 @@ def test_a_local_checkpoint_replaced_in_place_is_captioned_again(blip_dir, photo
     captionkit("export", out, "--format", "captions.txt", "--model", ck.resolve(), "--to",
                tmp_path / "by-model")
     assert (tmp_path / "by-model" / "captions.txt").read_text() == after
+
+
+def test_ctrl_c_while_the_model_loads_says_interrupted(blip_dir, photo_dir, tmp_path):
+    """Ctrl-C in the first seconds, while torch is imported, is as clean as one mid-run."""
+    maps = f"/proc/{os.getpid()}/maps"
+    if not os.path.exists(maps):
+        pytest.skip("needs /proc to see when torch starts loading")
+    proc = subprocess.Popen([*CLI, "caption", photo_dir, "--model", blip_dir, "-o", tmp_path / "out"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            loading = "torch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:
+            loading = False
+        if loading:  # torch's libraries are being mapped: the model is minutes, or seconds, away
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "interrupted: finished batches are saved; run the same command to resume" in stderr
+
+
+def test_export_names_the_files_it_wrote(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    captionkit("caption", photo_dir, "--model", "objects", "-o", out, "-q")
+    one = captionkit("export", out, "--format", "csv", "--to", tmp_path / "one")
+    assert f"wrote {tmp_path / 'one' / 'captions.csv'}" in "".join(one.stderr.split("\n"))
+    every = captionkit("export", out, "--format", "all", "--to", tmp_path / "all")
+    said = " ".join(every.stderr.split())
+    assert "exported 8 captions to 11 files" in said
+    assert said.count(" wrote ") == 5 and "... and 6 more files" in said
+
+
+def help_at(columns: int, *args: str) -> str:
+    proc = captionkit(*args, env={**os.environ, "COLUMNS": str(columns)})
+    return proc.stdout
+
+
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export", "score"])
+def test_help_is_readable_at_80_columns(command):
+    from typer.main import get_command
+
+    from captionkit.cli import app
+
+    text = help_at(80, command, "--help")
+    assert max(map(len, text.splitlines())) <= 80
+    assert "…" not in text, "an option name or type was cut"
+    assert not re.search(r"<[a-z][^>]*>", text), "no <bool> / <list[str]> type labels"
+    params = get_command(app).commands[command].params
+    for param in params:
+        if param.param_type_name == "option":
+            assert param.help and param.help.strip(), param.name
+            assert all(re.search(rf"{re.escape(name)}\b", text) for name in param.opts), param.opts
+
+
+def test_models_are_readable_at_80_columns():
+    from captionkit.models import MODELS
+
+    narrow = help_at(80, "models")
+    assert max(map(len, narrow.splitlines())) <= 80 and "…" not in narrow
+    for spec in MODELS.values():
+        assert re.search(rf"│ {re.escape(spec.alias)} +│ {re.escape(spec.source)} ", narrow), spec.alias
+    wide = help_at(220, "models")
+    assert "license" in wide.splitlines()[1] and "…" not in wide  # one row a model when it fits
+
+
+def test_an_empty_folder_is_reported_before_any_model_loads_and_leaves_no_output(tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    # a model folder that does not exist: loading it first would fail with another message
+    proc = captionkit("caption", empty, "--model", tmp_path / "no-such-model", "-o", out, check=False)
+    assert proc.returncode == 2
+    assert "no images found" in proc.stderr and "no-such-model" not in proc.stderr
+    assert not out.exists()

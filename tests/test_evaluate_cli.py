@@ -160,9 +160,32 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path)
     (["--predictions", "p.txt", "--references", "r.txt", "--clip-model", "c"], "--images"),
     (["--predictions", "absent [1].txt", "--references", "absent [1].txt"],
      "absent [1].txt: no such file"),
+    (["--predictions", "p.txt", "--references", "r.txt", "--num-beams", "3", "--prompt", "a"],
+     "--num-beams and --prompt only apply with --dataset"),
 ])
 def test_bad_combinations_are_one_line_and_exit_2(args, says, tmp_path):
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr
     assert not (tmp_path / "captionkit-eval").exists()
+
+
+def test_caption_options_reach_evaluate_dataset(flickr8k, blip_dir, tmp_path):
+    """`evaluate --dataset` takes caption's generation and model flags: a run with them resumes under
+    the Python API given the same options, and not under other ones."""
+    out = tmp_path / "eval"
+    generation = {"prompt": "a picture of", "num_beams": 2, "no_repeat_ngram_size": 2, "max_new_tokens": 5}
+    proc = subprocess.run(
+        [*CLI, "--dataset", "flickr8k", "--root", flickr8k, "--model", blip_dir, "-o", out, "--limit", "3",
+         "--metrics", "bleu", "--prompt", "a picture of", "--num-beams", "2", "--no-repeat-ngram-size", "2",
+         "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "-q"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 captioned" in proc.stderr
+    options = {"limit": 3, "metrics": ("bleu",), "load_options": LoadOptions(device="cpu", dtype="float32")}
+    same = evaluate_dataset("flickr8k", flickr8k, str(blip_dir), out,
+                            generation=GenerationOptions(**generation), **options)
+    assert (same.run.done, same.run.skipped) == (0, 3)
+    other = evaluate_dataset("flickr8k", flickr8k, str(blip_dir), out,
+                             generation=GenerationOptions(max_new_tokens=5), **options)
+    assert (other.run.done, other.run.skipped) == (3, 0)

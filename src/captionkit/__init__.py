@@ -33,4 +33,10 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module 'captionkit' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

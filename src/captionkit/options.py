@@ -1,16 +1,20 @@
-"""Typed options shared by the Python API, the CLI and the server, so each flag exists once."""
+"""Typed options shared by the Python API, the CLI and the server: each option is declared once.
+
+Each field carries its command-line flag (`flags.flag`): its help, spelling and help panel.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captionkit import sources
 from captionkit.errors import OptionError
+from captionkit.flags import PANELS, flag
 from captionkit.prompts import read_prompt_file
 
 if TYPE_CHECKING:
@@ -18,31 +22,51 @@ if TYPE_CHECKING:
 
 DETAIL_LEVELS = ("brief", "detailed", "more-detailed")
 QUANTIZE_MODES = ("int8",)
+DEFAULT_MAX_PIXELS = 100_000_000
+"""`sources.DEFAULT_MAX_PIXELS`, here so that reading options needs no image library."""
+
+INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME = PANELS  # help panels, in their order
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from captionkit.exporters import parse_formats
+
+    return tuple(parse_formats(text))
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
     """How captions are generated. Only fields a model honours change its output."""
 
-    max_new_tokens: int = 30
-    min_new_tokens: int | None = None
-    num_beams: int = 1
-    repetition_penalty: float | None = None
-    length_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    prompt: str | None = None
-    candidates: int = 1
-    """Captions generated per image; with a CLIP scorer the best-scoring one is kept."""
-    detail: str | None = None
-    """brief, detailed or more-detailed: each family asks for that level with its own prompt."""
-    system: str | None = None
-    """Chat VLMs: a system message before the prompt."""
-    language: str | None = None
-    """Chat VLMs: the language captions are asked in ("Answer in {language}.")."""
+    max_new_tokens: int = flag(30, "The most tokens a caption may have.", panel=GENERATION, min=1)
+    min_new_tokens: int | None = flag(None, "The fewest tokens a caption may have.", panel=GENERATION, min=0)
+    num_beams: int = flag(1, "Beams searched (1: greedy search).", panel=GENERATION, min=1)
+    repetition_penalty: float | None = flag(None, "Above 1 discourages repeating tokens.", panel=GENERATION)
+    length_penalty: float | None = flag(None, "Beam search: above 0 favours longer captions, below 0 "
+                                        "shorter ones.", panel=GENERATION)
+    no_repeat_ngram_size: int | None = flag(None, "Never repeat a run of this many tokens.",
+                                            panel=GENERATION, min=0)
+    do_sample: bool = flag(False, "Sample instead of greedy or beam search.", panel=GENERATION)
+    temperature: float | None = flag(None, "With --do-sample: below 1 safer words, above 1 more varied.",
+                                     panel=GENERATION)
+    top_p: float | None = flag(None, "With --do-sample: sample among the likeliest tokens whose "
+                               "probabilities add up to this (0 to 1).", panel=GENERATION)
+    seed: int | None = flag(None, "Seed of the random numbers, so that sampled captions repeat.",
+                            panel=GENERATION)
+    prompt: str | None = flag(None, "Text the caption starts from or answers (models that take text).",
+                              panel=GENERATION)
+    candidates: int = flag(1, "Generate N captions per image (beams, or samples with --do-sample) and "
+                           "keep the best CLIPScore.", panel=GENERATION, min=1)
+    detail: str | None = flag(None, "brief, detailed or more-detailed: the family's own prompt for that "
+                              "level (Kosmos-2, Florence-2, InstructBLIP, VLMs).", panel=GENERATION,
+                              metavar="LEVEL")
+    system: str | None = flag(None, "Chat VLMs: a system message before the prompt.", panel=GENERATION)
+    language: str | None = flag(None, "Chat VLMs: ask for captions in this language, e.g. French.",
+                                panel=GENERATION, metavar="NAME")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -98,20 +122,19 @@ class GenerationOptions:
 class LoadOptions:
     """Where and how a model runs."""
 
-    device: str = "auto"
-    dtype: str = "auto"
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    quantize: str | None = None
-    """CPU only: "int8" runs linear layers as dynamically quantized int8 (faster; captions may change)."""
-    api_base: str | None = None
-    """Remote endpoints (`openai:`, `hf-api:`): the server's base URL."""
-    concurrency: int = 4
-    """Remote endpoints: requests in flight at once."""
-    timeout: float = 60.0
-    """Remote endpoints: seconds one request may take before it is retried."""
-    max_retries: int = 5
-    """Remote endpoints: retries of a request that met 429, 5xx, a timeout or a dropped connection."""
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps.", panel=MODEL, metavar="DEVICE")
+    dtype: str = flag("auto", "auto, float32, bfloat16 or float16.", panel=MODEL, metavar="DTYPE")
+    load_in_8bit: bool = flag(False, "8-bit weights (CUDA and bitsandbytes).", panel=MODEL)
+    load_in_4bit: bool = flag(False, "4-bit weights (CUDA and bitsandbytes).", panel=MODEL)
+    quantize: str | None = flag(None, "int8: dynamically quantized linear layers on the CPU, ~1.6x "
+                                "faster; captions may change.", panel=MODEL, metavar="MODE")
+    api_base: str | None = flag(None, "The server's base URL (openai: and hf-api: models), e.g. "
+                                "http://localhost:8000/v1.", panel=REMOTE, metavar="URL")
+    concurrency: int = flag(4, "Requests in flight at once.", panel=REMOTE, min=1)
+    timeout: float = flag(60.0, "Seconds one request may take before it is retried.", panel=REMOTE,
+                          metavar="SECONDS")
+    max_retries: int = flag(5, "Retries of a request that met 429, 5xx, a timeout or a dropped "
+                            "connection.", panel=REMOTE, min=0)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,15 +166,19 @@ class LoadOptions:
 class GateOptions:
     """Whether captions are scored, the threshold they must reach, and where images go."""
 
-    clip_model: str | None = None
-    """The scoring model; a threshold or candidates without one use `scoring.DEFAULT_MODEL`."""
-    min_score: float | None = None
-    score_scale: str = "clipscore"
-    failed_dir: Path | None = None
-    move: bool = False
-    keep_failed: bool = False
-    copy_images: bool = False
-    """Copy the images that get a caption file into the output folder, the caption beside each."""
+    clip_model: str | None = flag(None, "Score captions with this CLIP-family model: Hub id, folder or "
+                                  "open_clip:ARCH/TAG.", panel=GATE, metavar="MODEL")
+    min_score: float | None = flag(None, "Captions scoring below this fail the quality gate (uses the "
+                                   "default CLIP model without --clip-model).", panel=GATE)
+    score_scale: str = flag("clipscore", "clipscore (the paper's 2.5 * cos, 0 to 2.5) or cosine100 "
+                            "(100 * cos, 0 to 100).", panel=GATE, metavar="SCALE")
+    failed_dir: Path | None = flag(None, "Copy images that fail the gate here, with their caption file.",
+                                   panel=GATE, metavar="DIR")
+    move: bool = flag(False, "Move failed images into --failed-dir instead of copying them.", panel=GATE)
+    keep_failed: bool = flag(False, "Keep failed images in captions.txt and the caption files.",
+                             panel=GATE)
+    copy_images: bool = flag(False, "Copy the captioned (passing) images into --output-dir, a caption "
+                             "file beside each.", panel=GATE)
 
     def __post_init__(self) -> None:
         from captionkit.scoring import SCALES
@@ -178,33 +205,49 @@ class GateOptions:
 class RunOptions:
     """Everything about a captioning run that is not the model or generation."""
 
-    output_dir: Path = Path("captionkit-out")
-    recursive: bool = False
-    extensions: tuple[str, ...] | None = None
-    formats: tuple[str, ...] = ("captions.txt", "jsonl")
-    caption_extension: str = ".txt"
-    sidecars_beside_images: bool = False
-    batch_size: int | None = None
-    workers: int | None = None
-    overwrite: bool = False
-    retry_failed: bool = False
-    max_pixels: int = sources.DEFAULT_MAX_PIXELS
-    full_decode: bool = False
-    """Decode every pixel of big JPEGs, as the model's own processor would, instead of DCT drafts."""
-    progress: bool = True
+    output_dir: Path = flag(Path("captionkit-out"), "Where captions and the run store go.", "-o",
+                            panel=OUTPUTS, metavar="DIR")
+    recursive: bool = flag(False, "Look for images in subfolders too.", "-r", panel=INPUTS)
+    extensions: tuple[str, ...] | None = flag(None, "Only these extensions, e.g. jpg,png.", "--ext",
+                                              panel=INPUTS, cli_type=str, parse=_comma_list,
+                                              metavar="LIST")
+    formats: tuple[str, ...] = flag(("captions.txt", "jsonl"), "Comma-separated: captions.txt, txt "
+                                    "(a caption file per image), jsonl, csv, or all.", "--format", "-f",
+                                    panel=OUTPUTS, cli_type=str, cli_default="captions.txt,jsonl",
+                                    parse=_formats, metavar="LIST")
+    caption_extension: str = flag(".txt", "Extension of per-image caption files.", panel=OUTPUTS,
+                                  metavar="EXT")
+    sidecars_beside_images: bool = flag(False, "Write per-image caption files next to the images "
+                                        "instead of under --output-dir.", "--beside-images",
+                                        panel=OUTPUTS)
+    batch_size: int | None = flag(None, "Images per batch (default: auto).", panel=MODEL, min=1)
+    workers: int | None = flag(None, "Decoding threads (default: auto).", panel=INPUTS, min=1)
+    overwrite: bool = flag(False, "Start over, ignoring earlier results, and replace caption files "
+                           "captionkit did not write.", panel=RESUME)
+    retry_failed: bool = flag(False, "Try earlier failures again.", panel=RESUME)
+    max_pixels: int = flag(DEFAULT_MAX_PIXELS, "Refuse images with more pixels (decompression bombs).",
+                           panel=INPUTS, parse=lambda pixels: pixels or DEFAULT_MAX_PIXELS)
+    full_decode: bool = flag(False, "Decode big JPEGs in full, as the model's own processor would "
+                             "(slower; by default a reduced scale still >= the model's input).",
+                             panel=INPUTS)
+    progress: bool = flag(True, "No progress bar.", "--quiet", "-q", panel=OUTPUTS, cli_type=bool,
+                          cli_default=False, parse=operator.not_)
     gate: GateOptions = field(default_factory=GateOptions)
-    prompt_file: Path | None = None
-    """A CSV of `image path,prompt` rows: each listed image is asked its own prompt."""
-    draw_boxes: Path | None = None
-    """Where annotated copies of grounded images (Kosmos-2 entities) go."""
-    prefix: str = ""
-    """Text put before every exported caption (a LoRA trigger word); the store keeps the model's."""
-    suffix: str = ""
+    prompt_file: Path | None = flag(None, "CSV of `image path,prompt` rows (paths relative to it): each "
+                                    "listed image is asked its own prompt, others --prompt.",
+                                    panel=GENERATION, metavar="CSV")
+    draw_boxes: Path | None = flag(None, "Write copies of the images with their grounded phrases' boxes "
+                                   "here (Kosmos-2).", panel=OUTPUTS, metavar="DIR")
+    prefix: str = flag("", "Text before every exported caption, as written: a LoRA trigger word such as "
+                       "'ohwx, '. The store keeps the model's caption.", panel=OUTPUTS)
+    suffix: str = flag("", "Text after every exported caption, as written.", panel=OUTPUTS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
         if self.draw_boxes is not None:
             object.__setattr__(self, "draw_boxes", Path(self.draw_boxes))
+        from captionkit import sources
+
         # checked now, before a model loads: --ext, and a caption extension that would overwrite images
         sources.normalise_extensions(self.extensions)
         self.export_options()
@@ -229,12 +272,12 @@ class RunOptions:
 
     def check_inputs(self, inputs: Sequence[str]) -> None:
         """No input folder may receive annotated copies or failed images."""
-        for flag, folder, why in (
+        for name, folder, why in (
                 ("--draw-boxes", self.draw_boxes, "the annotated copies would replace the images"),
                 ("--failed-dir", self.gate.failed_dir, "failed images would stay among the others")):
             if folder is not None and any(
                     Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):
-                raise OptionError(f"{flag} {folder} is an input folder: {why}; pick another folder")
+                raise OptionError(f"{name} {folder} is an input folder: {why}; pick another folder")
 
     def read_prompts(self) -> dict[str, str]:
         """`--prompt-file`'s prompts by absolute image path (none without one), as the file is now."""
