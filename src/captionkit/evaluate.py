@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +31,8 @@ from captionkit.datasets import (
     read_references,
 )
 from captionkit.errors import CaptionkitError, OptionError
+from captionkit.eval_result import TOKENIZERS, EvalResult
+from captionkit.report import write_report
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
@@ -49,11 +51,6 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "spice": ("SPICE",),
     "clip": ("CLIPScore", "RefCLIPScore"),
 }
-TOKENIZERS = {
-    "ptb": "PTB (Stanford CoreNLP 3.4.1 through pycocoevalcap), as papers use",
-    "simple": "simple pure-Python tokenizer: close to PTB but not identical, so scores are not "
-              "exactly comparable with published ones",
-}
 JAVA_MISSING = ("METEOR, SPICE and the PTB tokenizer need Java: install a JRE "
                 "(e.g. `apt install openjdk-17-jre-headless`) and put `java` on PATH")
 CLIP_BATCH = 16
@@ -66,22 +63,6 @@ class EvaluationError(CaptionkitError):
 
 class MetricUnavailable(Exception):
     """One metric cannot run here; the message says what to install or download."""
-
-
-@dataclass
-class EvalResult:
-    """Corpus and per-image scores, plus everything needed to say what was and wasn't scored."""
-
-    corpus: dict[str, float]
-    per_image: dict[str, dict[str, float]]
-    predictions: dict[str, str]
-    references: dict[str, list[str]]
-    missing: dict[str, str] = field(default_factory=dict)
-    tokenizer: str = "ptb"
-    unreferenced: list[str] = field(default_factory=list)
-    unpredicted: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    image_paths: dict[str, Path] = field(default_factory=dict)
 
 
 def java_missing() -> str | None:
@@ -467,7 +448,7 @@ def evaluate_files(
     paths = find_images(refs, images) if images is not None else None
     result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, image_paths=paths,
                             progress=progress)
-    return Evaluation(result, _write(result, output_dir))
+    return Evaluation(result, write_report(result, Path(output_dir)))
 
 
 def evaluate_dataset(
@@ -518,7 +499,7 @@ def evaluate_dataset(
         raise EvaluationError(f"{output_dir}: no image of the split was captioned; first problem: "
                               f"{preds.problems[0] if preds.problems else 'none recorded'}")
     result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, progress=progress)
-    return Evaluation(result, _write(result, output_dir), run)
+    return Evaluation(result, write_report(result, Path(output_dir)), run)
 
 
 def _stored_predictions(output_dir: Path, key: str, paths: Mapping[str, Path]) -> Predictions:
@@ -541,9 +522,3 @@ def _stored_predictions(output_dir: Path, key: str, paths: Mapping[str, Path]) -
         store.close()
     return preds
 
-
-def _write(result: EvalResult, output_dir: Path) -> dict[str, Path]:
-    # report imports this module for EvalResult, so it is imported when first needed.
-    from captionkit.report import write_report
-
-    return write_report(result, Path(output_dir))

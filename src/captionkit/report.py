@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from captionkit.evaluate import TOKENIZERS, EvalResult
+from captionkit.eval_result import TOKENIZERS, EvalResult
 from captionkit.exporters import atomic_write
 
 RANK_BY = "CIDEr-D"
