@@ -17,8 +17,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image, ImageOps
-
 from captionkit.datasets import (
     DATASETS,
     Predictions,
@@ -30,9 +28,10 @@ from captionkit.datasets import (
     read_predictions,
     read_references,
 )
-from captionkit.errors import CaptionkitError, OptionError
+from captionkit.errors import CaptionkitError, ImageError, OptionError
 from captionkit.eval_result import TOKENIZERS, EvalResult
 from captionkit.report import write_report
+from captionkit.sources import load_image
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
@@ -312,12 +311,17 @@ def _clip_batch(result: EvalResult, scorer: ClipScorer, names: list[str],
                 values: dict[str, list[float]], unreadable: list[str]) -> None:
     batch, images = [], []
     for name in names:
-        image = _load_image(result.image_paths.get(name))
-        if image is None:
-            unreadable.append(name)
-        else:
-            batch.append(name)
-            images.append(image)
+        path = result.image_paths.get(name)
+        if path is None:
+            unreadable.append(f"{name} (no image file found)")
+            continue
+        try:
+            # The loader every path uses, so `score` and `evaluate` see the same pixels.
+            images.append(load_image(path))
+        except ImageError as error:
+            unreadable.append(f"{name} ({error.reason})")
+            continue
+        batch.append(name)
     if not batch:
         return
     # One call gives both: the images are embedded once, then compared with caption and references.
@@ -334,16 +338,6 @@ def _record(result: EvalResult, column: str, corpus: float, per_image: Sequence[
     result.corpus[column] = float(corpus)
     for name, value in zip(result.per_image, per_image, strict=True):
         result.per_image[name][column] = float(value)
-
-
-def _load_image(path: Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def _clip(result: EvalResult, scorer: ClipScorer, progress: bool = False) -> None:
