@@ -295,7 +295,30 @@ def test_clip_scores_come_from_the_real_scorer_interface(tmp_path, fixture):
     assert 0 < result.corpus["RefCLIPScore"] < result.corpus["CLIPScore"] <= 2.5
     assert "CLIPScore" not in result.per_image[names[19]]
     assert result.problems == [f"no CLIPScore for 2 images whose files are missing or "
-                               f"unreadable, such as {names[18]}"]
+                               f"unreadable, such as {names[18]} (file not found)"]
+
+
+def test_score_and_evaluate_give_an_rgba_image_the_same_clipscore(scorer, photos, tmp_path):
+    """Both read images through captionkit.sources: transparency on white, not dropped."""
+    from captionkit.gate import score_existing
+
+    rgba = photos[1].resize((96, 64)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size).rotate(90))
+    rgba.save(tmp_path / "cat.png")
+    caption = "a cat sitting on a table"
+    (tmp_path / "captions.txt").write_text(f"cat.png: {caption}\n")
+    (tmp_path / "refs.txt").write_text("cat.png: a small cat\n")
+    scored = score_existing(tmp_path / "captions.txt", scorer, images=tmp_path)
+    by_score = scored.results[0].extras["clip_score"]
+    evaluated = evaluate.evaluate_files(tmp_path / "captions.txt", tmp_path / "refs.txt",
+                                        tmp_path / "eval", images=tmp_path, metrics="bleu",
+                                        clip_scorer=scorer)
+    assert evaluated.result.per_image["cat.png"]["CLIPScore"] == pytest.approx(by_score, abs=1e-6)
+    on_white = Image.new("RGB", rgba.size, "white")
+    on_white.paste(rgba, mask=rgba.getchannel("A"))
+    assert by_score == pytest.approx(scorer.score([on_white], [caption])[0].clip_score, abs=1e-6)
+    dropped_alpha = scorer.score([rgba.convert("RGB")], [caption])[0].clip_score
+    assert abs(by_score - dropped_alpha) > 1e-4, "the test image must tell the two loaders apart"
 
 
 @needs_java

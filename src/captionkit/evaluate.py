@@ -12,12 +12,10 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from PIL import Image, ImageOps
 
 from captionkit.datasets import (
     DATASETS,
@@ -30,7 +28,10 @@ from captionkit.datasets import (
     read_predictions,
     read_references,
 )
-from captionkit.errors import CaptionkitError, OptionError
+from captionkit.errors import CaptionkitError, ImageError, OptionError
+from captionkit.eval_result import TOKENIZERS, EvalResult
+from captionkit.report import write_report
+from captionkit.sources import load_image
 
 if TYPE_CHECKING:
     from pycocoevalcap.meteor.meteor import Meteor
@@ -49,11 +50,6 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "spice": ("SPICE",),
     "clip": ("CLIPScore", "RefCLIPScore"),
 }
-TOKENIZERS = {
-    "ptb": "PTB (Stanford CoreNLP 3.4.1 through pycocoevalcap), as papers use",
-    "simple": "simple pure-Python tokenizer: close to PTB but not identical, so scores are not "
-              "exactly comparable with published ones",
-}
 JAVA_MISSING = ("METEOR, SPICE and the PTB tokenizer need Java: install a JRE "
                 "(e.g. `apt install openjdk-17-jre-headless`) and put `java` on PATH")
 CLIP_BATCH = 16
@@ -66,22 +62,6 @@ class EvaluationError(CaptionkitError):
 
 class MetricUnavailable(Exception):
     """One metric cannot run here; the message says what to install or download."""
-
-
-@dataclass
-class EvalResult:
-    """Corpus and per-image scores, plus everything needed to say what was and wasn't scored."""
-
-    corpus: dict[str, float]
-    per_image: dict[str, dict[str, float]]
-    predictions: dict[str, str]
-    references: dict[str, list[str]]
-    missing: dict[str, str] = field(default_factory=dict)
-    tokenizer: str = "ptb"
-    unreferenced: list[str] = field(default_factory=list)
-    unpredicted: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    image_paths: dict[str, Path] = field(default_factory=dict)
 
 
 def java_missing() -> str | None:
@@ -331,12 +311,17 @@ def _clip_batch(result: EvalResult, scorer: ClipScorer, names: list[str],
                 values: dict[str, list[float]], unreadable: list[str]) -> None:
     batch, images = [], []
     for name in names:
-        image = _load_image(result.image_paths.get(name))
-        if image is None:
-            unreadable.append(name)
-        else:
-            batch.append(name)
-            images.append(image)
+        path = result.image_paths.get(name)
+        if path is None:
+            unreadable.append(f"{name} (no image file found)")
+            continue
+        try:
+            # The loader every path uses, so `score` and `evaluate` see the same pixels.
+            images.append(load_image(path))
+        except ImageError as error:
+            unreadable.append(f"{name} ({error.reason})")
+            continue
+        batch.append(name)
     if not batch:
         return
     # One call gives both: the images are embedded once, then compared with caption and references.
@@ -353,16 +338,6 @@ def _record(result: EvalResult, column: str, corpus: float, per_image: Sequence[
     result.corpus[column] = float(corpus)
     for name, value in zip(result.per_image, per_image, strict=True):
         result.per_image[name][column] = float(value)
-
-
-def _load_image(path: Path | None) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def _clip(result: EvalResult, scorer: ClipScorer, progress: bool = False) -> None:
@@ -467,7 +442,7 @@ def evaluate_files(
     paths = find_images(refs, images) if images is not None else None
     result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, image_paths=paths,
                             progress=progress)
-    return Evaluation(result, _write(result, output_dir))
+    return Evaluation(result, write_report(result, Path(output_dir)))
 
 
 def evaluate_dataset(
@@ -518,7 +493,7 @@ def evaluate_dataset(
         raise EvaluationError(f"{output_dir}: no image of the split was captioned; first problem: "
                               f"{preds.problems[0] if preds.problems else 'none recorded'}")
     result = score_captions(preds, refs, metrics, clip_scorer=clip_scorer, progress=progress)
-    return Evaluation(result, _write(result, output_dir), run)
+    return Evaluation(result, write_report(result, Path(output_dir)), run)
 
 
 def _stored_predictions(output_dir: Path, key: str, paths: Mapping[str, Path]) -> Predictions:
@@ -541,9 +516,3 @@ def _stored_predictions(output_dir: Path, key: str, paths: Mapping[str, Path]) -
         store.close()
     return preds
 
-
-def _write(result: EvalResult, output_dir: Path) -> dict[str, Path]:
-    # report imports this module for EvalResult, so it is imported when first needed.
-    from captionkit.report import write_report
-
-    return write_report(result, Path(output_dir))
