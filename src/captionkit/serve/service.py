@@ -178,10 +178,10 @@ class Service:
 
 def public_name(name: str, model_id: str) -> str:
     """The name clients see: a local checkpoint by its folder's name, never its path."""
-    for candidate in (name, model_id):
-        if os.path.isabs(candidate) or (candidate != "auto" and Path(candidate).exists()):
-            return Path(candidate).name or candidate
-    return model_id if name == "auto" else name
+    shown = model_id if name == "auto" else name
+    if os.path.isabs(shown) or Path(shown).exists():
+        return Path(shown).name or shown
+    return shown
 
 
 def _busy(retry_after: int) -> ApiError:

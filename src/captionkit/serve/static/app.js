@@ -65,6 +65,7 @@ function addFiles(files) {
     items.push(item);
     const image = new Image();
     image.onload = () => { item.image = image; draw(item); };
+    image.onerror = () => { item.card.querySelector("canvas").hidden = true; };
     image.src = URL.createObjectURL(file);
     enqueue(() => run(item));
   }
