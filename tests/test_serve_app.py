@@ -362,3 +362,23 @@ def test_the_page_asks_for_the_key_when_the_server_has_one(blip_fp32, browser):
         browser.execute_script("arguments[0].dispatchEvent(new Event('change'));", field)
         wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-blip")
         assert httpx.get(f"{base}/v1/models").status_code == 401
+
+
+def test_a_scorer_adds_clipscores_and_keeps_the_best_candidate(blip_fp32, scorer, jpeg):
+    from captionkit import gate
+
+    app = create_app(blip_fp32, ServeOptions(model="tiny-blip", clip_model="tiny-clip"), scorer=scorer)
+    asked = GenerationOptions(max_new_tokens=8, candidates=3)
+    image = sources.decode(jpeg, "cat.jpg", blip_fp32.input_size)
+    expected = blip_fp32.caption([image], asked)[0]
+    gate.score_batch(scorer, [(image, expected)])
+    with serving(app) as base:
+        answer = httpx.post(f"{base}/v1/caption", data={"max_new_tokens": "8", "candidates": "3"},
+                            files={"image": ("cat.jpg", jpeg)}, timeout=120).json()
+        listed = httpx.get(f"{base}/v1/models").json()["data"][0]
+    (result,) = answer["results"]
+    assert result["caption"] == expected.text and result["clip_score"] == expected.extras["clip_score"]
+    assert [c["clip_score"] for c in result["candidates"]] == [
+        c["clip_score"] for c in expected.extras["candidates"]]
+    assert result["clip_score"] == max(c["clip_score"] for c in result["candidates"])
+    assert listed["clip_model"] == "tiny-clip"
