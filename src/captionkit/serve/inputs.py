@@ -84,6 +84,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[Upload], 
         items = [items] if isinstance(items, str) else items
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ApiError(422, '"images" must be a list of base64 strings or data: URLs')
+        check_count(len(items), max_images)  # before decoding any
         uploads = [from_text(item, _label(index)) for index, item in enumerate(items)]
     else:
         raise ApiError(415, "send the images as multipart/form-data or as application/json",
