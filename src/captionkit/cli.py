@@ -31,6 +31,7 @@ from captionkit.options import (
     LoadOptions,
     RunOptions,
 )
+from captionkit.serve.options import ServeOptions
 
 
 class _Unlabelled:
@@ -366,6 +367,18 @@ def _refuse_captioning_flags(generation: GenerationOptions, load_options: LoadOp
     if stray:
         raise OptionError(f"{' and '.join(stray)} only apply with --dataset (captions are read from "
                           "--predictions here)")
+
+
+@command()
+def serve(*, options: ServeOptions, generation: Annotated[GenerationOptions, Select(
+              "max_new_tokens", "num_beams", "prompt", "detail", panel="Request defaults")],
+          load_options: Annotated[LoadOptions, Select("device", "dtype", "quantize", "load_in_8bit",
+                                                      "load_in_4bit")]) -> None:
+    """Serve a model over HTTP: a web page, and native, OpenAI- and HF-compatible APIs."""
+    from captionkit.serve.app import run
+
+    _quiet_transformers()
+    run(options, load_options, generation)
 
 
 INTERRUPTED = "interrupted: finished batches are saved; run the same command to resume"

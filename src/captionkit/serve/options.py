@@ -7,49 +7,49 @@ import os
 from dataclasses import dataclass, field
 
 from captionkit.errors import OptionError
+from captionkit.flags import Flag, flag
 
 API_KEY_ENV = "CAPTIONKIT_API_KEY"
 LOOPBACK_NAMES = ("localhost",)
+SERVER, BATCHING, LIMITS = "Server", "Batching", "Request limits"  # help panels
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     """What the server loads, where it listens, and the limits that protect it."""
 
-    model: str = "auto"
-    """The captioning model: an alias (blip-large), a Hub id or a local checkpoint folder."""
-    segment_model: str | None = None
-    """A segmentation model for /v1/segment and the page's overlay; none by default."""
-    clip_model: str | None = None
-    """A CLIP model that scores every caption (CLIPScore); with --candidates the best one is kept."""
-    host: str = "127.0.0.1"
-    """The address to listen on. Anything beyond this machine needs --api-key (or --insecure)."""
-    port: int = 8000
-    """The port to listen on; 0 picks a free one (the log says which)."""
-    api_key: str | None = field(default=None, repr=False)
-    """The bearer token clients must send (Authorization: Bearer KEY); default: $CAPTIONKIT_API_KEY."""
-    insecure: bool = False
-    """Allow listening beyond this machine without an API key."""
-    max_batch_size: int = 16
-    """The most images the model worker captions in one batch, gathered from concurrent requests."""
-    max_wait_ms: float = 10.0
-    """How long the oldest waiting request may wait for others to fill a batch, in milliseconds."""
-    queue_size: int = 256
-    """Images that may wait for the model; past that, requests get 503 with Retry-After."""
-    request_timeout: float = 60.0
-    """Seconds a request may wait for its results before it gets 504 and leaves the queue."""
-    max_body_bytes: int = 32 * 1024 * 1024
-    """The largest request body in bytes, counted while it is read (413 past it)."""
-    max_pixels: int = 50_000_000
-    """The largest image in pixels, checked before it is decoded (the decompression-bomb guard)."""
-    max_images: int = 16
-    """The most images one request may carry."""
-    max_tokens: int = 256
-    """The largest max_new_tokens a request may ask for."""
-    max_beams: int = 8
-    """The largest num_beams (and number of candidates) a request may ask for."""
-    cors_origins: tuple[str, ...] = ()
-    """Web origins allowed to call the API from a browser (CORS); none by default."""
+    model: str = flag("auto", "The captioning model: an alias, a Hub id or a local checkpoint folder.",
+                      "--model", "-m", panel=SERVER)
+    segment_model: str | None = flag(None, "A segmentation model for /v1/segment and the page's overlay.",
+                                     "--segment", "--segment-model", panel=SERVER)
+    clip_model: str | None = flag(None, "A CLIP model that scores every caption (CLIPScore).", panel=SERVER)
+    host: str = flag("127.0.0.1", "The address to listen on; beyond this machine it needs --api-key.",
+                     panel=SERVER)
+    port: int = flag(8000, "The port to listen on; 0 picks a free one (the log says which).", panel=SERVER)
+    api_key: str | None = field(default=None, repr=False, metadata={"flag": Flag(
+        "The bearer token clients must send; default: $CAPTIONKIT_API_KEY.", panel=SERVER)})
+    insecure: bool = flag(False, "Allow listening beyond this machine without an API key.", panel=SERVER)
+    max_batch_size: int = flag(16, "The most images captioned in one batch, gathered across requests.",
+                               panel=BATCHING)
+    max_wait_ms: float = flag(10.0, "How long the oldest request waits for others to fill a batch (ms).",
+                              panel=BATCHING)
+    queue_size: int = flag(256, "Images that may wait for the model; past that, 503 with Retry-After.",
+                           panel=BATCHING)
+    request_timeout: float = flag(60.0, "Seconds a request may wait for its results (then 504).",
+                                  panel=BATCHING)
+    max_body_bytes: int = flag(32 * 1024 * 1024, "The largest request body in bytes (413 past it).",
+                               panel=LIMITS)
+    max_pixels: int = flag(50_000_000, "The largest image in pixels, checked before decoding.", panel=LIMITS)
+    max_images: int = flag(16, "The most images one request may carry.", panel=LIMITS)
+    max_tokens: int = flag(256, "The largest max_new_tokens a request may ask for.", panel=LIMITS)
+    max_beams: int = flag(8, "The largest num_beams (and candidates) a request may ask for.", panel=LIMITS)
+    cors_origins: tuple[str, ...] = flag((), "Web origins that may call the API from a browser (CORS).",
+                                         panel=SERVER, cli_type=str | None, cli_default=None,
+                                         parse=_comma_list, metavar="LIST")
 
     def __post_init__(self) -> None:
         if self.api_key is None and os.environ.get(API_KEY_ENV):
@@ -62,9 +62,9 @@ class ServeOptions:
                     "--request-timeout": self.request_timeout, "--max-body-bytes": self.max_body_bytes,
                     "--max-pixels": self.max_pixels, "--max-images": self.max_images,
                     "--max-tokens": self.max_tokens, "--max-beams": self.max_beams}
-        for flag, value in positive.items():
+        for name, value in positive.items():
             if value <= 0:
-                raise OptionError(f"{flag} must be positive, not {value}")
+                raise OptionError(f"{name} must be positive, not {value}")
         if self.max_wait_ms < 0:
             raise OptionError("--max-wait-ms cannot be negative")
         if "*" in self.cors_origins and self.api_key is not None:
