@@ -48,7 +48,7 @@ class ServeOptions:
     max_tokens: int = flag(256, "The largest max_new_tokens a request may ask for.", panel=LIMITS)
     max_beams: int = flag(8, "The largest num_beams (and candidates) a request may ask for.", panel=LIMITS)
     cors_origins: tuple[str, ...] = flag((), "Web origins that may call the API from a browser (CORS).",
-                                         panel=SERVER, cli_type=str | None, cli_default=None,
+                                         panel=SERVER, cli_type=str, cli_default="",
                                          parse=_comma_list, metavar="LIST")
 
     def __post_init__(self) -> None:
