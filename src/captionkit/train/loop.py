@@ -120,7 +120,8 @@ def _accelerator(options: TrainOptions):
     try:
         from accelerate import Accelerator
     except ImportError as error:
-        raise OptionError("training needs accelerate and matplotlib: pip install 'captionkit[train]'") from error
+        raise OptionError("training needs accelerate and matplotlib: "
+                          "pip install 'captionkit[train]'") from error
 
     from captionkit.device import pick_device
 

@@ -18,9 +18,14 @@ CHUNK = 256
 
 
 def nearest_captions(encoder: ImageEncoder, train: list[Example], queries: list[Example], cache_dir: Path,
-                     device: torch.device, pooled: bool = False, progress: bool = False) -> dict[str, str]:
-    """Each query image's caption: the first reference of the most similar training image."""
-    bank = cached_features(encoder, train, cache_dir, device, progress=progress)
+                     device: torch.device, pooled: bool = False, cached_with: list[Example] | None = None,
+                     progress: bool = False) -> dict[str, str]:
+    """Each query image's caption: the first reference of the most similar training image.
+
+    `cached_with` is the image set whose cached features hold the training images (a training run
+    caches its training and validation images together), so they are not encoded again.
+    """
+    bank = cached_features(encoder, cached_with or train, cache_dir, device, progress=progress)
     asked = cached_features(encoder, queries, cache_dir, device, progress=progress)
     usable = [e for e in train if e.name not in bank.failed]
     keys = _vectors(bank.take([e.name for e in usable]), pooled)
