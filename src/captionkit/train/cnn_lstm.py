@@ -16,12 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional
 
-from captionkit import hub, sources
+from captionkit import hub
 from captionkit.device import pick_device
-from captionkit.errors import ImageError, OptionError
+from captionkit.errors import OptionError
 from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
-from captionkit.train.data import Example, Splits
+from captionkit.train.data import Example, Splits, decode_example, unreadable
 from captionkit.train.decoding import State, Tokens, search
 from captionkit.train.encoders import ImageEncoder, build_encoder, load_encoder
 from captionkit.train.features import CachedFeatures, cached_features
@@ -217,7 +217,7 @@ class CnnLstmTask:
         self.encoder = build_encoder(self.arch.encoder, self.arch.image_size)
         examples = splits.train + splits.val
         if self.arch.fine_tune_encoder:
-            failed = _unreadable(examples, self.encoder.image_size)
+            failed = unreadable(examples, self.encoder.image_size)
         else:
             cache_dir = self.options.cache_dir or self.options.output / "cache"
             self.cache = cached_features(self.encoder, examples, cache_dir, device,
@@ -252,7 +252,8 @@ class CnnLstmTask:
         """Cached features, or pixels for the fine-tuned CNN."""
         if self.cache is not None:
             return {"features": self.cache.take([e.name for e in examples])}
-        return {"pixels": self.encoder.preprocess([_decode(e, self.encoder.image_size) for e in examples])}
+        size = self.encoder.image_size
+        return {"pixels": self.encoder.preprocess([decode_example(e, size) for e in examples])}
 
     def optimizer(self, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
         groups = [{"params": list(self.module.decoder.parameters()), "lr": learning_rate}]
@@ -306,18 +307,3 @@ class CnnLstmTask:
         self.module.decoder.load_state_dict(_part(state, "decoder."))
         if self.module.encoder is not None:
             self.module.encoder.load_state_dict(_part(state, "encoder."))
-
-
-def _decode(example: Example, size: int) -> Image.Image:
-    return sources.decode(sources.read_bytes(example.path), sources.printable(example.path), size)
-
-
-def _unreadable(examples: list[Example], size: int) -> dict[str, str]:
-    """Images that cannot be decoded, found once before training reads them every epoch."""
-    failed = {}
-    for example in examples:
-        try:
-            _decode(example, size)
-        except ImageError as error:
-            failed[example.name] = str(error)
-    return failed

@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
+from captionkit import sources
 from captionkit.datasets import References, find_images, load_dataset, read_references
-from captionkit.errors import InputError, OptionError
+from captionkit.errors import ImageError, InputError, OptionError
 from captionkit.train.options import TrainOptions
 
 
@@ -172,3 +175,20 @@ def load_folder(folder: Path, options: TrainOptions | None = None) -> list[Examp
     """Every usable example of a folder of images with caption sidecars (a held-out test folder)."""
     problems: list[str] = []
     return _examples(read_references(Path(folder), fmt="sidecars"), options or TrainOptions(), problems)
+
+
+def decode_example(example: Example, size: int) -> Image.Image:
+    """The example's image, decoded the way `captionkit caption` decodes for a model of `size` px."""
+    return sources.decode(sources.read_bytes(example.path), sources.printable(example.path), size)
+
+
+def unreadable(examples: list[Example], size: int) -> dict[str, str]:
+    """Images that cannot be decoded (name -> `path: reason`), found once before training reads
+    them every epoch."""
+    failed = {}
+    for example in examples:
+        try:
+            decode_example(example, size)
+        except ImageError as error:
+            failed[example.name] = str(error)
+    return failed

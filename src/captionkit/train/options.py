@@ -180,8 +180,9 @@ class BlipOptions:
 
     model: str = "blip-base"
     """The BLIP to start from: an alias (blip-base, blip-large), a Hub id or a local checkpoint."""
-    image_size: int = 384
-    """The side images are resized to."""
+    image_size: int | None = None
+    """The side images are resized to; unset, the checkpoint's own (384 for blip-base and blip-large).
+    Another size interpolates the position embeddings, and the checkpoint keeps the new size."""
     prompt: str = "a picture of "
     """Text every caption starts with; the model learns what follows it."""
     augment: bool = True
