@@ -23,6 +23,15 @@ from captionkit.train.vocab import Vocabulary
 
 pytest.importorskip("pycocoevalcap")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a loaded machine more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Small enough for a loaded 2-core machine: a 2x2 EfficientNet map and a 32-unit LSTM.
 TINY = CnnLstmOptions(image_size=64, embed_dim=16, attention_dim=16, hidden_dim=32, min_word_count=1,
                       dropout=0.0)

@@ -16,6 +16,15 @@ from captionkit.train import ClipCapOptions, TrainOptions, synthetic, train
 pytest.importorskip("pycocoevalcap")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a loaded machine more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_gpt2(directory: Path) -> Path:
     """A 2-layer GPT-2 with tests/tiny.py's byte-level BPE tokenizer, saved like a Hub checkpoint."""
     import tiny

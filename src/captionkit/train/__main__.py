@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     best = result.history[result.best_epoch - 1] if result.best_epoch else {}
     shown = ("BLEU-4", "CIDEr-D", "CLIPScore", "val_loss")
     scores = ", ".join(f"{k} {best[k]:.4g}" for k in shown if k in best)

@@ -43,7 +43,7 @@ class AttentionDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.attend_features = nn.Linear(feature_dim, attention_dim)
         self.attend_hidden = nn.Linear(hidden_dim, attention_dim)
-        self.attention = nn.Linear(attention_dim, 1)
+        self.attention = nn.Linear(attention_dim, 1, bias=False)  # softmax ignores a shift
         self.init_h = nn.Linear(feature_dim, hidden_dim)
         self.init_c = nn.Linear(feature_dim, hidden_dim)
         self.gate = nn.Linear(hidden_dim, feature_dim)

@@ -30,6 +30,8 @@ from captionkit.train.options import TrainOptions
 from captionkit.train.progress import epoch_bar
 from captionkit.train.validation import validate
 
+Plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+
 
 class Task(Protocol):
     """One architecture, as the loop sees it."""
@@ -80,43 +82,69 @@ class TrainResult:
     problems: list[str] = field(default_factory=list)
 
 
-def fit(task: Task, options: TrainOptions, splits: Splits) -> TrainResult:
+@dataclass
+class _Run:
+    """What one training run holds between epochs."""
+
+    task: Task
+    options: TrainOptions
+    accelerator: object
+    module: nn.Module
+    """The task's module, wrapped for several processes (DistributedDataParallel) when there are."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    scaler: torch.amp.GradScaler
+    state: dict
+
+
+def fit(task: Task, options: TrainOptions, splits: Splits, accelerator=None) -> TrainResult:
     """Train `task` on `splits` for `options.epochs`, or on from the last checkpoint with `resume`."""
-    accelerator = _accelerator(options)
+    accelerator = accelerator or make_accelerator(options)
     _seed(options)
-    output = options.output
     for name in ("last", "best"):
-        checkpoint.recover(output / name)
-    task.prepare(splits, accelerator.device)
+        checkpoint.recover(options.output / name)
+    with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
+        task.prepare(splits, accelerator.device)
     if accelerator.is_main_process:
-        _report_problems(output, splits.problems)
+        _report_problems(options.output, splits.problems)
+    run = _start(task, options, accelerator)
+    scorer = _scorer(options) if accelerator.is_main_process else None
+    state = run.state
+    while state["epoch"] < options.epochs and not _patience_spent(state, options):
+        row = _train_epoch(run)
+        row.update(_validated(accelerator, task, splits, options, scorer))
+        _update(state, row, options, run.scheduler)
+        if accelerator.is_main_process:
+            _checkpoint(run)
+        accelerator.wait_for_everyone()
+    stopped = _patience_spent(state, options) and state["epoch"] < options.epochs
+    return TrainResult(options.output, options.output / "best", options.output / "last", state["history"],
+                       state["best_epoch"], state["best"], stopped, splits.problems)
+
+
+def _start(task: Task, options: TrainOptions, accelerator) -> _Run:
+    """Optimizer, scheduler and gradient scaler, fresh or as the last checkpoint left them."""
     rate, decay = _rates(task, options)
     optimizer = task.optimizer(rate, decay)
     per_epoch = math.ceil(math.ceil(task.train_size() / accelerator.num_processes / options.batch_size)
                           / options.grad_accumulation)
     mode = "min" if options.monitor == "loss" else "max"
     scheduler = task.scheduler(optimizer, per_epoch * options.epochs, mode)
+    # fp16 gradients underflow without scaling; bf16 and float32 need none
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=options.mixed_precision == "fp16")
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
     if options.resume:
-        state = _restore(task, output, optimizer, scheduler)
-    module, optimizer = accelerator.prepare(task.module, optimizer)
+        state = _restore(task, options.output, optimizer, scheduler, scaler)
+    module = accelerator.prepare(task.module)
     if options.resume:
-        _restore_scaler(accelerator, state)
         checkpoint.set_rng_state(state["rng"])
-    scorer = _scorer(options) if accelerator.is_main_process else None
-    while state["epoch"] < options.epochs and not _patience_spent(state, options):
-        row = _train_epoch(accelerator, module, optimizer, scheduler, task, options, state)
-        row.update(_validated(accelerator, task, splits, options, scorer))
-        _update(state, row, options, scheduler)
-        if accelerator.is_main_process:
-            _checkpoint(task, accelerator, options, state, optimizer, scheduler)
-        accelerator.wait_for_everyone()
-    return TrainResult(output, output / "best", output / "last", state["history"], state["best_epoch"],
-                       state["best"], _patience_spent(state, options) and state["epoch"] < options.epochs,
-                       splits.problems)
+    return _Run(task, options, accelerator, module, optimizer, scheduler, scaler, state)
 
 
-def _accelerator(options: TrainOptions):
+def make_accelerator(options: TrainOptions):
+    """The `accelerate.Accelerator` of this process (devices and processes; mixed precision is the
+    loop's own, since accelerate's process-wide state would refuse a second precision in one
+    Python process)."""
     try:
         from accelerate import Accelerator
     except ImportError as error:
@@ -126,12 +154,17 @@ def _accelerator(options: TrainOptions):
     from captionkit.device import pick_device
 
     device = pick_device(options.device)
+    if options.mixed_precision == "fp16" and device.type != "cuda":
+        raise OptionError(f"--mixed-precision fp16 needs a CUDA GPU; on {device.type} use bf16 or no")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    try:
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=options.mixed_precision)
-    except ValueError as error:
-        raise OptionError(f"--mixed-precision {options.mixed_precision} on {device}: {error}") from error
+    return Accelerator(cpu=device.type == "cpu")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "no":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _seed(options: TrainOptions) -> None:
@@ -169,20 +202,17 @@ def _scorer(options: TrainOptions):
     return load_scorer(options.clip_model, device=options.device)
 
 
-def _restore(task: Task, output: Path, optimizer, scheduler) -> dict:
-    """Weights, optimizer, scheduler and loop state from `output/last`."""
+def _restore(task: Task, output: Path, optimizer, scheduler, scaler) -> dict:
+    """Weights, optimizer, scheduler, gradient scaler and loop state from `output/last`."""
     last = output / "last"
     state = checkpoint.load_trainer_state(last)
     task.restore(last)
     optimizer.load_state_dict(state.pop("optimizer"))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return state
-
-
-def _restore_scaler(accelerator, state: dict) -> None:
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
 
 
 def _patience_spent(state: dict, options: TrainOptions) -> bool:
@@ -209,32 +239,26 @@ def _loader(task: Task, batches: list[list[int]], options: TrainOptions, epoch: 
                                        generator=generator)
 
 
-def _train_epoch(accelerator, module, optimizer, scheduler, task: Task, options: TrainOptions,
-                 state: dict) -> dict:
+def _train_epoch(run: _Run) -> dict:
     """One pass over this process's batches; the epoch's mean loss and speed."""
-    module.train()
+    options, accelerator, state = run.options, run.accelerator, run.state
+    run.module.train()
     epoch = state["epoch"]
-    batches = _epoch_batches(task.train_size(), options, epoch, accelerator.process_index,
+    batches = _epoch_batches(run.task.train_size(), options, epoch, accelerator.process_index,
                              accelerator.num_processes)
     total = torch.zeros(2, device=accelerator.device)  # summed loss x items, items
-    per_step = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     started = time.perf_counter()
     label = f"epoch {epoch + 1}/{options.epochs}"
     with epoch_bar(len(batches), label, options.progress and accelerator.is_main_process) as advance:
-        for i, batch in enumerate(_loader(task, batches, options, epoch)):
+        for i, batch in enumerate(_loader(run.task, batches, options, epoch)):
             stepping = (i + 1) % options.grad_accumulation == 0 or i + 1 == len(batches)
-            with nullcontext() if stepping else accelerator.no_sync(module):
-                with accelerator.autocast():
-                    loss = module(**_to(batch, accelerator.device))
-                accelerator.backward(loss / options.grad_accumulation)
+            # gradients are exchanged between processes only on the micro-batch that steps
+            with nullcontext() if stepping else accelerator.no_sync(run.module):
+                with _autocast(accelerator.device, options.mixed_precision):
+                    loss = run.module(**_to(batch, accelerator.device))
+                run.scaler.scale(loss / options.grad_accumulation).backward()
             if stepping:
-                if task.grad_clip:
-                    accelerator.clip_grad_norm_(module.parameters(), task.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad()
-                state["step"] += 1
-                if per_step:
-                    scheduler.step()
+                _step(run)
             items = len(batches[i])
             total += torch.tensor([loss.item() * items, items], device=total.device)
             advance(items, loss.item())
@@ -242,7 +266,21 @@ def _train_epoch(accelerator, module, optimizer, scheduler, task: Task, options:
     total = accelerator.reduce(total, reduction="sum")
     return {"epoch": epoch + 1, "step": state["step"], "train_loss": (total[0] / total[1]).item(),
             "images_per_s": total[1].item() / seconds, "train_seconds": seconds,
-            "learning_rate": optimizer.param_groups[0]["lr"]}
+            "learning_rate": run.optimizer.param_groups[0]["lr"], "processes": accelerator.num_processes,
+            "backend": accelerator.state.backend}
+
+
+def _step(run: _Run) -> None:
+    """Clip, step the optimizer (through the fp16 scaler) and a per-step scheduler."""
+    if run.task.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.module.parameters(), run.task.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad()
+    run.state["step"] += 1
+    if run.scheduler is not None and not isinstance(run.scheduler, Plateau):
+        run.scheduler.step()
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -271,13 +309,13 @@ def _update(state: dict, row: dict, options: TrainOptions, scheduler) -> None:
     row["improved"] = better
     state["epoch"] = row["epoch"]
     state["history"].append(row)
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+    if isinstance(scheduler, Plateau):
         scheduler.step(value)
 
 
-def _checkpoint(task: Task, accelerator, options: TrainOptions, state: dict, optimizer, scheduler) -> None:
+def _checkpoint(run: _Run) -> None:
     """best/ when the epoch improved, then last/ with everything a resume needs, then the curves."""
-    output = options.output
+    output, state, task = run.options.output, run.state, run.task
     row = state["history"][-1]
     if row["improved"]:
         with checkpoint.checkpoint_dir(output / "best") as folder:
@@ -287,9 +325,9 @@ def _checkpoint(task: Task, accelerator, options: TrainOptions, state: dict, opt
         task.save(folder)
         _write_summary(folder, row)
         checkpoint.save_trainer_state(folder, {
-            **state, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            **state, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "rng": checkpoint.rng_state()})
     write_metrics(output / "metrics.csv", state["history"])
     plot_curves(output / "curves.png", state["history"], f"{task.architecture}: {output.name}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from captionkit.errors import OptionError
 from captionkit.train.checkpoint import write_atomic
 from captionkit.train.data import load_splits
-from captionkit.train.loop import TrainResult, fit
+from captionkit.train.loop import TrainResult, fit, make_accelerator
 from captionkit.train.options import ARCHITECTURES, TrainOptions, architecture_of, to_dict
 
 RUN_FILE = "train.json"
@@ -37,18 +37,16 @@ def train(options: TrainOptions, model: object) -> TrainResult:
     elif (options.output / "last").exists():
         raise OptionError(f"--output {options.output} already holds a training run: pass --resume to "
                           "continue it, or another --output")
+    accelerator = make_accelerator(options)
     splits = load_splits(options)
-    _record(options, model, architecture)
+    if accelerator.is_main_process and not options.resume:
+        _record(options, model, architecture)
     module, _, name = TASKS[architecture].partition(":")
     task = getattr(importlib.import_module(module), name)(options, model)
-    return fit(task, options, splits)
+    return fit(task, options, splits, accelerator)
 
 
 def _record(options: TrainOptions, model: object, architecture: str) -> None:
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process or options.resume:
-        return
     options.output.mkdir(parents=True, exist_ok=True)
     record = {"architecture": architecture, "train": to_dict(options), "model": to_dict(model)}
     write_atomic(options.output / RUN_FILE, json.dumps(record, indent=1) + "\n")
