@@ -309,3 +309,51 @@ def test_command_line_help_comes_from_the_dataclasses():
     assert "--fine-tune-encoder" in text and "Train the CNN too" in text
     assert "--val-fraction" in text and "held out for validation" in text
     assert "--resume [DIR]" in text
+
+
+# The dataset readers behind --dataset.
+
+def _images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (i * 20 % 256, 80, 160)).save(folder / name)
+
+
+def test_karpathy_splits_are_kept_and_coco_restval_trains(tmp_path):
+    splits = {"train": 4, "restval": 2, "val": 2, "test": 3}
+    entries, names = [], []
+    for split, count in splits.items():
+        for i in range(count):
+            name = f"COCO_{split}_{i}.jpg"
+            names.append(name)
+            entries.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": len(entries),
+                            "sentences": [{"raw": f"a {split} picture number {i}"}]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": entries}))
+    _images(tmp_path / "val2014", names)
+    loaded = load_splits(TrainOptions(dataset="coco", root=tmp_path))
+    assert (len(loaded.train), len(loaded.val), len(loaded.test)) == (6, 2, 3)
+    assert {e.name for e in loaded.test} == {f"COCO_test_{i}.jpg" for i in range(3)}
+    assert all(e.path.is_file() for e in loaded.train)
+
+
+def test_flickr8k_lists_give_the_splits(tmp_path):
+    names = [f"{1000 + i}_a.jpg" for i in range(8)]
+    _images(tmp_path / "Flicker8k_Dataset", names)
+    (tmp_path / "Flickr8k.token.txt").write_text(
+        "".join(f"{n}#{k}\tA dog number {i} runs .\n" for i, n in enumerate(names) for k in range(2)))
+    for split, chosen in (("train", names[:5]), ("dev", names[5:6]), ("test", names[6:])):
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(chosen) + "\n")
+    loaded = load_splits(TrainOptions(dataset="flickr8k", root=tmp_path))
+    assert [len(loaded.train), len(loaded.val), len(loaded.test)] == [5, 1, 2]
+    assert len(loaded.train[0].captions) == 2
+
+
+def test_a_csv_file_gets_a_carved_validation_split(tmp_path):
+    names = [f"photo{i}.png" for i in range(10)]
+    _images(tmp_path / "pics", names)
+    rows = "".join(f"{n},a photo of thing {i}\n" for i, n in enumerate(names))
+    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n")
+    loaded = load_splits(TrainOptions(dataset="file", captions=tmp_path / "captions.csv",
+                                      root=tmp_path / "pics", val_fraction=0.2))
+    assert (len(loaded.train), len(loaded.val), loaded.test) == (8, 2, [])
+    assert any("ghost.png: image missing" in p for p in loaded.problems)
