@@ -369,6 +369,17 @@ def _refuse_captioning_flags(generation: GenerationOptions, load_options: LoadOp
                           "--predictions here)")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def train(context: typer.Context) -> None:
+    """Train a captioner (blip, cnn-lstm, clipcap) on a dataset: resumable, with curves.
+
+    `captionkit train ARCHITECTURE --help` lists the options of each architecture."""
+    from captionkit.train.__main__ import main as train_main
+
+    raise typer.Exit(train_main(list(context.args)))
+
+
 @command()
 def serve(*, options: ServeOptions, generation: Annotated[GenerationOptions, Select(
               "max_new_tokens", "num_beams", "prompt", "detail", panel="Request defaults")],

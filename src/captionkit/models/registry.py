@@ -87,6 +87,8 @@ FAMILIES: dict[str, str | Callable[..., Captioner]] = {
     "kosmos-2": "captionkit.models.kosmos2:Kosmos2Captioner",
     "florence2": "captionkit.models.florence2:Florence2Captioner",
     VLM_FAMILY: "captionkit.models.vlm:VLMCaptioner",
+    "captionkit-cnn-lstm": "captionkit.train.cnn_lstm:CnnLstmCaptioner",
+    "captionkit-clipcap": "captionkit.train.clipcap:ClipCapCaptioner",
 }
 
 # "scheme:rest" names served without local weights (remote endpoints).

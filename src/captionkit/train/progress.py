@@ -1,0 +1,40 @@
+"""The training progress bar: batches done, the running loss, images/s and the epoch's ETA."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def epoch_bar(batches: int, label: str, enabled: bool) -> Iterator[Callable[[int, float], None]]:
+    """A rich bar on stderr for one epoch; yields `advance(images, loss)`, a no-op when hidden."""
+    if not enabled or batches <= 0:
+        yield lambda images, loss: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                   console=Console(stderr=True))  # stdout stays for results
+    task = bar.add_task(label, total=batches, loss="-", rate="")
+    started, seen, total_loss, steps = time.perf_counter(), 0, 0.0, 0
+
+    def advance(images: int, loss: float) -> None:
+        nonlocal seen, total_loss, steps
+        seen, total_loss, steps = seen + images, total_loss + loss, steps + 1
+        rate = seen / max(time.perf_counter() - started, 1e-9)
+        bar.update(task, advance=1, loss=f"{total_loss / steps:.3f}", rate=f"{rate:.1f} img/s")
+
+    with bar:
+        yield advance

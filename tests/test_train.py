@@ -1,0 +1,359 @@
+"""captionkit.train: the synthetic dataset, the data reader, search, checkpoints and a CNN-LSTM trained
+end to end, then served by `captionkit.load(path)` and `captionkit caption --model path`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captionkit.errors import ModelUnavailableError, OptionError
+from captionkit.options import GenerationOptions
+from captionkit.train import CnnLstmOptions, TrainOptions, checkpoint, decoding, synthetic, train
+from captionkit.train.data import load_splits
+from captionkit.train.vocab import Vocabulary
+
+pytest.importorskip("pycocoevalcap")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a loaded machine more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# Small enough for a loaded 2-core machine: a 2x2 EfficientNet map and a 32-unit LSTM.
+TINY = CnnLstmOptions(image_size=64, embed_dim=16, attention_dim=16, hidden_dim=32, min_word_count=1,
+                      dropout=0.0)
+
+
+def tiny_options(root: Path, output: Path, **changes) -> TrainOptions:
+    settings = {"dataset": "folder", "root": root, "output": output, "epochs": 2, "batch_size": 16,
+                "learning_rate": 3e-3, "progress": False, "val_fraction": 0.25, "seed": 0}
+    return TrainOptions(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> synthetic.SyntheticDataset:
+    return synthetic.write_dataset(tmp_path_factory.mktemp("scenes"), train=24, test=6, size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(scenes, tmp_path_factory):
+    """A CNN-LSTM trained two epochs on the synthetic scenes (shared by the serving tests)."""
+    output = tmp_path_factory.mktemp("run") / "lstm"
+    return train(tiny_options(scenes.train, output), TINY)
+
+
+# The synthetic dataset.
+
+def test_scene_pixels_match_their_caption():
+    """Each group's shapes are drawn in its colour, in its half, as many as the caption says."""
+    from scipy import ndimage
+
+    scene = synthetic.Scene((synthetic.Group(2, "red", "circle"), synthetic.Group(3, "blue", "square")),
+                            "horizontal")
+    image = np.asarray(synthetic.render(scene, __import__("random").Random(3), size=128)).astype(int)
+    assert scene.captions()[0] == "two red circles left of three blue squares"
+    for colour, half, count in (("red", slice(0, 64), 2), ("blue", slice(64, 128), 3)):
+        target = np.array(synthetic.COLOURS[colour])
+        mask = np.abs(image - target).sum(-1) < 60
+        assert mask[:, half].sum() == mask.sum() > 0  # all of the colour lies in its half
+        assert ndimage.label(mask)[1] == count
+
+
+def test_dataset_folder_is_the_lora_layout(scenes):
+    images = sorted(scenes.train.glob("*.png"))
+    assert len(images) == 24 and len(list(scenes.test.glob("*.png"))) == 6
+    lines = images[0].with_suffix(".txt").read_text().splitlines()
+    assert len(lines) == 3 and all(lines)
+    splits = load_splits(tiny_options(scenes.train, scenes.root / "unused"))
+    assert len(splits.val) == 6 and len(splits.train) == 18 and not splits.problems
+    assert not {e.name for e in splits.val} & {e.name for e in splits.train}
+    again = load_splits(tiny_options(scenes.train, scenes.root / "unused"))
+    assert [e.name for e in again.val] == [e.name for e in splits.val]  # seeded
+
+
+# Vocabulary and search.
+
+def test_vocabulary_counts_and_round_trip(tmp_path):
+    vocab = Vocabulary.build(["A red circle.", "a red square", "a blue circle"], min_count=2)
+    assert vocab.words[4:] == ["a", "circle", "red"]  # "blue" and "square" are seen once
+    ids = vocab.encode("a blue circle", max_length=10)
+    assert ids == [vocab.start, vocab.index["a"], vocab.unk, vocab.index["circle"], vocab.end]
+    assert vocab.decode(ids[1:]) == "a circle"
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").words == vocab.words
+
+
+class _Toy(torch.nn.Module):
+    """A random GRU language model over 5 tokens (0 starts, 1 ends)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed, self.cell = torch.nn.Embedding(5, 8), torch.nn.GRUCell(8, 8)
+        self.out = torch.nn.Linear(8, 5)
+        with torch.no_grad():
+            self.out.weight.mul_(4)
+
+    def step(self, tokens, state):
+        h = self.cell(self.embed(tokens), state[0])
+        return self.out(h), (h,)
+
+    def score(self, sequence: list[int], penalty: float, ends: bool = True) -> float:
+        """generate's beam score: log probability / generated length ** penalty (a sequence cut
+        at the length limit has no end token)."""
+        state, total, last = (torch.zeros(1, 8),), 0.0, 0
+        tokens = [*sequence, 1] if ends else sequence
+        for token in tokens:
+            logits, state = self.step(torch.tensor([last]), state)
+            total += torch.log_softmax(logits, -1)[0, token].item()
+            last = token
+        return total / len(tokens) ** penalty
+
+
+@pytest.mark.parametrize("penalty", [1.0, 0.0, 2.0])
+def test_wide_beam_search_finds_the_best_sequence(penalty):
+    """With more beams than sequences, beam search returns the exhaustive search's best."""
+    import itertools
+
+    toy = _Toy(seed=int(penalty * 10))
+    tokens = decoding.Tokens(start=0, end=1, banned=(0,))
+    options = GenerationOptions(max_new_tokens=3, num_beams=40, length_penalty=penalty)
+    with torch.no_grad():
+        found = decoding.beam_search(toy.step, (torch.zeros(1, 8),), tokens, options)
+        ended = [(list(s), True) for n in range(0, 3) for s in itertools.product((2, 3, 4), repeat=n)]
+        cut = [(list(s), False) for s in itertools.product((2, 3, 4), repeat=3)]
+        best, ends = max(ended + cut, key=lambda c: toy.score(c[0], penalty, c[1]))
+    assert found[0][0] == best
+    assert found[0][1] == pytest.approx(toy.score(best, penalty, ends), abs=1e-5)
+
+
+def test_one_beam_is_greedy_and_candidates_differ():
+    toy = _Toy(seed=1)
+    tokens = decoding.Tokens(start=0, end=1, banned=(0,))
+    state = (torch.randn(4, 8),)
+    with torch.no_grad():
+        greedy = decoding.search(toy.step, state, tokens, GenerationOptions(max_new_tokens=6))
+        one_beam = [decoding.beam_search(toy.step, (state[0][i:i + 1],), tokens,
+                                         GenerationOptions(max_new_tokens=6))[0][0] for i in range(4)]
+        three = decoding.search(toy.step, state, tokens, GenerationOptions(max_new_tokens=6, num_beams=3,
+                                                                           candidates=3))
+    assert [g[0] for g in greedy] == one_beam
+    assert all(len(c) == 3 and len({tuple(s) for s in c}) == 3 for c in three)
+
+
+def test_repetition_penalty_reaches_the_search():
+    toy = _Toy(seed=2)
+    tokens = decoding.Tokens(start=0, end=1, banned=(0, 1))  # never ends: only the penalty varies words
+    state = (torch.randn(1, 8),)
+    with torch.no_grad():
+        plain = decoding.search(toy.step, state, tokens, GenerationOptions(max_new_tokens=8))[0][0]
+        penalised = decoding.search(toy.step, state, tokens, GenerationOptions(
+            max_new_tokens=8, repetition_penalty=50.0))[0][0]
+        blocked = decoding.search(toy.step, state, tokens, GenerationOptions(
+            max_new_tokens=8, no_repeat_ngram_size=1))[0][0]
+    assert len(set(plain[:3])) < 3  # greedy repeats a word early
+    assert len(set(penalised[:3])) == len(set(blocked[:3])) == 3
+
+
+# Checkpoints.
+
+@pytest.mark.parametrize(("folders", "survivor"), [
+    ({"last": "1", "last.tmp": "2"}, "1"),   # killed while writing: the old checkpoint stands
+    ({"last": "1", "last.new": "2"}, "2"),   # written, not yet swapped in
+    ({"last.old": "1", "last.new": "2"}, "2"),  # between the two renames
+    ({"last": "2", "last.old": "1"}, "2"),   # swapped, the old one not yet deleted
+])
+def test_recover_keeps_the_last_complete_checkpoint(tmp_path, folders, survivor):
+    """Whatever a kill during a checkpoint swap left, `recover` ends with one complete `last`."""
+    for name, epoch in folders.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "epoch").write_text(epoch)
+    checkpoint.recover(tmp_path / "last")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert (tmp_path / "last" / "epoch").read_text() == survivor
+
+
+def test_a_failed_write_leaves_the_checkpoint_alone(tmp_path):
+    target = tmp_path / "best"
+    with checkpoint.checkpoint_dir(target) as folder:
+        (folder / "weights").write_text("good")
+    with pytest.raises(OSError), checkpoint.checkpoint_dir(target) as folder:
+        (folder / "weights").write_text("half")
+        raise OSError(28, "No space left on device")
+    assert (target / "weights").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# Training end to end.
+
+def test_training_writes_checkpoints_metrics_and_curves(trained):
+    out = trained.output
+    assert {"best", "last", "metrics.csv", "curves.png", "train.json", "problems.txt"} <= {
+        p.name for p in out.iterdir()}
+    with open(out / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["train_loss"]) > 0 and r["CIDEr-D"] and r["BLEU-4"] and float(r["images_per_s"]) > 0
+               for r in rows)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    with Image.open(out / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.width > 500
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["model_type"] == "captionkit-cnn-lstm"
+    assert (out / "last" / "trainer_state.pt").is_file()
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.new"))
+
+
+def test_features_are_cached_once(trained, scenes, tmp_path, monkeypatch):
+    """A second run over the same images reads the cached features; the encoder never runs."""
+    from captionkit.train import encoders
+
+    cache = trained.output / "cache"
+    assert len(list(cache.glob("*.npy"))) == 1
+    monkeypatch.setattr(encoders.EfficientNetEncoder, "forward", lambda *a: pytest.fail("encoder ran"))
+    result = train(tiny_options(scenes.train, tmp_path / "again", epochs=1, cache_dir=cache), TINY)
+    assert result.history[0]["train_loss"] > 0
+
+
+def test_trained_model_loads_by_path_and_captions(trained, scenes):
+    import captionkit
+
+    model = captionkit.load(str(trained.best), device="cpu")
+    assert model.model_id == str(trained.best.resolve())
+    image = str(next(scenes.test.glob("*.png")))
+    text = model.caption(image, max_new_tokens=5)
+    assert isinstance(text, str) and 0 < len(text.split()) <= 5
+    predictions = model.captioner.caption([Image.open(image).convert("RGB")], GenerationOptions(
+        max_new_tokens=6, num_beams=3, candidates=3, repetition_penalty=1.2, length_penalty=0.5))
+    assert len(predictions[0].extras["candidates"]) == 3
+    with pytest.raises(OptionError, match="--prompt"):
+        model.caption(image, prompt="a photo of")
+
+
+def test_caption_command_takes_the_checkpoint(trained, scenes, tmp_path):
+    out = tmp_path / "captions"
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "caption", str(scenes.test), "--model",
+                           str(trained.best), "--num-beams", "2", "--repetition-penalty", "1.2",
+                           "--output-dir", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = (out / "captions.txt").read_text().splitlines()
+    assert len(lines) == 6 and all(": " in line for line in lines)
+
+
+def test_bad_data_trains_on_the_rest_and_names_each_problem(scenes, tmp_path):
+    import shutil
+
+    root = tmp_path / "messy"
+    shutil.copytree(scenes.train, root)
+    (root / "train-00000.png").unlink()  # its sidecar names a missing image
+    (root / "train-00001.txt").write_text("\n\n")  # empty caption file
+    long = " ".join(["word"] * 80)
+    (root / "train-00002.txt").write_text(f"a red circle\n{long}\n")
+    (root / "train-00003.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    result = train(tiny_options(root, tmp_path / "out", epochs=1), TINY)
+    problems = "\n".join(result.problems)
+    assert f"{root / 'train-00000.txt'}: no image train-00000.* beside this caption file" in problems
+    assert f"{root / 'train-00001.txt'}: empty caption file" in problems
+    assert f"{root / 'train-00002.txt'}:2: caption of 80 words" in problems
+    assert "train-00003.png" in problems and "image left out" in problems
+    assert (tmp_path / "out" / "problems.txt").read_text().count("\n") == len(result.problems)
+    assert result.history[0]["train_loss"] > 0
+
+
+def test_resume_refuses_options_that_change_the_model(trained, scenes):
+    from captionkit.train.run import check_resumable
+
+    with pytest.raises(OptionError, match="--batch-size 8 differs from the run's 16"):
+        check_resumable(tiny_options(scenes.train, trained.output, batch_size=8, resume=True), TINY)
+    check_resumable(tiny_options(scenes.train, trained.output, epochs=5, resume=True), TINY)
+    with pytest.raises(OptionError, match="already holds a training run"):
+        train(tiny_options(scenes.train, trained.output), TINY)
+
+
+def test_resnet_weights_come_only_from_the_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    from captionkit.train.encoders import build_encoder
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailableError, match="not in torch's cache"):
+        build_encoder("resnet18")
+    path = tmp_path / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    encoder = build_encoder("resnet18", image_size=64)
+    features = encoder(encoder.preprocess([Image.new("RGB", (80, 60), "red")]))
+    assert features.shape == (1, 4, 512)
+
+
+def test_command_line_help_comes_from_the_dataclasses():
+    proc = subprocess.run([sys.executable, "-m", "captionkit.train", "cnn-lstm", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "--fine-tune-encoder" in text and "Train the CNN too" in text
+    assert "--val-fraction" in text and "held out for validation" in text
+    assert "--resume [DIR]" in text
+
+
+# The dataset readers behind --dataset.
+
+def _images(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (i * 20 % 256, 80, 160)).save(folder / name)
+
+
+def test_karpathy_splits_are_kept_and_coco_restval_trains(tmp_path):
+    splits = {"train": 4, "restval": 2, "val": 2, "test": 3}
+    entries, names = [], []
+    for split, count in splits.items():
+        for i in range(count):
+            name = f"COCO_{split}_{i}.jpg"
+            names.append(name)
+            entries.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": len(entries),
+                            "sentences": [{"raw": f"a {split} picture number {i}"}]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": entries}))
+    _images(tmp_path / "val2014", names)
+    loaded = load_splits(TrainOptions(dataset="coco", root=tmp_path))
+    assert (len(loaded.train), len(loaded.val), len(loaded.test)) == (6, 2, 3)
+    assert {e.name for e in loaded.test} == {f"COCO_test_{i}.jpg" for i in range(3)}
+    assert all(e.path.is_file() for e in loaded.train)
+
+
+def test_flickr8k_lists_give_the_splits(tmp_path):
+    names = [f"{1000 + i}_a.jpg" for i in range(8)]
+    _images(tmp_path / "Flicker8k_Dataset", names)
+    (tmp_path / "Flickr8k.token.txt").write_text(
+        "".join(f"{n}#{k}\tA dog number {i} runs .\n" for i, n in enumerate(names) for k in range(2)))
+    for split, chosen in (("train", names[:5]), ("dev", names[5:6]), ("test", names[6:])):
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(chosen) + "\n")
+    loaded = load_splits(TrainOptions(dataset="flickr8k", root=tmp_path))
+    assert [len(loaded.train), len(loaded.val), len(loaded.test)] == [5, 1, 2]
+    assert len(loaded.train[0].captions) == 2
+
+
+def test_a_csv_file_gets_a_carved_validation_split(tmp_path):
+    names = [f"photo{i}.png" for i in range(10)]
+    _images(tmp_path / "pics", names)
+    rows = "".join(f"{n},a photo of thing {i}\n" for i, n in enumerate(names))
+    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n")
+    loaded = load_splits(TrainOptions(dataset="file", captions=tmp_path / "captions.csv",
+                                      root=tmp_path / "pics", val_fraction=0.2))
+    assert (len(loaded.train), len(loaded.val), loaded.test) == (8, 2, [])
+    assert any("ghost.png: image missing" in p for p in loaded.problems)
