@@ -102,13 +102,13 @@ def load_segmenter(name: str = DEFAULT, device: str = "auto", dtype: str = "auto
 def _load_transformers(name: str, source: str, options: SegmenterLoadOptions):
     from captionkit import hub
 
-    try:
-        path = hub.resolve(source)
-    except (ModelNotFoundError, ModelUnavailableError) as error:
+    if "/" not in source and not Path(source).expanduser().is_dir():
+        # Hub ids are `org/name`: a bare word is an alias typed wrong
         close = difflib.get_close_matches(name, [*SEGMENTERS, *BUILDERS], n=1)
-        if close and "/" not in name:
-            raise type(error)(f"{error} (did you mean --model {close[0]}?)") from error
-        raise
+        hint = f"did you mean --model {close[0]}?" if close else "see `captionkit models`"
+        raise ModelNotFoundError(f"{name}: no segmenter of that name ({hint}); aliases: "
+                                 f"{', '.join(SEGMENTERS)}, or a Hub id or checkpoint folder")
+    path = hub.resolve(source)
     family = detect_family(path)
     model_id = source if not Path(source).expanduser().is_dir() else str(path.resolve())
     try:

@@ -35,7 +35,7 @@ def ensure_weights(weights, name: str) -> None:
     path = weights_file(weights)
     if path.is_file():
         try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            _load_tensors(path)
         except Exception as error:  # noqa: BLE001 - truncated, not a checkpoint, or pickled code
             reason = " ".join(str(error).split())[:160]
             raise ModelUnavailableError(f"{name}: {path} is not a usable weights file ({reason}); "
@@ -49,6 +49,17 @@ def ensure_weights(weights, name: str) -> None:
         raise ModelUnavailableError(f"{name}: its weights are not in the torch hub cache and {host} "
                                     f"cannot be reached: put {path.name} (from {weights.url}) at "
                                     f"{path}") from None
+
+
+def _load_tensors(path: Path) -> None:
+    """Unpickle allowing tensors only; mapped, not read, unless it is in the pre-zip format that
+    older torchvision weights use."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        torch.load(path, map_location="cpu", weights_only=True)
 
 
 def build(builder_name: str, name: str, **kwargs) -> tuple[torch.nn.Module, object]:
