@@ -21,8 +21,12 @@ LABELS = {0: "person", 1: "cat", 2: "cup"}
 
 
 def build_mask2former(folder: Path) -> Path:
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
-                              Mask2FormerImageProcessor, SwinConfig)
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
@@ -60,8 +64,15 @@ def build_segformer(folder: Path) -> Path:
 
 
 def build_sam(folder: Path) -> Path:
-    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
-                              SamPromptEncoderConfig, SamVisionConfig)
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
 
     torch.manual_seed(0)
     vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -197,6 +208,10 @@ def test_sam_masks_each_prompt_box_and_keeps_its_span(checkpoints, images):
     assert np.array_equal(masks.decode(alone.regions[0].mask),
                           sam_reference(checkpoints["sam"], images[1], [coffee[0].box])[0])
     assert sam.segment(images, prompts=[[], []]) == [Prediction(), Prediction()]
+    # the file was twice the size: prompts are read, and masks made, at the file's size
+    half = images[1].resize((images[1].width // 2, images[1].height // 2))
+    bigger = sam.segment(half, prompts=[coffee], sizes=images[1].size).regions[0]
+    assert bigger.mask["size"] == [images[1].height, images[1].width] and bigger.box == coffee[0].box
     with pytest.raises(OptionError, match="masks the boxes it is given"):
         sam.segment(images[0])
 

@@ -58,15 +58,16 @@ def images() -> list[Image.Image]:
     return [cat, astronaut, coffee]
 
 
-def reference_instances(builder: str, images, threshold: float, count: int) -> list[dict]:
-    """torchvision's own Mask R-CNN forward and post-processing, same-size images batched."""
+def reference_instances(builder: str, batches: list[list[Image.Image]], threshold: float,
+                        count: int) -> list[dict]:
+    """torchvision's own Mask R-CNN forward and post-processing, a call per batch."""
     weights = torchvision.models.get_model_weights(builder).DEFAULT
     model = torchvision.models.get_model(builder, weights=weights, min_size=SIDE,
                                          max_size=round(SIDE * 1333 / 800), box_score_thresh=threshold,
                                          box_detections_per_img=count).eval()
     transform = weights.transforms()
     with torch.no_grad():
-        return [*model([transform(images[0]), transform(images[1])]), *model([transform(images[2])])]
+        return [output for batch in batches for output in model([transform(i) for i in batch])]
 
 
 @pytest.mark.parametrize("name", ["maskrcnn", pytest.param("maskrcnn-v2", marks=pytest.mark.slow)])
@@ -80,7 +81,7 @@ def test_mask_rcnn_equals_torchvision(hub_dir, images, name):
     assert segmenter.kind == "instance" and segmenter.classes[1] == "person"
     options = SegmentOptions(threshold=0.3, max_instances=8)
     found = segmenter.segment(images, options)
-    expected = reference_instances(builder, images, 0.3, 8)
+    expected = reference_instances(builder, [images[:2], images[2:]], 0.3, 8)  # same sizes batched
     categories = torchvision.models.get_model_weights(builder).DEFAULT.meta["categories"]
     assert sum(len(p.regions) for p in found) > 3  # random weights still find things
     for image, prediction, output in zip(images, found, expected, strict=True):
@@ -91,6 +92,22 @@ def test_mask_rcnn_equals_torchvision(hub_dir, images, name):
         for r, soft in zip(regions, output["masks"][:, 0], strict=True):
             assert r.mask["size"] == [image.height, image.width]
             assert np.array_equal(masks.decode(r.mask), (soft > 0.5).numpy())
+
+
+def test_masks_of_an_image_decoded_smaller_are_upsampled_soft(hub_dir, images):
+    """Given the file's size, torchvision's soft masks are upsampled before thresholding and the
+    boxes scaled: what the pipeline gets for a drafted JPEG."""
+    segmenter = load_segmenter("maskrcnn", device="cpu", input_size=SIDE)
+    small = images[0]
+    size = (small.width * 2, small.height * 2)
+    options = SegmentOptions(threshold=0.3, max_instances=4)
+    regions = segmenter.segment(small, options, sizes=size).regions
+    [output] = reference_instances("maskrcnn_resnet50_fpn", [[small]], 0.3, 4)
+    assert np.array([r.box for r in regions]) == pytest.approx((output["boxes"] * 2).numpy())
+    upsampled = F.interpolate(output["masks"], size=size[::-1], mode="bilinear", align_corners=False)
+    assert regions and all(r.mask["size"] == [size[1], size[0]] for r in regions)
+    for r, soft in zip(regions, upsampled[:, 0], strict=True):
+        assert np.array_equal(masks.decode(r.mask), (soft > 0.5).numpy())
 
 
 def test_builder_names_and_aliases_load_the_same_model(hub_dir):

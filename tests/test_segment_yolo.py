@@ -186,3 +186,18 @@ print(json.dumps({"same": before == after, "before": before, "after": after, "sh
 def test_yolov7_seg_finds_the_cat(examples):
     segmenter = load_segmenter("yolov7-seg", device="cpu")
     assert segmenter.segment(examples["cat"]).regions[0].label == "cat"
+
+
+def test_an_image_decoded_smaller_gets_regions_at_its_files_size(yolo, examples):
+    """What the pipeline does with a big JPEG drafted to half size for a 640-pixel model: the
+    regions come back at the file's size and match the full decode's."""
+    big = examples["coffee"].resize((1200, 800), Image.BICUBIC)
+    half = big.resize((600, 400), Image.BILINEAR)
+    drafted = yolo.segment([half], sizes=[big.size])[0].regions[0]
+    full = yolo.segment(big).regions[0]
+    assert drafted.label == full.label == "cup" and drafted.mask["size"] == [800, 1200]
+    assert drafted.box == pytest.approx(full.box, abs=0.02 * big.width)
+    ours, theirs = masks.decode(drafted.mask), masks.decode(full.mask)
+    assert (ours & theirs).sum() / (ours | theirs).sum() > 0.9
+    with pytest.raises(ValueError, match="2 sizes for 1 images"):
+        yolo.segment([half], sizes=[big.size, big.size])

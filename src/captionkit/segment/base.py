@@ -18,6 +18,9 @@ from captionkit.segment.masks import BACKGROUND_NAMES
 from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
 KINDS = ("instance", "semantic", "promptable")
+MASK_BYTES = 256 << 20
+"""float32 bytes of full-size soft masks held at once: a 12-megapixel photo with many instances
+never holds all of them."""
 
 
 class Segmenter:
@@ -46,29 +49,37 @@ class Segmenter:
     """For local checkpoints: what changes when the files are replaced in place."""
 
     def segment(self, images: Any, options: SegmentOptions | None = None,
-                prompts: Sequence[Sequence[Region]] | None = None) -> Any:
+                prompts: Sequence[Sequence[Region]] | None = None,
+                sizes: Sequence[tuple[int, int]] | None = None) -> Any:
         """Segment a list of images (a list of Predictions back) or one image (one Prediction).
 
         An image is a PIL image, a path, encoded bytes or an RGB array (see `sources.load_image`);
         a bad one raises ImageError naming it. `prompts` gives a promptable model each image's
-        regions to mask.
+        regions to mask. `sizes` are the (width, height) of the files the images were decoded from
+        when they were decoded smaller (a JPEG draft): regions come back at those sizes, prompts
+        are read at them.
         """
         options = options or SegmentOptions()
         single = not isinstance(images, list | tuple)
         batch = [_rgb(image) for image in ([images] if single else images)]
-        if prompts is not None and len(prompts) != len(batch):
-            raise ValueError(f"{len(prompts)} prompt lists for {len(batch)} images")
+        if single and sizes is not None and len(sizes) == 2 and isinstance(sizes[0], int):
+            sizes = [sizes]  # one image's (width, height)
+        sizes = [tuple(size) for size in sizes] if sizes is not None else [im.size for im in batch]
+        for name, given in (("prompt lists", prompts), ("sizes", sizes)):
+            if given is not None and len(given) != len(batch):
+                raise ValueError(f"{len(given)} {name} for {len(batch)} images")
         self.check_classes(options)
         if not batch:
             return []
         with torch.inference_mode():
-            found = self.predict(batch, options, prompts)
+            found = self.predict(batch, options, prompts, sizes)
         predictions = [Prediction(regions=self.keep(regions, options)) for regions in found]
         return predictions[0] if single else predictions
 
     def predict(self, images: list[Image.Image], options: SegmentOptions,
-                prompts: Sequence[Sequence[Region]] | None) -> list[list[Region]]:
-        """Each image's regions, before the class filter and the instance cap."""
+                prompts: Sequence[Sequence[Region]] | None,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
+        """Each image's regions at its size in `sizes`, before the class filter and the cap."""
         raise NotImplementedError
 
     def keep(self, regions: list[Region], options: SegmentOptions) -> list[Region]:
@@ -129,6 +140,18 @@ def groups(keys: list) -> list[list[int]]:
     for index, key in enumerate(keys):
         found[key].append(index)
     return list(found.values())
+
+
+def scale(box: Sequence[float], source: tuple[int, int], target: tuple[int, int]) -> list[float]:
+    """A box in pixels of an image of `source` (width, height), in pixels of one of `target`."""
+    x_scale, y_scale = target[0] / source[0], target[1] / source[1]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 * x_scale, y0 * y_scale, x1 * x_scale, y1 * y_scale]
+
+
+def chunk_size(size: tuple[int, int]) -> int:
+    """How many float32 masks of `size` (width, height) to hold at once."""
+    return max(1, MASK_BYTES // (4 * size[0] * size[1]))
 
 
 def _rgb(image: Any) -> Image.Image:

@@ -70,8 +70,9 @@ class HFSegmenter(Segmenter):
     def encode(self, image: Image.Image) -> dict:
         return dict(self.processor(images=[image], return_tensors="pt"))
 
-    def forward(self, images: list[Image.Image]):
-        """(image indices, model outputs, target sizes) per batch of equally shaped inputs:
+    def forward(self, images: list[Image.Image], sizes: list[tuple[int, int]]):
+        """(image indices, model outputs, (height, width) to post-process at) per batch of equally
+        shaped inputs:
         nothing is padded, so an image's result never depends on its batch-mates."""
         encoded = [self.encode(image) for image in images]
         for group in groups([tuple(e["pixel_values"].shape) for e in encoded]):
@@ -79,7 +80,7 @@ class HFSegmenter(Segmenter):
                       for key in encoded[group[0]]}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             outputs = self.model(**inputs)
-            yield group, outputs, [images[i].size[::-1] for i in group]
+            yield group, outputs, [sizes[i][::-1] for i in group]
 
 
 class SemanticSegmenter(HFSegmenter):
@@ -87,10 +88,11 @@ class SemanticSegmenter(HFSegmenter):
 
     kind = "semantic"
 
-    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts) -> list[list[Region]]:
+    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         found: list[list[Region]] = [[] for _ in images]
-        for group, outputs, sizes in self.forward(images):
-            maps = self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+        for group, outputs, targets in self.forward(images, sizes):
+            maps = self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=targets)
             for index, label_map in zip(group, maps, strict=True):
                 found[index] = masks.semantic_regions(label_map.cpu().numpy().astype(np.uint8),
                                                       self.classes)
@@ -119,10 +121,11 @@ class UniversalSegmenter(HFSegmenter):
             return dict(self.processor(images=[image], task_inputs=[self.task], return_tensors="pt"))
         return dict(self.processor(images=[image], return_tensors="pt"))
 
-    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts) -> list[list[Region]]:
+    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         found: list[list[Region]] = [[] for _ in images]
-        for group, outputs, sizes in self.forward(images):
-            for index, result in zip(group, self.post_process(outputs, sizes, options), strict=True):
+        for group, outputs, targets in self.forward(images, sizes):
+            for index, result in zip(group, self.post_process(outputs, targets, options), strict=True):
                 found[index] = self.regions(result)
         return found
 

@@ -17,7 +17,7 @@ from captionkit import hub
 from captionkit.errors import OptionError
 from captionkit.predictions import Region
 from captionkit.segment import masks
-from captionkit.segment.base import Segmenter, pick_precision
+from captionkit.segment.base import Segmenter, pick_precision, scale
 from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
 
@@ -38,7 +38,8 @@ class SamSegmenter(Segmenter):
         self.input_size = self.processor.image_processor.size.get("longest_edge")
 
     def predict(self, images: list[Image.Image], options: SegmentOptions,
-                prompts: Sequence[Sequence[Region]] | None) -> list[list[Region]]:
+                prompts: Sequence[Sequence[Region]] | None,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         if prompts is None:
             raise OptionError(f"{self.model_id} masks the boxes it is given: pair it with a detector "
                               "or a grounded captioner (caption --segment sam)")
@@ -50,18 +51,20 @@ class SamSegmenter(Segmenter):
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         embeddings = self.model.get_image_embeddings(pixels)
         for row, index in enumerate(asked):
-            found[index] = self.masked(images[index], prompts[index], embeddings[row:row + 1], options)
+            found[index] = self.masked(images[index], sizes[index], prompts[index],
+                                       embeddings[row:row + 1], options)
         return found
 
-    def masked(self, image: Image.Image, prompts: Sequence[Region], embedding: torch.Tensor,
-               options: SegmentOptions) -> list[Region]:
-        boxes = [[float(v) for v in region.box] for region in prompts]
+    def masked(self, image: Image.Image, size: tuple[int, int], prompts: Sequence[Region],
+               embedding: torch.Tensor, options: SegmentOptions) -> list[Region]:
+        """A mask at `size` (the file's) for each prompt, whose box is in that size's pixels."""
+        boxes = [scale(region.box, size, image.size) for region in prompts]
         inputs = self.processor(images=[image], input_boxes=[boxes], return_tensors="pt")
         outputs = self.model(image_embeddings=embedding,
                              input_boxes=inputs["input_boxes"].to(self.device, self.dtype),
                              multimask_output=False)
         binary = self.processor.post_process_masks(
-            outputs.pred_masks.float().cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"],
+            outputs.pred_masks.float().cpu(), [size[::-1]], inputs["reshaped_input_sizes"],
             mask_threshold=logit(options.mask_threshold))[0][:, 0]
         return [Region(box=region.box, label=region.label, score=region.score, mask=rle,
                        span=region.span, kind=region.kind)

@@ -17,7 +17,7 @@ from PIL import Image
 from captionkit.errors import ModelUnavailableError
 from captionkit.predictions import Region
 from captionkit.segment import masks
-from captionkit.segment.base import Segmenter, autocast, groups, pick_precision
+from captionkit.segment.base import Segmenter, autocast, chunk_size, groups, pick_precision, scale
 from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
 REACHABILITY_TIMEOUT_S = 3.0
@@ -91,7 +91,8 @@ class MaskRCNNSegmenter(Segmenter):
         self.transform = self.weights.transforms()
         self.preferred_batch_size = 4 if self.device.type != "cpu" else 2
 
-    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts) -> list[list[Region]]:
+    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         heads = self.model.roi_heads
         # The model filters before pasting masks at full size, which is the costly part.
         heads.score_thresh = self.threshold(options)
@@ -103,16 +104,24 @@ class MaskRCNNSegmenter(Segmenter):
             with autocast(self.device, self.dtype):
                 outputs = self.model(tensors)
             for index, output in zip(group, outputs, strict=True):
-                found[index] = self.regions(output, options)
+                found[index] = self.regions(output, images[index].size, sizes[index], options)
         return found
 
-    def regions(self, output: dict, options: SegmentOptions) -> list[Region]:
-        binary = (output["masks"][:, 0] > options.mask_threshold).cpu().numpy()
-        rles = masks.encode(binary)
-        return [Region(box=[float(v) for v in box], label=self.classes[int(label)],
+    def regions(self, output: dict, decoded: tuple[int, int], size: tuple[int, int],
+                options: SegmentOptions) -> list[Region]:
+        """Regions at `size`: torchvision's masks, pasted at the decoded image's size, are
+        upsampled (still soft) when the file was bigger, then thresholded."""
+        soft, rles = output["masks"].float(), []
+        step = chunk_size(size)
+        for start in range(0, len(soft), step):
+            chunk = soft[start:start + step]
+            if size != decoded:
+                chunk = F.interpolate(chunk, size=size[::-1], mode="bilinear", align_corners=False)
+            rles += masks.encode((chunk[:, 0] > options.mask_threshold).cpu().numpy())
+        return [Region(box=scale(box, decoded, size), label=self.classes[int(label)],
                        score=float(score), mask=rle)
-                for box, label, score, rle in zip(output["boxes"].float().cpu(), output["labels"].cpu(),
-                                                  output["scores"].float().cpu(), rles, strict=True)]
+                for box, label, score, rle in zip(output["boxes"].float().tolist(), output["labels"].tolist(),
+                                                  output["scores"].float().tolist(), rles, strict=True)]
 
 
 class TorchvisionSemanticSegmenter(Segmenter):
@@ -131,7 +140,8 @@ class TorchvisionSemanticSegmenter(Segmenter):
         self.input_size = options.input_size or self.transform.resize_size[0]
         self.transform.resize_size = [self.input_size]
 
-    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts) -> list[list[Region]]:
+    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         tensors = [self.transform(image) for image in images]
         found: list[list[Region]] = [[] for _ in images]
         for group in groups([tuple(t.shape) for t in tensors]):
@@ -139,7 +149,7 @@ class TorchvisionSemanticSegmenter(Segmenter):
             with autocast(self.device, self.dtype):
                 logits = self.model(batch)["out"]
             for row, index in enumerate(group):
-                width, height = images[index].size
+                width, height = sizes[index]
                 full = F.interpolate(logits[row:row + 1].float(), size=(height, width),
                                      mode="bilinear", align_corners=False)
                 label_map = full.argmax(1)[0].to(torch.uint8).cpu().numpy()

