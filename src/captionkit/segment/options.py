@@ -1,0 +1,74 @@
+"""What a segmenter is asked (`SegmentOptions`) and how it is loaded (`SegmenterLoadOptions`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from captionkit.errors import OptionError
+
+TASKS = ("instance", "panoptic", "semantic")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Which instances are kept and how their masks are cut. Only fields a model uses change its output."""
+
+    threshold: float | None = None
+    """Minimum score an instance needs, 0-1; unset: the model's own default (0.25 YOLO, 0.5 others)."""
+    mask_threshold: float = 0.5
+    """Mask probability above which a pixel belongs to an instance."""
+    max_instances: int = 100
+    """Most instances kept per image, best first."""
+    classes: tuple[str, ...] | None = None
+    """Keep only these classes, e.g. ("person", "dog"); names as in the model's class list."""
+    nms_iou: float | None = None
+    """Detectors: an instance overlapping a better one of its class by more than this box IoU is
+    dropped; unset: the model's own (0.45 YOLO, 0.5 Mask R-CNN)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classes, str):  # the Python API may pass "person,dog"
+            object.__setattr__(self, "classes", tuple(self.classes.split(",")))
+        if self.classes is not None:
+            names = tuple(name.strip() for name in self.classes)
+            if not names or not all(names):
+                raise OptionError("--classes needs class names separated by commas, "
+                                  "e.g. --classes person,dog")
+            object.__setattr__(self, "classes", names)
+        for flag, value in (("--threshold", self.threshold), ("--mask-threshold", self.mask_threshold),
+                            ("--nms-iou", self.nms_iou)):
+            if value is not None and not 0 <= value <= 1:
+                raise OptionError(f"{flag} {value}: use a number from 0 to 1")
+        if self.max_instances < 1:
+            raise OptionError("--max-instances must be at least 1")
+
+    def key(self) -> str:
+        """A short stable digest: two runs with equal keys and models produce the same regions."""
+        blob = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class SegmenterLoadOptions:
+    """Where and how a segmenter runs."""
+
+    device: str = "auto"
+    """auto (the first GPU, else the CPU), cpu, cuda, cuda:N or mps."""
+    dtype: str = "auto"
+    """auto (bfloat16 or float16 autocast on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
+    input_size: int | None = None
+    """The short side images are resized to before the model sees them (masks stay at the image's
+    own size); unset: the model's own (640 YOLO, 800 Mask R-CNN, 520 DeepLab/FCN/LR-ASPP)."""
+    task: str | None = None
+    """Universal transformers models (Mask2Former, OneFormer, DETR): instance, panoptic or semantic;
+    unset: read from the checkpoint's name, else panoptic."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise OptionError(f"--dtype {self.dtype!r}: use {', '.join(DTYPES)}")
+        if self.input_size is not None and self.input_size < 32:
+            raise OptionError(f"--input-size {self.input_size}: use at least 32 pixels")
+        if self.task is not None and self.task not in TASKS:
+            raise OptionError(f"--task {self.task!r}: use {', '.join(TASKS)}")
