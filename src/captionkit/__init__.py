@@ -17,10 +17,11 @@ _HOMES = {
     "GateOptions": "captionkit.options", "GenerationOptions": "captionkit.options",
     "LoadOptions": "captionkit.options", "RunOptions": "captionkit.options",
     "Pipeline": "captionkit.pipeline", "RunSummary": "captionkit.pipeline",
+    "load_segmenter": "captionkit.segment",
 }
 
 __all__ = ["Caption", "Captioner", "GateOptions", "GenerationOptions", "LoadOptions", "Model", "Pipeline",
-           "Prediction", "Region", "RunOptions", "RunSummary", "__version__", "load"]
+           "Prediction", "Region", "RunOptions", "RunSummary", "__version__", "load", "load_segmenter"]
 
 if TYPE_CHECKING:
     from captionkit.api import Model, load
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from captionkit.options import GateOptions, GenerationOptions, LoadOptions, RunOptions
     from captionkit.pipeline import Pipeline, RunSummary
     from captionkit.predictions import Caption, Prediction, Region
+    from captionkit.segment import load_segmenter
 
 
 def __getattr__(name: str):

@@ -24,26 +24,37 @@ class Model:
 
     def __init__(self, captioner: Captioner) -> None:
         self.captioner = captioner
+        self._segmenters: dict[str, Captioner] = {}
 
     @property
     def model_id(self) -> str:
         return self.captioner.model_id
 
-    def predict(self, images: ImageLike | Sequence[ImageLike],
+    def predict(self, images: ImageLike | Sequence[ImageLike], segment: str | None = None,
                 **generation) -> Prediction | list[Prediction]:
         """Predict one image (returns a Prediction: text, candidates, regions in the image's own
-        pixels) or a list of them (returns a list)."""
+        pixels) or a list of them (returns a list); `segment` names a segmenter (`maskrcnn-v2`)
+        whose masks join the regions."""
         single, batch = _one_or_many(images)
         options = GenerationOptions(**generation)
-        size = default_batch_size(self.captioner)  # a long list goes through in batches, not at once
+        model = self._segmenting(segment) if segment else self.captioner
+        size = default_batch_size(model)  # a long list goes through in batches, not at once
         found: list[Prediction] = []
         for start in range(0, len(batch), size):
-            decoded = [sources.load_image(image, self.captioner.input_size)
-                       for image in batch[start:start + size]]
+            decoded = [sources.load_image(image, model.input_size) for image in batch[start:start + size]]
             found += [prediction.scaled(image.size, image.info.get(sources.FULL_SIZE, image.size))
-                      for image, prediction in zip(decoded, self.captioner.caption(decoded, options),
-                                                   strict=True)]
+                      for image, prediction in zip(decoded, model.caption(decoded, options), strict=True)]
         return found[0] if single else found
+
+    def _segmenting(self, name: str) -> Captioner:
+        """This captioner with the segmenter `name`, loaded once."""
+        from captionkit.segment.captioner import segmenting
+        from captionkit.segment.options import SegmentOptions
+
+        if name not in self._segmenters:
+            self._segmenters[name] = segmenting([name], SegmentOptions(), self.captioner,
+                                                device=str(self.captioner.device))
+        return self._segmenters[name]
 
     def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:
         """Caption one image (returns a string) or a list of them (returns a list)."""

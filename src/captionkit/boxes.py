@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -18,27 +18,47 @@ from captionkit.store import Result
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 MANIFEST = ".captionkit-boxes.json"
 """In the --draw-boxes folder: a digest of what each copy shows, so a resumed run redraws nothing."""
+OVERLAYS_MANIFEST = ".captionkit-overlays.json"
 
 
 def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
-    """Draw each grounded result's boxes on a copy of its image under `directory`; returns the
-    copies drawn now. A copy that already shows the same image and boxes is left as it is."""
-    manifest = directory / MANIFEST
+    """Draw each grounded result's phrase boxes on a copy of its image under `directory`.
+
+    Every result is a grounded model's (the pipeline refuses --draw-boxes otherwise), so an image
+    with no phrase is copied without boxes. Stores made before regions kept Kosmos-2's entities,
+    with boxes normalized to 0..1.
+    """
+    def render(image: Image.Image, result: Result) -> Image.Image:
+        return annotate(image, result.regions or phrase_regions(result.extras.get("entities", []),
+                                                                image.size))
+
+    return draw_copies(results, directory, render, MANIFEST)
+
+
+def draw_overlays(results: Sequence[Result], directory: Path) -> list[Path]:
+    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`)."""
+    from captionkit.segment.overlay import draw
+
+    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction()),
+                       OVERLAYS_MANIFEST)
+
+
+def draw_copies(results: Sequence[Result], directory: Path,
+                render: Callable[[Image.Image, Result], Image.Image], manifest_name: str) -> list[Path]:
+    """Render each done result on a copy of its image under `directory`; returns the copies drawn
+    now. A copy that already shows the same image and regions is left as it is."""
+    manifest = directory / manifest_name
     drawn = _read_manifest(manifest)
     written = []
     try:
         for result in results:
-            # Every result is a grounded model's (the pipeline refuses --draw-boxes otherwise), so
-            # an image with no phrase is copied without boxes. Stores made before regions kept
-            # Kosmos-2's entities, with boxes normalized to 0..1.
-            legacy = result.extras.get("entities", [])
             if result.status != "done":
                 continue
             target = _mirrored(result, directory)
             if target.exists() and target.samefile(result.path):
                 raise OutputError(f"{target}: the annotated copy would replace the image itself; "
-                                  "pick a --draw-boxes folder outside the inputs")
-            shown = regions_to_json(result.regions) if result.regions else legacy
+                                  "pick a folder outside the inputs")
+            shown = [result.caption, regions_to_json(result.regions), result.extras.get("entities")]
             digest = sources.content_hash(json.dumps([result.hash, shown], sort_keys=True).encode())
             if drawn.get(result.name) == digest and target.exists():
                 continue
@@ -46,8 +66,7 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
                 image = sources.load_image(result.path)
             except ImageError:
                 continue  # the file changed or went away since it was captioned
-            regions = result.regions or phrase_regions(legacy, image.size)
-            _save(annotate(image, regions), target)
+            _save(render(image, result), target)
             drawn[result.name] = digest
             written.append(target)
     finally:  # what was drawn before an interrupt is not drawn again

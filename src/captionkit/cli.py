@@ -31,6 +31,7 @@ from captionkit.options import (
     LoadOptions,
     RunOptions,
 )
+from captionkit.segment.options import SegmentOptions
 from captionkit.serve.options import ServeOptions
 
 
@@ -92,6 +93,20 @@ Inputs = Annotated[list[str], typer.Argument(
 ModelName = Annotated[str, typer.Option(
     "--model", "-m", help="Alias, Hub id, local directory, openai:MODEL or hf-api:MODEL (remote "
     "endpoints), or auto (blip-large if cached, else objects).", rich_help_panel=MODEL, metavar="NAME")]
+SegmentWith = Annotated[str | None, typer.Option(
+    "--segment", help="Also segment each image with these segmenters (comma-separated, e.g. "
+    "maskrcnn-v2; sam masks a grounded caption's phrases).", rich_help_panel="Segmentation",
+    metavar="NAMES")]
+Segmenter = Annotated[str, typer.Option(
+    "--model", "-m", help="The segmenter: yolov5s-seg (offline default), maskrcnn-v2, a Hub id or "
+    "a folder; `captionkit models` lists them.", rich_help_panel=MODEL, metavar="NAME")]
+Semantic = Annotated[str | None, typer.Option(
+    help="Also give every pixel a class with this semantic segmenter, e.g. deeplabv3-resnet50.",
+    rich_help_panel=MODEL, metavar="NAME")]
+SEGMENT_RUN = Select("output_dir", "recursive", "extensions", "formats", "batch_size", "workers",
+                     "overwrite", "retry_failed", "max_pixels", "progress", "overlays",
+                     formats={"cli_default": "jsonl,coco,masks", "help": "Comma-separated: jsonl, coco "
+                              "(instances.json), masks (label maps), csv."})
 Strict = Annotated[bool, typer.Option(
     "--strict", help="Exit 1 if any image failed, unreadable ones included (without it only model "
     "failures do).", rich_help_panel=RESUME)]
@@ -105,8 +120,9 @@ def _quiet_transformers() -> None:
 
 
 @command()
-def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, *,
-            generation: GenerationOptions, load_options: LoadOptions, run: RunOptions) -> None:
+def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, segment: SegmentWith = None,
+            *, generation: GenerationOptions, load_options: LoadOptions, run: RunOptions,
+            segment_options: SegmentOptions) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
     from captionkit.exporters import check_output_dir
@@ -124,6 +140,8 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, *
     # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
     scorer = load_scorer(run.gate, generation, load_options.device)
     captioner = load(model, load_options)
+    if segment is not None:
+        captioner = _segmenting(segment.split(","), segment_options, load_options, captioner)
     summary = Pipeline(captioner, generation, run, scorer).run(inputs, found)
     ui.print_run(summary)
     gate = run.gate
@@ -132,6 +150,35 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, *
                      f"captions {'moved' if gate.move else 'copied'} to {gate.failed_dir}")
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
+
+
+@command()
+def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic = None,
+            strict: Strict = False, *, options: SegmentOptions,
+            load_options: Annotated[LoadOptions, Select("device", "dtype")],
+            run: Annotated[RunOptions, SEGMENT_RUN]) -> None:
+    """Segment images: instances as COCO instances.json, label maps, overlays; resumably."""
+    from captionkit import sources
+    from captionkit.exporters import check_output_dir
+    from captionkit.pipeline import Pipeline, find_inputs
+
+    check_output_dir(run.output_dir)
+    sources.check_inputs_exist(inputs)
+    found = find_inputs(inputs, run)
+    segmenter = _segmenting([model, *([semantic] if semantic else [])], options, load_options)
+    summary = Pipeline(segmenter, GenerationOptions(), run).run(inputs, found)
+    ui.print_run(summary)
+    if summary.model_failures or (strict and summary.failed):
+        raise typer.Exit(1)
+
+
+def _segmenting(names: list[str], options: SegmentOptions, load_options: LoadOptions, inner=None):
+    """The named segmenters, around a captioner or alone, as the pipeline's model."""
+    from captionkit.segment.captioner import segmenting
+
+    _quiet_transformers()
+    return segmenting([name.strip() for name in names], options, inner, load_options.device,
+                      load_options.dtype)
 
 
 @command()
@@ -318,19 +365,48 @@ Limit = Annotated[int | None, typer.Option(
     help="Caption only the split's first N images.", min=1, rich_help_panel=DATASET, metavar="N")]
 
 
+Task = Annotated[str, typer.Option(
+    help="caption, or segmentation: --predictions instances.json (or a label-map folder) against "
+    "--references COCO ground truth (or label maps).", rich_help_panel=SCORING, metavar="TASK")]
+
+
+def _evaluate_segmentation(predictions: Path | None, references: Path | None, output_dir: Path) -> None:
+    """COCO box and mask AP/AR (pycocotools' COCOeval), or mIoU and pixel accuracy of label maps."""
+    import json
+
+    from captionkit.exporters import atomic_write, make_output_dir
+    from captionkit.segment.metrics import evaluate_instances, evaluate_label_maps
+
+    if predictions is None or references is None:
+        raise OptionError("--task segmentation needs --predictions and --references")
+    if predictions.is_dir():
+        scores = {"semantic": evaluate_label_maps(predictions, references)}
+    else:
+        scores = evaluate_instances(predictions, references)
+    for kind, values in scores.items():
+        shown = {k: v for k, v in values.items() if isinstance(v, float)}
+        ui.out.print(f"{kind}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    make_output_dir(output_dir)
+    atomic_write(output_dir / "metrics.json", json.dumps(scores, indent=1))
+    ui.err.print(f"wrote {output_dir / 'metrics.json'}")
+
+
 @command("evaluate")
 def evaluate_command(
     predictions: Predictions = None, references: References = None, split: Split = None,
     split_file: SplitFile = None, images: ImagesFolder = None,
     metrics: Metrics = "bleu,meteor,rouge,cider,spice", clip_model: ClipModel = None,
     output_dir: ReportDir = Path("captionkit-eval"), dataset: Dataset = None, root: Root = None,
-    model: DatasetModel = None, limit: Limit = None, *,
+    model: DatasetModel = None, limit: Limit = None, task: Task = "caption", *,
     generation: GenerationOptions, load_options: LoadOptions,
     run: Annotated[RunOptions, Select("batch_size", "progress")],
 ) -> None:
     """Score captions against references; with --dataset, caption the split first (resumably)."""
     from captionkit.evaluate import check_inputs, evaluate_dataset, evaluate_files, parse_metrics
     from captionkit.report import print_summary
+
+    if task == "segmentation":
+        return _evaluate_segmentation(predictions, references, output_dir)
 
     check_inputs(predictions=predictions, references=references, dataset=dataset, root=root, model=model,
                  split_file=split_file, images=images, limit=limit, clip_model=clip_model)

@@ -381,7 +381,19 @@ EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]]] = 
     "txt": write_sidecars,
     "jsonl": write_jsonl,
     "csv": write_csv,
+    "coco": lambda results, options: _segment_export().write_coco(results, options),
+    "masks": lambda results, options: _segment_export().write_masks(results, options),
 }
+
+
+SEGMENT_FORMATS = ("coco", "masks")
+
+
+def _segment_export():
+    """The segmentation writers, imported only when asked for (they need the [seg] extra)."""
+    from captionkit.segment import export
+
+    return export
 
 OUTPUT_NAMES = frozenset({"captions.txt", "captions.jsonl", "captions.csv"})
 RESERVED_NAMES = OUTPUT_NAMES | {DB_NAME + companion for companion in ("", "-wal", "-shm", "-journal")}
@@ -392,8 +404,8 @@ caption file takes."""
 def parse_formats(spec: str) -> list[str]:
     """`captions.txt,jsonl` or `all` to a list of exporter names."""
     names = list(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))  # once each
-    if "all" in names:
-        return list(EXPORTERS)
+    if "all" in names:  # every caption format; the segmentation ones are asked for by name
+        return [name for name in EXPORTERS if name not in SEGMENT_FORMATS]
     unknown = [name for name in names if name not in EXPORTERS]
     if unknown or not names:
         raise OptionError(f"--format {spec!r}: choose from {', '.join(EXPORTERS)} or all")

@@ -238,14 +238,18 @@ class RunOptions:
                                     panel=GENERATION, metavar="CSV")
     draw_boxes: Path | None = flag(None, "Write copies of the images with their grounded phrases' boxes "
                                    "here (Kosmos-2).", panel=OUTPUTS, metavar="DIR")
+    overlays: Path | None = flag(None, "Write copies of the images with their masks, boxes and labels "
+                                 "drawn here (with --segment, or captionkit segment).", panel=OUTPUTS,
+                                 metavar="DIR")
     prefix: str = flag("", "Text before every exported caption, as written: a LoRA trigger word such as "
                        "'ohwx, '. The store keeps the model's caption.", panel=OUTPUTS)
     suffix: str = flag("", "Text after every exported caption, as written.", panel=OUTPUTS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))  # the Python API passes str
-        if self.draw_boxes is not None:
-            object.__setattr__(self, "draw_boxes", Path(self.draw_boxes))
+        for name in ("draw_boxes", "overlays"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         from captionkit import sources
 
         # checked now, before a model loads: --ext, and a caption extension that would overwrite images
@@ -260,8 +264,9 @@ class RunOptions:
     def _check_image_folders(self) -> None:
         """The folders images are written into must differ, or one kind would replace the other."""
         folders = {"--failed-dir": self.gate.failed_dir, "--draw-boxes": self.draw_boxes,
-                   "--output-dir": self.output_dir}
-        clashes = [("--failed-dir", "--output-dir"), ("--failed-dir", "--draw-boxes")]
+                   "--output-dir": self.output_dir, "--overlays": self.overlays}
+        clashes = [("--failed-dir", "--output-dir"), ("--failed-dir", "--draw-boxes"),
+                   ("--overlays", "--draw-boxes"), ("--overlays", "--failed-dir")]
         if self.gate.copy_images:
             clashes.append(("--draw-boxes", "--output-dir"))
         for first, second in clashes:
@@ -274,6 +279,7 @@ class RunOptions:
         """No input folder may receive annotated copies or failed images."""
         for name, folder, why in (
                 ("--draw-boxes", self.draw_boxes, "the annotated copies would replace the images"),
+                ("--overlays", self.overlays, "the overlays would replace the images"),
                 ("--failed-dir", self.gate.failed_dir, "failed images would stay among the others")):
             if folder is not None and any(
                     Path(i).is_dir() and Path(i).resolve() == folder.resolve() for i in inputs):

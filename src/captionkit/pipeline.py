@@ -63,6 +63,8 @@ class RunSummary:
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     model_id: str = ""
+    task: str = "caption"
+    """What the run's model does: caption, or segment (the summary's verb)."""
     scores: list[float] = field(default_factory=list)
     min_score: float | None = None
     passed: int = 0
@@ -121,7 +123,7 @@ def find_inputs(inputs: Sequence[str], options: RunOptions) -> Found:
 def _outside_own_folders(refs: list[sources.ImageRef], inputs: Sequence[str],
                          options: RunOptions) -> list[sources.ImageRef]:
     """Leave out image copies, failed images and annotated copies found inside our own folders."""
-    ours = [options.output_dir, options.gate.failed_dir, options.draw_boxes]
+    ours = [options.output_dir, options.gate.failed_dir, options.draw_boxes, options.overlays]
     named = [Path(i).resolve() for i in inputs if i != "-" and Path(i).exists()]
     prefixes: set[str] = set()
     for out in filter(None, ours):
@@ -191,8 +193,9 @@ class Pipeline:
         store = Store(self.options.output_dir / DB_NAME)
         try:
             summary = RunSummary(total=len(found.refs) + len(found.problems),
-                                 model_id=self.captioner.model_id)
-            run_id = store.start_run(self.captioner.model_id, self.key, self._recorded_options(inputs))
+                                 model_id=self.captioner.model_id, task=self.captioner.task)
+            run_id = store.start_run(self.captioner.model_id, self.key, self._recorded_options(inputs),
+                                     kind=self.captioner.task)
             if self.options.overwrite:
                 store.forget(self.key)
             todo = self._pending(found.refs, store, summary)
@@ -280,6 +283,8 @@ class Pipeline:
         summary.outputs = export(results, options.export_formats(), written)
         if options.draw_boxes is not None:
             summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
+        if options.overlays is not None:
+            summary.outputs += boxes.draw_overlays(results, options.overlays)
         summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
         summary.missing = sorted(result.name for result in results if result.path in written.missing)
         summary.scores, summary.passed = gate.tally(results)

@@ -95,6 +95,10 @@ class Result:
     model_id: str = ""
     regions: list[Region] = field(default_factory=list)
 
+    def as_prediction(self) -> Prediction:
+        """What the model said about this image."""
+        return Prediction(self.caption or "", self.extras, self.regions)
+
 
 KEPT = "; what was recorded before is kept, so the same command resumes once this is fixed"
 
@@ -208,9 +212,9 @@ class Store:
         return {model_id for model_id, _ in self._captioning_runs()}
 
     def _captioning_runs(self) -> Iterator[tuple[str, str]]:
-        """(model id, option set) of each captioning run, the latest first."""
-        yield from self.db.execute("SELECT model_id, options_key FROM runs WHERE kind = 'caption' "
-                                   "ORDER BY id DESC")
+        """(model id, option set) of each run that predicted (captions or masks), the latest first."""
+        yield from self.db.execute("SELECT model_id, options_key FROM runs "
+                                   "WHERE kind IN ('caption', 'segment') ORDER BY id DESC")
 
     @_reported("forget results")
     def forget(self, options_key: str) -> None:

@@ -78,7 +78,8 @@ def counted(count: int, noun: str) -> str:
 def print_run(summary: RunSummary) -> None:
     """The end of a captioning run: counts, failures, files written and the CLIPScores."""
     failed = len(summary.failed)
-    parts = [f"[bold]{summary.done}[/] captioned", f"{summary.skipped} already done", f"{failed} failed"]
+    verb = "segmented" if summary.task == "segment" else "captioned"
+    parts = [f"[bold]{summary.done}[/] {verb}", f"{summary.skipped} already done", f"{failed} failed"]
     if summary.duplicates:
         parts.append(f"{summary.duplicates} identical to another file")
     if summary.failed_earlier:

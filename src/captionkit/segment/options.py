@@ -7,26 +7,31 @@ import json
 from dataclasses import asdict, dataclass
 
 from captionkit.errors import OptionError
+from captionkit.flags import flag
 
 TASKS = ("instance", "panoptic", "semantic")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SEGMENTATION = "Segmentation"  # the help panel
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(","))
 
 
 @dataclass(frozen=True)
 class SegmentOptions:
     """Which instances are kept and how their masks are cut. Only fields a model uses change its output."""
 
-    threshold: float | None = None
-    """Minimum score an instance needs, 0-1; unset: the model's own default (0.25 YOLO, 0.5 others)."""
-    mask_threshold: float = 0.5
-    """Mask probability above which a pixel belongs to an instance."""
-    max_instances: int = 100
-    """Most instances kept per image, best first."""
-    classes: tuple[str, ...] | None = None
-    """Keep only these classes, e.g. ("person", "dog"); names as in the model's class list."""
-    nms_iou: float | None = None
-    """Detectors: an instance overlapping a better one of its class by more than this box IoU is
-    dropped; unset: the model's own (0.45 YOLO, 0.5 Mask R-CNN)."""
+    threshold: float | None = flag(None, "Minimum score an instance needs, 0-1 (default: the model's "
+                                   "own, 0.25 YOLO, 0.5 others).", panel=SEGMENTATION, metavar="NUM")
+    mask_threshold: float = flag(0.5, "Mask probability above which a pixel belongs to an instance.",
+                                 panel=SEGMENTATION)
+    max_instances: int = flag(100, "Most instances kept per image, best first.", panel=SEGMENTATION, min=1)
+    classes: tuple[str, ...] | None = flag(None, "Keep only these classes, e.g. person,dog.",
+                                           panel=SEGMENTATION, cli_type=str | None, parse=_names,
+                                           metavar="LIST")
+    nms_iou: float | None = flag(None, "Drop an instance overlapping a better one of its class by more "
+                                 "than this box IoU (default: the model's own).", panel=SEGMENTATION)
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, str):  # the Python API may pass "person,dog"
@@ -37,10 +42,10 @@ class SegmentOptions:
                 raise OptionError("--classes needs class names separated by commas, "
                                   "e.g. --classes person,dog")
             object.__setattr__(self, "classes", names)
-        for flag, value in (("--threshold", self.threshold), ("--mask-threshold", self.mask_threshold),
+        for name, value in (("--threshold", self.threshold), ("--mask-threshold", self.mask_threshold),
                             ("--nms-iou", self.nms_iou)):
             if value is not None and not 0 <= value <= 1:
-                raise OptionError(f"{flag} {value}: use a number from 0 to 1")
+                raise OptionError(f"{name} {value}: use a number from 0 to 1")
         if self.max_instances < 1:
             raise OptionError("--max-instances must be at least 1")
 

@@ -1,0 +1,53 @@
+"""Segmentation formats rebuilt from a run store: `coco` (instances.json) and `masks` (palette
+label maps with classes.json), so `captionkit export` writes them as a run does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from captionkit.exporters import ExportOptions, relative_path
+from captionkit.segment.coco import Segmented
+from captionkit.segment.outputs import INSTANCES, write_instances, write_label_maps
+from captionkit.store import Result
+
+MASKS_DIR = "masks"
+
+
+def write_coco(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """`OUT/instances.json`: every captioned image and its masked instances, COCO-style."""
+    return [write_instances(options.output_dir / INSTANCES, _segmented(results))]
+
+
+def write_masks(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """`OUT/masks/`: a palette PNG per image (0 background, then the classes found) and
+    classes.json."""
+    images = _segmented(results)
+    labels = sorted({region.label for image in images for region in image.prediction.regions})
+    return write_label_maps(options.output_dir / MASKS_DIR, images, ["background", *labels])
+
+
+def _segmented(results: Sequence[Result]) -> list[Segmented]:
+    """The done results with their image sizes: from a mask, else from the file's header."""
+    found = []
+    for result in results:
+        if result.status != "done":
+            continue
+        size = _size(result)
+        if size is not None:
+            found.append(Segmented(relative_path(result).as_posix(), size, result.as_prediction()))
+    return found
+
+
+def _size(result: Result) -> tuple[int, int] | None:
+    for region in result.regions:
+        if region.mask is not None:
+            height, width = region.mask["size"]
+            return width, height
+    try:
+        with Image.open(result.path) as image:
+            return image.size
+    except OSError:
+        return None  # the image went away since the run: nothing to place its regions on

