@@ -55,7 +55,8 @@ def server(blip_dir, tmp_path_factory) -> Iterator[str]:
            "CAPTIONKIT_API_KEY": KEY}
     command = [sys.executable, "-m", "captionkit.serve", "--model", str(blip_dir), "--port", "0",
                "--device", "cpu", "--dtype", "float32", "--max-batch-size", "32", "--max-wait-ms", "30",
-               "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS), "--max-images", "8"]
+               "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS), "--max-images", "8",
+               "--request-timeout", "600"]  # a loaded test machine must not turn slow answers into 504s
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
