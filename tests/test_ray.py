@@ -40,6 +40,8 @@ TESTS = Path(__file__).resolve().parent
 GEN = GenerationOptions(max_new_tokens=6)
 FP32 = LoadOptions(device="cpu", dtype="float32")
 FORMATS = ("captions.txt", "txt", "jsonl", "csv", "parquet")
+TWO_REPLICAS = EngineOptions(engine="ray", workers=2, cpus_per_worker=1)
+ONE_REPLICA = EngineOptions(engine="ray", workers=1, cpus_per_worker=1)
 
 
 def ray_env() -> dict[str, str]:
@@ -139,7 +141,7 @@ def test_ray_and_local_outputs_are_identical_file_for_file(ray_local, blip_dir, 
     local = Pipeline(flaky_loader(str(blip_dir), FP32), GEN, RunOptions(
         output_dir=tmp_path / "local", progress=False, formats=FORMATS, batch_size=4)).run(mixed_inputs)
     model = ModelRecipe(str(blip_dir), FP32, loader=flaky_loader)
-    summary = ray_run(model, mixed_inputs, tmp_path / "ray", EngineOptions(engine="ray", workers=2),
+    summary = ray_run(model, mixed_inputs, tmp_path / "ray", TWO_REPLICAS,
                       formats=FORMATS, batch_size=4)
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
     assert summary.done == local.done == 14 and summary.model_failures == local.model_failures == 1
@@ -155,9 +157,16 @@ def test_a_worker_that_would_record_under_another_key_refuses(ray_local, blip_di
                                                                 tmp_path):
     pipeline = Pipeline(blip_fp32, GEN, RunOptions(output_dir=tmp_path, progress=False))
     bf16 = ModelRecipe(str(blip_dir), LoadOptions(device="cpu", dtype="bfloat16"))
-    executor = ray_engine.executor_for(pipeline, EngineOptions(engine="ray", workers=1), bf16)
+    executor = ray_engine.executor_for(pipeline, ONE_REPLICA, bf16)
     with pytest.raises(OptionError, match="loads on this Ray worker as .*bfloat16"):
         pipeline.run([str(photo_dir)], executor=executor)
+
+
+def test_a_model_the_workers_cannot_load_reads_as_the_local_error(ray_local, tmp_path):
+    from captionkit.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="no-such-captioner"):
+        ray_engine.describe(ModelRecipe(str(tmp_path / "no-such-captioner"), FP32), ONE_REPLICA)
 
 
 def actor_processes(root: psutil.Process) -> list[psutil.Process]:
@@ -208,7 +217,7 @@ def test_a_killed_worker_has_its_batches_retried(ray_local, blip_dir, blip_fp32,
         return killers[-1]
 
     summary = ray_run(ModelRecipe(str(blip_dir), FP32), [str(many_photos)], tmp_path / "ray",
-                      EngineOptions(engine="ray", workers=2), executor_wrapper=killing, batch_size=2)
+                      TWO_REPLICAS, executor_wrapper=killing, batch_size=2)
     assert killers[0].killed is not None and not psutil.pid_exists(killers[0].killed)
     assert summary.done == 24 and not summary.failed, "no image lost, none counted twice"
     paths = recorded_paths(tmp_path / "ray")
@@ -224,7 +233,7 @@ DRIVER = textwrap.dedent("""
 
     model, inputs, output_dir, address = sys.argv[1:5]
     engine = ray_engine.EngineOptions(engine="ray", ray_address=address or None, workers=2,
-                                      local_cpus=None if address else 2)
+                                      cpus_per_worker=1, local_cpus=None if address else 2)
     ray_engine.connect(engine)
     if address:  # wait for the second node to join, so the pool has an actor on each
         import ray

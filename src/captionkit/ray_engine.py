@@ -49,8 +49,10 @@ class EngineOptions:
     """Model replicas (Ray actors); none: as many as the cluster's GPUs (else CPUs) allow."""
     gpus_per_worker: float | None = None
     """GPUs each replica holds (0.5: two share one); none: 1 when the cluster has GPUs, else 0."""
-    cpus_per_worker: float = 1.0
-    """CPUs each replica holds: its decoding threads, and its torch threads when it has no GPU."""
+    cpus_per_worker: float | None = None
+    """CPUs each replica holds: its decoding threads, and its torch threads when it has no GPU;
+    none: 8 per GPU replica (the host side feeds the GPU) and 4 per CPU replica, fewer on nodes
+    that have fewer."""
     local_cpus: int | None = None
     """Without --ray-address: the CPUs the Ray started here may use; none: all of them."""
     object_store_memory: int | None = None
@@ -76,7 +78,7 @@ class EngineOptions:
                 raise OptionError(f"{flag} must be at least {low}, not {value}")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise OptionError("--gpus-per-worker cannot be negative")
-        if self.cpus_per_worker <= 0:
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise OptionError("--cpus-per-worker must be positive")
         if self.task_retries < 0:
             raise OptionError("--task-retries cannot be negative")
@@ -129,14 +131,27 @@ def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
     gpus = engine.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    cpus = engine.cpus_per_worker or _default_cpus(gpus)
     if engine.workers is not None:
-        return engine.workers, gpus, engine.cpus_per_worker
-    fits = cluster.get("GPU", 0) / gpus if gpus else cluster.get("CPU", 1) / engine.cpus_per_worker
+        return engine.workers, gpus, cpus
+    fits = cluster.get("GPU", 0) / gpus if gpus else cluster.get("CPU", 1) / cpus
     if fits < 1:
-        raise OptionError(f"a replica needs {gpus:g} GPUs and {engine.cpus_per_worker:g} CPUs and "
-                          f"this Ray cluster has {cluster.get('GPU', 0):g} GPUs and "
-                          f"{cluster.get('CPU', 0):g} CPUs: lower --gpus-per-worker or --cpus-per-worker")
-    return max(1, math.floor(fits)), gpus, engine.cpus_per_worker
+        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs and this Ray cluster "
+                          f"has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} CPUs: "
+                          "lower --gpus-per-worker or --cpus-per-worker")
+    return max(1, math.floor(fits)), gpus, cpus
+
+
+def _default_cpus(gpus: float) -> float:
+    """CPUs per replica when not given: 8 per GPU (decoding and the processor feed it), at most
+    what the leanest GPU node has per GPU; 4 for a CPU replica, at most the biggest node's."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if gpus:
+        per_gpu = min((node.get("CPU", 0) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
+        return float(max(1, min(8, math.floor(per_gpu * gpus))))
+    return float(max(1, min(4, max((node.get("CPU", 0) for node in nodes), default=1))))
 
 
 def ray_version() -> tuple[int, int]:
@@ -230,8 +245,10 @@ class CaptionActor:
                 "ray_engine.describe (the workers' own load), or pass --dtype and --device explicitly")
         decoding = plan.decoding
         if decoding.workers is None:  # the threads of the CPUs this replica holds, not the node's
-            cpus = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
-            decoding = Decoding(min(8, cpus + 2), decoding.full_decode, decoding.max_pixels)
+            import ray
+
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            decoding = Decoding(min(8, math.ceil(cpus) + 2), decoding.full_decode, decoding.max_pixels)
         predictor = Predictor(captioner, plan.generation, scorer, plan.batch_size)
         return LocalExecutor(predictor, decoding, {}, {})
 
