@@ -37,8 +37,12 @@ class ExportOptions:
     """Text put before every exported caption (a LoRA trigger word: `ohwx, `); the store keeps the
     model's caption as it was."""
     suffix: str = ""
+    parquet_rows: int = 100_000
+    """Rows per Parquet file (`captions-00000.parquet`, ...): big runs write several."""
 
     def __post_init__(self) -> None:
+        if self.parquet_rows < 1:
+            raise OptionError(f"parquet rows per file must be at least 1, not {self.parquet_rows}")
         extension = self.caption_extension
         if not extension.startswith(".") or extension == ".":
             raise OptionError(f"--caption-extension {extension!r} must start with '.', like .txt")
@@ -376,17 +380,92 @@ def write_csv(results: Sequence[Result], options: ExportOptions,
     return [path]
 
 
+PARQUET_NAME = re.compile(r"captions-(\d{5,})\.parquet")
+PARQUET_COLUMNS = {"image": "string", "path": "string", "status": "string", "caption": "string",
+                   "model": "string", "hash": "string", "seconds": "float64", "error": "string",
+                   "regions": "string"}
+"""Every Parquet file's first columns; the results' extras follow (see `_parquet_type`)."""
+
+
+def write_parquet(results: Sequence[Result], options: ExportOptions) -> list[Path]:
+    """The JSONL records as Parquet files of `options.parquet_rows` rows each, all with one schema:
+    regions, and extras that are lists or objects, as JSON strings; files left from a bigger
+    export before are removed."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise OptionError("--format parquet needs pyarrow: pip install 'captionkit[ray]' "
+                          "(or pip install pyarrow)") from None
+    records = [_record(r, options) for r in results]
+    extras = sorted({key for record in records for key in record if key not in PARQUET_COLUMNS})
+    types = {**PARQUET_COLUMNS, **{key: _parquet_type([r.get(key) for r in records]) for key in extras}}
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in types.items()])
+    rows = [{name: _parquet_value(record.get(name), kind) for name, kind in types.items()}
+            for record in records]
+    written = []
+    for number, start in enumerate(range(0, max(len(rows), 1), options.parquet_rows)):
+        path = options.output_dir / f"captions-{number:05d}.parquet"
+        table = pa.Table.from_pylist(rows[start:start + options.parquet_rows], schema=schema)
+        _atomic_output(path, lambda tmp, table=table: pq.write_table(table, tmp))
+        written.append(path)
+    for stale in options.output_dir.glob("captions-*.parquet"):
+        if PARQUET_NAME.fullmatch(stale.name) and stale not in written:
+            stale.unlink()
+    return written
+
+
+def _parquet_type(values: list) -> str:
+    """The column type of one extra: bool, int64, float64 or string; lists, objects and mixed
+    values are JSON strings."""
+    present = [value for value in values if value is not None]
+    if present and all(isinstance(value, bool) for value in present):
+        return "bool_"
+    if present and all(isinstance(value, int) and not isinstance(value, bool) for value in present):
+        return "int64"
+    if present and all(isinstance(value, int | float) and not isinstance(value, bool) for value in present):
+        return "float64"
+    return "string"
+
+
+def _parquet_value(value: object, kind: str) -> object:
+    if value is None or kind != "string" or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _atomic_output(path: Path, write: Callable[[str], object]) -> None:
+    """Let `write` make the file under a temporary name in its folder, then rename it into place."""
+    make_output_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write: {error.strerror}") from error
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"{path}: cannot write: {error.strerror}") from error
+        raise
+
+
 EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]]] = {
     "captions.txt": write_captions_txt,
     "txt": write_sidecars,
     "jsonl": write_jsonl,
     "csv": write_csv,
+    "parquet": write_parquet,
     "coco": lambda results, options: _segment_export().write_coco(results, options),
     "masks": lambda results, options: _segment_export().write_masks(results, options),
 }
 
-
-SEGMENT_FORMATS = ("coco", "masks")
+ALL_FORMATS = ("captions.txt", "txt", "jsonl", "csv")
+"""What `--format all` writes: every caption format that needs no optional package (parquet needs
+pyarrow; coco and masks, the segmentation formats, need the [seg] extra)."""
 
 
 def _segment_export():
@@ -404,8 +483,8 @@ caption file takes."""
 def parse_formats(spec: str) -> list[str]:
     """`captions.txt,jsonl` or `all` to a list of exporter names."""
     names = list(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))  # once each
-    if "all" in names:  # every caption format; the segmentation ones are asked for by name
-        return [name for name in EXPORTERS if name not in SEGMENT_FORMATS]
+    if "all" in names:
+        return list(ALL_FORMATS)
     unknown = [name for name in names if name not in EXPORTERS]
     if unknown or not names:
         raise OptionError(f"--format {spec!r}: choose from {', '.join(EXPORTERS)} or all")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import codecs
 import errno
 import fnmatch
+import functools
 import hashlib
 import io
 import os
 import stat
 import sys
+import tarfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
@@ -110,13 +112,27 @@ def _sidecars_named(inputs: Sequence[str]) -> set[str]:
 def check_inputs_exist(inputs: Sequence[str]) -> None:
     """Raise InputError for an input that is no file, folder, glob or `-`, before a model loads."""
     for item in inputs:
-        text = os.path.expanduser(os.fspath(item))
-        if text != "-" and not os.path.lexists(text) and not _is_pattern(text):
-            raise InputError(f"{printable(item)}: {_absent_reason(text)}")
+        for text in map(os.path.expanduser, _brace_expanded(os.fspath(item))):
+            if (text != "-" and not os.path.lexists(text) and not _is_pattern(text)
+                    and shard_of(Path(text)) is None):
+                raise InputError(f"{printable(text)}: {_absent_reason(text)}")
 
 
 def _is_pattern(item: str) -> bool:
     return any(char in item for char in "*?[")
+
+
+def _brace_expanded(item: str) -> list[str]:
+    """A shell-style brace list (`shards/{00000..01023}.tar`, `{a,b}/*.jpg`) as the inputs it names,
+    in order; anything else, and a path that exists under its literal name, as itself."""
+    if "{" not in item or "}" not in item or os.path.lexists(os.path.expanduser(item)):
+        return [item]
+    try:
+        from braceexpand import braceexpand
+    except ImportError:
+        raise InputError(f"{printable(item)}: brace lists need the braceexpand package: "
+                         "pip install 'captionkit[ray]' (or pip install braceexpand)") from None
+    return list(braceexpand(item))
 
 
 def _absent_reason(item: str) -> str:
@@ -124,16 +140,109 @@ def _absent_reason(item: str) -> str:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The whole file; raises ImageError with a one-line reason."""
+    """The whole file, or the whole member of a tar shard (`shard.tar/key.jpg`); raises ImageError
+    with a one-line reason."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ImageError(printable(path), "not a regular file")
         with open(path, "rb") as file:
             data = file.read()
+    except NotADirectoryError as error:
+        data = _read_member(path, error)
     except OSError as error:
         raise ImageError(printable(path), _os_reason(error, path)) from None
     if not data:
         raise ImageError(printable(path), "empty file (0 bytes)")
+    return data
+
+
+SHARD_SUFFIX = ".tar"
+"""Webdataset shards, as img2dataset writes them (`{key}.jpg` beside `{key}.json` and `{key}.txt`),
+are uncompressed tar files. Each image member is read in place and addressed as if the shard were a
+folder: `shards/00001.tar/000010123.jpg`, exported as `00001.tar/000010123.jpg`."""
+
+
+def is_shard(name: str) -> bool:
+    return name.lower().endswith(SHARD_SUFFIX)
+
+
+def shard_of(path: Path) -> tuple[Path, str] | None:
+    """(the shard, the member's name in it) when `path` names a member of a tar shard: the nearest
+    folder above it that is a regular `.tar` file; None otherwise."""
+    for parent in path.parents:
+        if not is_shard(parent.name):
+            continue
+        try:
+            if stat.S_ISREG(os.stat(parent).st_mode):
+                return parent, path.relative_to(parent).as_posix()
+        except OSError:
+            continue
+    return None
+
+
+def stat_image(path: Path) -> os.stat_result:
+    """`os.stat` of an image, or of the shard a member lives in: a rewritten shard (another size or
+    modification time) counts as a change of every member, so a resumed run captions them again."""
+    try:
+        return os.stat(path)
+    except NotADirectoryError:
+        found = shard_of(path)
+        if found is None:
+            raise
+        return os.stat(found[0])
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each regular member of a tar shard is: name -> (offset of its data, size)."""
+
+    members: dict[str, tuple[int, int]]
+    cut_short: str | None = None
+    """Why reading the headers stopped before the end (a truncated or corrupt shard), else None."""
+
+
+@functools.lru_cache(maxsize=32)
+def _shard_index(path: str, size: int, mtime_ns: int) -> ShardIndex:
+    """Scan a shard's headers once (size and mtime make a rewritten shard scanned again); a name
+    met twice keeps its last copy, as `tar -x` would."""
+    members: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                name = PurePosixPath(info.name)  # `./key.jpg` is `key.jpg`
+                # a member that would resolve outside its shard has no address inside it
+                if info.isreg() and not name.is_absolute() and ".." not in name.parts:
+                    members.pop(name.as_posix(), None)
+                    members[name.as_posix()] = (info.offset_data, info.size)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        return ShardIndex(members, _one_line(error))
+    return ShardIndex(members)
+
+
+def shard_index(path: str | os.PathLike[str]) -> ShardIndex:
+    """The shard's member index, scanned once per shard version and kept for the readers after it."""
+    info = os.stat(path)
+    return _shard_index(os.fspath(path), info.st_size, info.st_mtime_ns)
+
+
+def _read_member(path: Path, error: OSError) -> bytes:
+    """A tar member's bytes, read at its offset without extracting anything."""
+    found = shard_of(Path(path))
+    if found is None:
+        raise ImageError(printable(path), _os_reason(error, path)) from None
+    shard, name = found
+    try:
+        where = shard_index(shard).members.get(name)
+        if where is None:
+            raise ImageError(printable(path), f"no member {printable(name)} in tar shard {printable(shard)}")
+        offset, size = where
+        with open(shard, "rb") as file:
+            file.seek(offset)
+            data = file.read(size)
+    except OSError as err:
+        raise ImageError(printable(path), _os_reason(err, shard)) from None
+    if len(data) < size:
+        raise ImageError(printable(path), "truncated image data (the tar shard ends inside this member)")
     return data
 
 
@@ -253,9 +362,23 @@ class _Finder:
             return self.folder(path)
         if os.path.lexists(path):
             return self.file(path, _listed_name(item) if listed else os.path.basename(path), listed)
+        expanded = _brace_expanded(item)
+        if expanded != [item]:
+            return [found for one in expanded for found in self.expand_named(one, relative_to, listed)]
         if _is_pattern(item):
             return self.glob(item, relative_to)
+        member = shard_of(Path(os.path.abspath(path)))
+        if member is not None:  # one image inside a shard, named as shard.tar/key.jpg
+            return [(path, _listed_name(item) if listed else "/".join(
+                (os.path.basename(member[0]), member[1])))]
         raise _Unusable(_absent_reason(item))
+
+    def expand_named(self, item: str, relative_to: str, listed: bool) -> list[tuple[str, str]]:
+        """`expand` for one of several inputs a brace list names: its errors say which one."""
+        try:
+            return self.expand(item, relative_to, listed)
+        except _Unusable as error:
+            raise _Unusable(f"{printable(item)}: {error}") from None
 
     def file(self, path: str, name: str, listed: bool) -> list[tuple[str, str]]:
         basename = os.path.basename(path)
@@ -269,6 +392,8 @@ class _Finder:
             raise _Unusable("not a regular file")
         if not listed and basename.lower().endswith(LIST_SUFFIXES):
             return self.list_file(path)
+        if is_shard(basename):
+            return self.shard(path, name)
         # A file named directly is tried whatever its extension, unless the user restricted them.
         if self.filtered and os.path.splitext(basename)[1].lower() not in self.extensions:
             return []
@@ -297,6 +422,32 @@ class _Finder:
                 self.problems.append(Problem(where, f"{error} (listed in {source} line {number})"))
         return found
 
+    def shard(self, path: str, name: str) -> list[tuple[str, str]]:
+        """The image members of a tar shard, in archive order, each as `shard.tar/member`."""
+        try:
+            index = shard_index(path)
+        except OSError as error:
+            raise _Unusable(_os_reason(error, path)) from None
+        if index.cut_short is not None:
+            if not index.members:
+                raise _Unusable(f"not a readable tar shard ({index.cut_short}); shards are "
+                                "uncompressed .tar files")
+            self.problems.append(Problem(path, f"tar shard cut short after {len(index.members)} "
+                                               f"members ({index.cut_short}): the rest is left out"))
+        found = [(os.path.join(path, member), f"{name}/{member}") for member in index.members
+                 if self.wants(PurePath(member).name)]
+        if not found and index.cut_short is None:
+            raise _Unusable("a tar shard holding no images")
+        return found
+
+    def shard_or_problem(self, path: str, name: str) -> list[tuple[str, str]]:
+        """A shard a pattern matched: one that cannot be read is a problem, not the end of the run."""
+        try:
+            return self.shard(path, name)
+        except _Unusable as error:
+            self.problems.append(Problem(path, str(error)))
+            return []
+
     def folder(self, path: str) -> list[tuple[str, str]]:
         problems_before = len(self.problems)
         found = [(file, "/".join(parts)) for file, parts in self.walk(
@@ -314,9 +465,14 @@ class _Finder:
         if not os.path.isdir(base):
             raise _Unusable("matches no images")
         problems_before = len(self.problems)
+        # shards are collected when the pattern names them (`shards/*.tar`), not by `*` alone
+        shards = is_shard(rest[-1])
         found = [(file, "/".join(parts)) for file, parts in self.walk(
-            base, lambda parts: self.wants(parts[-1]) and _glob_match(rest, parts),
+            base, lambda parts: (self.wants(parts[-1]) or shards and is_shard(parts[-1]))
+            and _glob_match(rest, parts),
             lambda parts: _glob_match(rest, parts, partial=True))]
+        found = [member for file, name in found for member in
+                 (self.shard_or_problem(file, name) if is_shard(file) else [(file, name)])]
         if not found and len(self.problems) == problems_before:
             raise _Unusable("matches no images")
         return found

@@ -1,0 +1,55 @@
+"""The Ray engine's options and its Ray-release spellings, without starting Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from captionkit import ray_engine  # noqa: E402
+from captionkit.errors import OptionError  # noqa: E402
+from captionkit.ray_engine import EngineOptions  # noqa: E402
+
+
+def test_the_local_engine_refuses_ray_only_options():
+    assert EngineOptions().engine == "local"
+    with pytest.raises(OptionError, match="--ray-address applies to --engine ray"):
+        EngineOptions(ray_address="auto")
+    with pytest.raises(OptionError, match="--engine 'spark'"):
+        EngineOptions(engine="spark")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"workers": 0}, "--workers must be at least 1"),
+    ({"gpus_per_worker": -1}, "--gpus-per-worker cannot be negative"),
+    ({"cpus_per_worker": 0}, "--cpus-per-worker must be positive"),
+    ({"task_retries": -1}, "--task-retries cannot be negative"),
+    ({"object_store_memory": 1000}, "--object-store-memory must be at least"),
+    ({"ray_address": "auto", "local_cpus": 4}, "a cluster joined with --ray-address is sized where"),
+])
+def test_bad_ray_options_are_named(options, message):
+    with pytest.raises(OptionError, match=message):
+        EngineOptions(engine="ray", **options)
+
+
+@pytest.mark.parametrize(("version", "keyword"), [
+    ("2.9.3", "concurrency"), ("2.50.1", "concurrency"), ("2.51.0", "compute"), ("2.60.0", "compute"),
+    ("3.0.0.dev0", "compute")])
+def test_the_actor_pool_is_spelt_as_each_release_wants(monkeypatch, version, keyword):
+    monkeypatch.setattr(ray, "__version__", version)
+    arguments = ray_engine.actor_pool_arguments(3)
+    assert list(arguments) == [keyword]
+    if keyword == "compute":
+        from ray.data import ActorPoolStrategy
+
+        assert isinstance(arguments["compute"], ActorPoolStrategy)
+        assert arguments["compute"].min_size == arguments["compute"].max_size == 3
+    else:
+        assert arguments["concurrency"] == 3
+
+
+def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch):
+    monkeypatch.setattr(ray, "__version__", "2.60.0")
+    assert ray_engine.restart_arguments(5) == {"max_restarts": -1, "max_task_retries": 5}
+    monkeypatch.setattr(ray, "__version__", "2.64.0")
+    assert ray_engine.restart_arguments(5) == {}
