@@ -84,7 +84,7 @@ def main() -> None:
     local_model = load(str(path), load_options)
     local_load = time.perf_counter() - started
     started = time.perf_counter()
-    engine = ray_engine.EngineOptions(engine="ray", local_cpus=cpus, workers=args.workers,
+    engine = ray_engine.EngineOptions(engine="ray", local_cpus=cpus, ray_workers=args.workers,
                                       cpus_per_worker=cpus / args.workers,
                                       gpus_per_worker=args.gpus_per_worker)
     ray_engine.connect(engine)

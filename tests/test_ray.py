@@ -40,8 +40,8 @@ TESTS = Path(__file__).resolve().parent
 GEN = GenerationOptions(max_new_tokens=6)
 FP32 = LoadOptions(device="cpu", dtype="float32")
 FORMATS = ("captions.txt", "txt", "jsonl", "csv", "parquet")
-TWO_REPLICAS = EngineOptions(engine="ray", workers=2, cpus_per_worker=1)
-ONE_REPLICA = EngineOptions(engine="ray", workers=1, cpus_per_worker=1)
+TWO_REPLICAS = EngineOptions(engine="ray", ray_workers=2, cpus_per_worker=1)
+ONE_REPLICA = EngineOptions(engine="ray", ray_workers=1, cpus_per_worker=1)
 
 
 def ray_env() -> dict[str, str]:
@@ -232,7 +232,7 @@ DRIVER = textwrap.dedent("""
     from captionkit.pipeline import Pipeline, RunOptions
 
     model, inputs, output_dir, address = sys.argv[1:5]
-    engine = ray_engine.EngineOptions(engine="ray", ray_address=address or None, workers=2,
+    engine = ray_engine.EngineOptions(engine="ray", ray_address=address or None, ray_workers=2,
                                       cpus_per_worker=1, local_cpus=None if address else 2)
     ray_engine.connect(engine)
     if address:  # wait for the second node to join, so the pool has an actor on each

@@ -20,7 +20,7 @@ def test_the_local_engine_refuses_ray_only_options():
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"workers": 0}, "--workers must be at least 1"),
+    ({"ray_workers": 0}, "--ray-workers must be at least 1"),
     ({"gpus_per_worker": -1}, "--gpus-per-worker cannot be negative"),
     ({"cpus_per_worker": 0}, "--cpus-per-worker must be positive"),
     ({"task_retries": -1}, "--task-retries cannot be negative"),

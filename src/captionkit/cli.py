@@ -26,6 +26,7 @@ from captionkit.options import (
     MODEL,
     OUTPUTS,
     RESUME,
+    EngineOptions,
     GateOptions,
     GenerationOptions,
     LoadOptions,
@@ -122,7 +123,7 @@ def _quiet_transformers() -> None:
 @command()
 def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, segment: SegmentWith = None,
             *, generation: GenerationOptions, load_options: LoadOptions, run: RunOptions,
-            segment_options: SegmentOptions) -> None:
+            segment_options: SegmentOptions, engine: EngineOptions) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import sources
     from captionkit.exporters import check_output_dir
@@ -139,10 +140,14 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
     _quiet_transformers()
     # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
     scorer = load_scorer(run.gate, generation, load_options.device)
-    captioner = load(model, load_options)
-    if segment is not None:
-        captioner = _segmenting(segment.split(","), segment_options, load_options, captioner)
-    summary = Pipeline(captioner, generation, run, scorer).run(inputs, found)
+    if engine.engine == "ray":
+        summary = _caption_on_ray(inputs, found, model, generation, load_options, run, engine, segment,
+                                  scorer)
+    else:
+        captioner = load(model, load_options)
+        if segment is not None:
+            captioner = _segmenting(segment.split(","), segment_options, load_options, captioner)
+        summary = Pipeline(captioner, generation, run, scorer).run(inputs, found)
     ui.print_run(summary)
     gate = run.gate
     if gate.failed_dir is not None:
@@ -170,6 +175,19 @@ def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic
     ui.print_run(summary)
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
+
+
+def _caption_on_ray(inputs, found, model: str, generation: GenerationOptions, load_options: LoadOptions,
+                    run: RunOptions, engine: EngineOptions, segment: str | None, scorer):
+    """The same run with model replicas as Ray actors; this process plans and records."""
+    from captionkit import ray_engine
+    from captionkit.pipeline import Pipeline
+
+    if segment is not None:
+        raise OptionError("--segment runs with --engine local for now: drop one of them")
+    recipe = ray_engine.ModelRecipe(model, load_options)
+    pipeline = Pipeline(ray_engine.describe(recipe, engine), generation, run, scorer)
+    return pipeline.run(inputs, found, executor=ray_engine.executor_for(pipeline, engine, recipe))
 
 
 def _segmenting(names: list[str], options: SegmentOptions, load_options: LoadOptions, inner=None):

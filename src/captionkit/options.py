@@ -299,3 +299,54 @@ class RunOptions:
         """The formats asked for, plus the copies' caption files with `--copy-images`."""
         needs_sidecars = self.gate.copy_images and "txt" not in self.formats
         return (*self.formats, "txt") if needs_sidecars else self.formats
+
+
+ENGINES = ("local", "ray")
+ENGINE = "Engine"  # the help panel
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Where the execute step runs: threads in this process, or Ray actors on this machine or a
+    cluster. The fields after `engine` apply to `ray` only."""
+
+    engine: str = flag("local", "local: threads and the model in this process; ray: model replicas as "
+                       "Ray actors.", panel=ENGINE, metavar="NAME")
+    ray_address: str | None = flag(None, "The Ray cluster to join (auto, HOST:6379, ray://HOST:10001); "
+                                   "none: start Ray here.", panel=ENGINE, metavar="ADDRESS")
+    ray_workers: int | None = flag(None, "Model replicas (Ray actors); default: as many as the GPUs "
+                                   "(else CPUs) allow.", panel=ENGINE)
+    gpus_per_worker: float | None = flag(None, "GPUs each replica holds (0.5: two share one); default: 1 "
+                                         "with GPUs, else 0.", panel=ENGINE)
+    cpus_per_worker: float | None = flag(None, "CPUs each replica holds for decoding (and torch without a "
+                                         "GPU); default: 8 per GPU replica, 4 per CPU one.", panel=ENGINE)
+    local_cpus: int | None = flag(None, "Without --ray-address: the CPUs the Ray started here may use.",
+                                  panel=ENGINE)
+    object_store_memory: int | None = flag(None, "Without --ray-address: bytes of Ray's object store "
+                                           "(default: 30% of RAM; 1 GB is plenty).", panel=ENGINE)
+    task_retries: int = flag(3, "Times a batch is retried after its worker died (a kill, a lost node).",
+                             panel=ENGINE, min=0)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise OptionError(f"--engine {self.engine!r}: use {' or '.join(ENGINES)}")
+        if self.engine == "local":
+            given = [name for name, value in (
+                ("--ray-address", self.ray_address), ("--ray-workers", self.ray_workers),
+                ("--gpus-per-worker", self.gpus_per_worker), ("--local-cpus", self.local_cpus),
+                ("--object-store-memory", self.object_store_memory)) if value is not None]
+            if given:
+                raise OptionError(f"{given[0]} applies to --engine ray: add --engine ray or drop it")
+        for name, value, low in (("--ray-workers", self.ray_workers, 1), ("--local-cpus", self.local_cpus, 1),
+                                 ("--object-store-memory", self.object_store_memory, 78_643_200)):
+            if value is not None and value < low:
+                raise OptionError(f"{name} must be at least {low}, not {value}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise OptionError("--gpus-per-worker cannot be negative")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise OptionError("--cpus-per-worker must be positive")
+        if self.task_retries < 0:
+            raise OptionError("--task-retries cannot be negative")
+        if self.ray_address is not None and (self.local_cpus or self.object_store_memory):
+            raise OptionError("--local-cpus and --object-store-memory size the Ray started here; a "
+                              "cluster joined with --ray-address is sized where it starts (ray start)")

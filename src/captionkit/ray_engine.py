@@ -25,7 +25,7 @@ from captionkit import errors, gate, sources
 from captionkit.errors import CaptionkitError, OptionError
 from captionkit.execute import Decoding, LocalExecutor, Outcome, Predictor, WorkItem
 from captionkit.models.base import Captioner
-from captionkit.options import GateOptions, GenerationOptions, LoadOptions
+from captionkit.options import EngineOptions, GateOptions, GenerationOptions, LoadOptions
 from captionkit.predictions import Prediction, regions_from_json, regions_to_json
 
 if TYPE_CHECKING:
@@ -33,58 +33,6 @@ if TYPE_CHECKING:
 
     from captionkit.pipeline import Pipeline
 
-ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Where the execute step runs: threads in this process, or Ray actors on this machine or a
-    cluster. The fields after `engine` apply to `ray` only."""
-
-    engine: str = "local"
-    """local: decoding threads and the model in this process; ray: model replicas as Ray actors."""
-    ray_address: str | None = None
-    """The Ray cluster to join (`auto`, `HOST:6379`, `ray://HOST:10001`); none: start Ray here."""
-    workers: int | None = None
-    """Model replicas (Ray actors); none: as many as the cluster's GPUs (else CPUs) allow."""
-    gpus_per_worker: float | None = None
-    """GPUs each replica holds (0.5: two share one); none: 1 when the cluster has GPUs, else 0."""
-    cpus_per_worker: float | None = None
-    """CPUs each replica holds: its decoding threads, and its torch threads when it has no GPU;
-    none: 8 per GPU replica (the host side feeds the GPU) and 4 per CPU replica, fewer on nodes
-    that have fewer."""
-    local_cpus: int | None = None
-    """Without --ray-address: the CPUs the Ray started here may use; none: all of them."""
-    object_store_memory: int | None = None
-    """Without --ray-address: bytes of shared memory for Ray's object store; none: Ray's default
-    (30% of RAM). Batches of paths and captions are small: 1 GB is plenty."""
-    task_retries: int = 3
-    """Times a batch is retried after the process running it died (a killed worker, a lost node);
-    a batch that kills its worker every time then ends the run, like a crash in a local run."""
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise OptionError(f"--engine {self.engine!r}: use {' or '.join(ENGINES)}")
-        if self.engine == "local":
-            given = [flag for flag, value in (
-                ("--ray-address", self.ray_address), ("--workers", self.workers),
-                ("--gpus-per-worker", self.gpus_per_worker), ("--local-cpus", self.local_cpus),
-                ("--object-store-memory", self.object_store_memory)) if value is not None]
-            if given:
-                raise OptionError(f"{given[0]} applies to --engine ray: add --engine ray or drop it")
-        for flag, value, low in (("--workers", self.workers, 1), ("--local-cpus", self.local_cpus, 1),
-                                 ("--object-store-memory", self.object_store_memory, 78_643_200)):
-            if value is not None and value < low:
-                raise OptionError(f"{flag} must be at least {low}, not {value}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise OptionError("--gpus-per-worker cannot be negative")
-        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise OptionError("--cpus-per-worker must be positive")
-        if self.task_retries < 0:
-            raise OptionError("--task-retries cannot be negative")
-        if self.ray_address is not None and (self.local_cpus or self.object_store_memory):
-            raise OptionError("--local-cpus and --object-store-memory size the Ray started here; a "
-                              "cluster joined with --ray-address is sized where it starts (ray start)")
 
 
 @dataclass(frozen=True)
@@ -132,8 +80,8 @@ def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     cpus = engine.cpus_per_worker or _default_cpus(gpus)
-    if engine.workers is not None:
-        return engine.workers, gpus, cpus
+    if engine.ray_workers is not None:
+        return engine.ray_workers, gpus, cpus
     fits = cluster.get("GPU", 0) / gpus if gpus else cluster.get("CPU", 1) / cpus
     if fits < 1:
         raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs and this Ray cluster "
