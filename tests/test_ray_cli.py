@@ -25,7 +25,8 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(blip_dir, photo_dir,
     on_ray = caption(photo_dir, "-o", tmp_path / "ray", *common, "--engine", "ray", "--ray-workers", "1",
                      "--cpus-per-worker", "1", "--local-cpus", "2")
     assert "8 captioned" in on_ray.stderr
-    assert (tmp_path / "ray" / "captions.txt").read_text() == (tmp_path / "local" / "captions.txt").read_text()
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    assert (ray / "captions.txt").read_text() == (local / "captions.txt").read_text()
     again = caption(photo_dir, "-o", tmp_path / "ray", *common, "--engine", "ray", "--ray-workers", "1",
                     "--cpus-per-worker", "1", "--local-cpus", "2")
     assert "0 captioned, 8 already done" in again.stderr
