@@ -9,9 +9,11 @@ decoded images and any engine that does not attach pixels gets the processor's p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ PROBE_SIZES = ((97, 61), (517, 389))
 shrunk, neither square, so a mismatch in either direction of the resize shows."""
 
 _PINNING = threading.Lock()
+_STREAMS = threading.local()
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,16 @@ class FixedSize:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return self.resized(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+        with finished_on_own_stream(device):
+            return self.resized(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std as tensors on `device`, made once per device."""
         if device not in self._constants:
-            self._constants[device] = (torch.tensor(self.mean, device=device),
-                                       torch.tensor(self.std, device=device))
+            made = (torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device))
+            if device.type == "cuda":  # complete before another thread can find them
+                torch.cuda.current_stream(device).synchronize()
+            self._constants[device] = made
         return self._constants[device]
 
 
@@ -133,6 +139,25 @@ def _probe(size: tuple[int, int], seed: int) -> Image.Image:
     ramp = np.add.outer(np.arange(height) * 255 // height, np.arange(width) * 255 // width) // 2
     noise = rng.integers(0, 64, (height, width, 3))
     return Image.fromarray(((ramp[..., None] + noise) % 256).astype(np.uint8), "RGB")
+
+
+@contextlib.contextmanager
+def finished_on_own_stream(device: torch.device) -> Iterator[None]:
+    """Run the block's CUDA work on a stream of this thread's own, and wait for it to finish.
+
+    The model's thread then reads the results on its stream with no event to wait for, and the
+    decoding threads never launch onto the default stream, whose implicit synchronization would
+    break a CUDA graph the model's thread is capturing.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    streams = _STREAMS.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    with torch.cuda.stream(streams[device]):
+        yield
+    streams[device].synchronize()
 
 
 def one_torch_thread() -> None:
@@ -166,7 +191,8 @@ def stacked(rows: list[torch.Tensor], pin: bool) -> torch.Tensor:
     page-locked memory when `pin`, so the copy to the GPU can run without blocking the host."""
     on_gpu = next((row.device for row in rows if row.is_cuda), None)
     if on_gpu is not None:
-        return torch.stack([row.to(on_gpu) for row in rows])
+        with finished_on_own_stream(on_gpu):
+            return torch.stack([row.to(on_gpu) for row in rows])
     out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=pin)
     return torch.stack(rows, out=out)
 
