@@ -96,10 +96,13 @@ class Ways:
         self.spec = spec
 
     def names(self) -> list[str]:
-        return ["today", "threads", *(["nvjpeg"] if self.device.type == "cuda" else [])]
+        return ["decode", "today", "threads", *(["nvjpeg"] if self.device.type == "cuda" else [])]
 
-    def run(self, name: str, paths: list[Path]) -> list[torch.Tensor]:
-        """The batches of model inputs for `paths`, made the way `name` says."""
+    def run(self, name: str, paths: list[Path]) -> list:
+        """The batches of model inputs for `paths`, made the way `name` says (decode: the decoded
+        images alone, the part today's and the threads' ways share)."""
+        if name == "decode":
+            return [self.decode(path) for path in paths]
         if name == "today":
             decoded = [self.decode(path) for path in paths]
             return [self.processor(images=part, return_tensors="pt")["pixel_values"]
@@ -145,31 +148,50 @@ def files(args: argparse.Namespace) -> dict:
         "images_per_set": args.images, "runs": args.runs, "batch": args.batch, "size": args.size,
         "torch_threads": 1, "sets": {name: _describe(paths) for name, paths in sets.items()}}}
     for set_name, paths in sets.items():
-        for name in names:  # warm-up: first calls, page cache
-            ways.run(name, paths[:2])
-        cpu: dict[str, list[float]] = {name: [] for name in names}
-        wall: dict[str, list[float]] = {name: [] for name in names}
-        for run in range(args.runs):
-            for name in names[run % len(names):] + names[:run % len(names)]:
-                started, started_cpu = time.perf_counter(), time.thread_time()
-                ways.run(name, paths)
-                cpu[name].append(len(paths) / (time.thread_time() - started_cpu))
-                wall[name].append(len(paths) / (time.perf_counter() - started))
-        rows = {name: {"images_per_second_per_core": common.median(cpu[name]),
-                       "images_per_second_wall": common.median(wall[name]),
-                       "runs_per_core": cpu[name], **ways.differences(name, paths)} for name in names}
-        for row in rows.values():
-            row["per_core_vs_today"] = row["images_per_second_per_core"] / rows["today"][
-                "images_per_second_per_core"]
-            row["wall_vs_today"] = row["images_per_second_wall"] / rows["today"]["images_per_second_wall"]
-        result[set_name] = rows
+        result[set_name] = _timed_ways(ways, names, paths, args.runs)
     for set_name in sets:
         for name, row in result[set_name].items():
+            if name == "decode":
+                continue
+            after = (f"after the decode {row['preprocess_ms_per_image']:.2f} ms/image "
+                     f"({row['preprocessing_vs_today']:.2f}x today)" if "preprocess_ms_per_image" in row
+                     else "decoded on the GPU")
             print(f"{set_name:7s} {name:8s} {row['images_per_second_per_core']:7.1f} images/s per core "
-                  f"({row['per_core_vs_today']:.2f}x today; wall {row['wall_vs_today']:.2f}x), max diff "
-                  f"{row['max_abs_vs_processor_same_decode']:.4f} vs the processor on the same decode, "
-                  f"{row['max_abs_vs_processor_full_decode']:.3f} vs a full decode")
+                  f"({row['per_core_vs_today']:.2f}x today; wall {row['wall_vs_today']:.2f}x); {after}; "
+                  f"max diff {row['max_abs_vs_processor_same_decode']:.4f} vs the processor on the same "
+                  f"decode, {row['max_abs_vs_processor_full_decode']:.3f} vs a full decode")
     return result
+
+
+def _timed_ways(ways: Ways, names: list[str], paths: list[Path], runs: int) -> dict:
+    """Each way's median rate per core and on the wall clock, runs interleaved (order rotating);
+    what each adds to the shared decode; its differences from the processor."""
+    for name in names:  # warm-up: first calls, page cache
+        ways.run(name, paths[:2])
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    for run in range(runs):
+        for name in names[run % len(names):] + names[:run % len(names)]:
+            started, started_cpu = time.perf_counter(), time.thread_time()
+            ways.run(name, paths)
+            cpu[name].append(len(paths) / (time.thread_time() - started_cpu))
+            wall[name].append(len(paths) / (time.perf_counter() - started))
+    rows = {name: {"images_per_second_per_core": common.median(cpu[name]),
+                   "images_per_second_wall": common.median(wall[name]), "runs_per_core": cpu[name]}
+            for name in names}
+    today, decode = rows["today"], rows["decode"]["images_per_second_per_core"]
+    for name, row in rows.items():
+        row["per_core_vs_today"] = row["images_per_second_per_core"] / today["images_per_second_per_core"]
+        row["wall_vs_today"] = row["images_per_second_wall"] / today["images_per_second_wall"]
+        if name not in ("decode", "nvjpeg"):  # nvJPEG does not share the CPU decode
+            row["preprocess_ms_per_image"] = 1000 / row["images_per_second_per_core"] - 1000 / decode
+        if name != "decode":
+            row.update(ways.differences(name, paths))
+    for row in rows.values():
+        if "preprocess_ms_per_image" in row:
+            row["preprocessing_vs_today"] = (today["preprocess_ms_per_image"]
+                                             / row["preprocess_ms_per_image"])
+    return rows
 
 
 def _describe(paths: list[Path]) -> dict:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -32,12 +33,17 @@ def test_files_quick_makes_the_processors_inputs_per_core(tmp_path):
     assert result["settings"]["sets"]["12mp"]["megapixels_min"] == 12.0
     for image_set in ("12mp", "photos"):
         rows = result[image_set]
-        assert set(rows) == {"today", "threads"}, "nvjpeg only with --device cuda"
-        for row in rows.values():
-            assert row["images_per_second_per_core"] > 0 and row["images_per_second_wall"] > 0
+        assert set(rows) == {"decode", "today", "threads"}, "nvjpeg only with --device cuda"
+        assert all(row["images_per_second_per_core"] > 0 and row["images_per_second_wall"] > 0
+                   for row in rows.values())
+        for name in ("today", "threads"):
             # the decoding threads' inputs are the processor's, bit for bit
-            assert row["max_abs_vs_processor_same_decode"] == 0.0
-        assert rows["today"]["per_core_vs_today"] == 1.0
+            assert rows[name]["max_abs_vs_processor_same_decode"] == 0.0
+            # what each adds to the decode both share
+            assert rows[name]["preprocess_ms_per_image"] == pytest.approx(
+                1000 / rows[name]["images_per_second_per_core"]
+                - 1000 / rows["decode"]["images_per_second_per_core"])
+        assert rows["today"]["per_core_vs_today"] == rows["today"]["preprocessing_vs_today"] == 1.0
     # draft decoding shows against a full decode of the 12 MP JPEGs; the quick set's two photos
     # (720x480 and 800x600) are too small to be drafted
     assert 0 < result["12mp"]["threads"]["max_abs_vs_processor_full_decode"] < 0.5

@@ -197,7 +197,10 @@ class LocalExecutor:
         if self.preprocess is not None:
             batches = _prepared_ahead(batches, self._stack)
         for batch in batches:
-            yield self._finish(batch)
+            # a batch taken before out-of-memory halved the size goes in pieces of the new size
+            size = self.predictor.batch_size
+            for start in range(0, len(batch), size):
+                yield self._finish(batch[start:start + size])
 
     def _batches(self, decoded: Iterator[WorkItem]) -> Generator[list[WorkItem], None, None]:
         """Decoded items in batches of the predictor's size (which out-of-memory may halve)."""
