@@ -6,19 +6,58 @@
 #   bash benchmarks/gpu.sh OUT_DIR breakdown           # bf16 batch stage by stage, GPU busy share
 #   bash benchmarks/gpu.sh OUT_DIR cpu-2core           # issue 3's CPU targets on the host's CPU
 #   bash benchmarks/gpu.sh OUT_DIR cpu-2core-levers    # its dtypes, and torch.compile in bf16
+#   bash benchmarks/gpu.sh OUT_DIR feed                # issue 23, every contender, < 8 minutes
 # The cpu-2core parts hide the GPU and pin to two cores (taskset), like the machine issue 3's CPU
 # targets were set on; they need no GPU. Where the CPU has AMX, `--dtype auto` picks bf16 and
 # cpu-2core measures it against a float32 naive loop (what a plain script runs).
 # Each writes OUT_DIR/PART.json (cpu-2core-levers: PART-GROUP.json) and OUT_DIR/PART.log; PYTHON
 # picks the interpreter (python3).
 set -euo pipefail
-usage="usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2|breakdown|cpu-2core|cpu-2core-levers"
+usage="usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2|breakdown|cpu-2core|cpu-2core-levers|feed"
 out=${1:?$usage}
 part=${2:?$usage}
 python=${PYTHON:-python3}
 here=$(dirname "$0")
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+
+# Issue 23 in one go, each step under its own time limit so a slow one cannot take the others' time
+# (about 6.5 minutes expected on an H100 host, the model builds and image files included;
+# the limits add up to 580 s, under the 10-minute slot):
+#   feed-files.json            files to model inputs per core: today / threads / nvJPEG, two image sets
+#   blip-base-float32.json     float32 captions of the naive loop, captionkit (inputs made in the
+#                              decoding threads) and --full-decode: identity with the naive loop
+#   feed-blip-base-bf16.json   BLIP-base bf16 end to end: today / threads / nvjpeg, GPU busy share,
+#                              agreement with the float32 naive captions
+#   feed-blip2-bf16.json       BLIP-2 OPT-2.7b bf16: today / threads / graphs / nvjpeg+graphs
+# Wheels in .whl/ (say transformers==5.25.0, the release these were developed on: see
+# /work/.library/device/README.md for `pip download`) are installed first, to /tmp/site.
+feed() {
+  local root images=128
+  root=$(cd "$here/.." && pwd)
+  if compgen -G "$root/.whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$root"/.whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  export PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$python" -c "import torch, torchvision, transformers; print(torch.__version__, torchvision.__version__, transformers.__version__)"
+    timeout 90 "$python" "$here/feed.py" files --device cuda --images 16 --runs 2 \
+      --out "$out/feed-files.json" || echo "feed.py files: exit $?"
+    timeout 140 "$python" "$here/throughput.py" --device cuda --dtype float32 --model blip-base \
+      --images 64 --runs 1 --warmup 2 --pipeline-batch-sizes 32 --variants full-decode --no-memory \
+      --out "$out/blip-base-float32.json" || echo "throughput.py float32: exit $?"
+    timeout 110 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip-base \
+      --images "$images" --runs 3 --warmup 64 --contenders today,threads,nvjpeg \
+      --compare-to "$out/blip-base-float32.json" --out "$out/feed-blip-base-bf16.json" \
+      || echo "feed.py blip-base: exit $?"
+    timeout 240 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip2-opt-2.7b \
+      --images "$images" --runs 2 --warmup "$images" --contenders today,threads,graphs,nvjpeg+graphs \
+      --out "$out/feed-blip2-bf16.json" || echo "feed.py blip2: exit $?"
+  } 2>&1 | tee "$out/feed.log"
+}
 case $part in
   blip-base-float32)
     args=(--model blip-base --dtype float32 --images 96 --pipeline-batch-sizes 8,32) ;;
@@ -27,9 +66,13 @@ case $part in
           --variants batch-32,workers-16 --compare-to "$out/blip-base-float32.json") ;;
   blip2)
     args=(--model blip2-opt-2.7b --dtype bfloat16 --images 64 --pipeline-batch-sizes 8,32) ;;
-  breakdown|cpu-2core|cpu-2core-levers) ;;
+  breakdown|cpu-2core|cpu-2core-levers|feed) ;;
   *) echo "unknown part $part; $usage" >&2; exit 2 ;;
 esac
+if [ "$part" = feed ]; then
+  feed
+  exit
+fi
 if [[ $part == cpu-2core* ]]; then
   cpu=(env CUDA_VISIBLE_DEVICES= taskset -c 0,1 "$python")
   {

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from PIL import Image
 
-from captionkit import gate, sources
+from captionkit import gate, preprocess, sources
 from captionkit.device import usable_cpus
 from captionkit.errors import CaptionkitError, ImageError
 from captionkit.models.base import Captioner
@@ -43,6 +43,8 @@ class WorkItem:
     prompt: str | None = None
     reused: Prediction | None = None
     """The prediction the other decoding (draft or full) gave these same pixels."""
+    pixels: object | None = None
+    """The model's input made in the decoding thread (a tensor), when the captioner declares how."""
 
     @property
     def reuse_key(self) -> ReuseKey:
@@ -142,6 +144,10 @@ class Decoding:
     workers: int | None = None
     full_decode: bool = False
     max_pixels: int = sources.DEFAULT_MAX_PIXELS
+    gpu_jpeg: bool = False
+    """Decode JPEGs with nvJPEG on a CUDA model's GPU, for captioners that take pixel tensors and runs
+    without a scorer; other files, and files nvJPEG refuses, take the CPU path. Pixels differ from
+    libjpeg's by rounding, so captions may too."""
 
 
 @dataclass
@@ -165,7 +171,9 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """Reads, hashes and decodes in threads on this machine, a bounded number ahead of the model,
-    and predicts each distinct (content, prompt) pair once."""
+    and predicts each distinct (content, prompt) pair once. When the captioner declares its
+    `preprocess`, each image's model input is made in those threads too, and each batch's inputs
+    are stacked while the batch before it is predicted."""
 
     def __init__(self, predictor: Predictor, decoding: Decoding, known: dict[ReuseKey, Prediction],
                  same_pixels: dict[ReuseKey, Prediction]) -> None:
@@ -175,39 +183,87 @@ class LocalExecutor:
         """Predictions by reuse key: from the store, then as this run makes them."""
         self.same_pixels = same_pixels
         """The other decoding's predictions, reused where the two decode to the same pixels."""
+        captioner = predictor.captioner
+        self.preprocess = getattr(captioner, "preprocess", None)
+        """The captioner's image-to-input step for the decoding threads; None: it makes its own."""
+        on_cuda = getattr(captioner.device, "type", captioner.device) == "cuda"
+        self.pin = on_cuda
+        self.gpu_jpeg = (decoding.gpu_jpeg and on_cuda and predictor.scorer is None
+                         and hasattr(self.preprocess, "from_jpeg"))
+        """Whether JPEGs go to nvJPEG: on CUDA only, and not for a scorer, which needs CPU pixels."""
 
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
+        batches = self._batches(self._decoded(items))
+        if self.preprocess is not None:
+            batches = _prepared_ahead(batches, self._stack)
+        for batch in batches:
+            # a batch taken before out-of-memory halved the size goes in pieces of the new size
+            size = self.predictor.batch_size
+            for start in range(0, len(batch), size):
+                yield self._finish(batch[start:start + size])
+
+    def _batches(self, decoded: Iterator[WorkItem]) -> Generator[list[WorkItem], None, None]:
+        """Decoded items in batches of the predictor's size (which out-of-memory may halve)."""
         batch: list[WorkItem] = []
-        for item in self._decoded(items):
+        for item in decoded:
             batch.append(item)
             if len(batch) >= self.predictor.batch_size:
-                yield self._finish(batch)
+                yield batch
                 batch = []
         if batch:
-            yield self._finish(batch)
+            yield batch
 
     def _load(self, item: WorkItem) -> WorkItem:
-        """Read, hash and decode one image (runs in a worker thread)."""
+        """Read, hash and decode one image, and make its model input when the captioner declares
+        how (runs in a worker thread)."""
         try:
             data = sources.read_bytes(item.ref.path)
             item.hash = sources.content_hash(data)
             size = self.predictor.captioner.input_size
             if item.reuse_key in self.known:
                 return item
-            if item.reuse_key in self.same_pixels and not sources.shrinks(data, size):
+            # nvJPEG's pixels are neither decoding's, so nothing is taken from the other one
+            if (item.reuse_key in self.same_pixels and not self.gpu_jpeg
+                    and not sources.shrinks(data, size)):
                 item.reused = self.same_pixels[item.reuse_key]
+                return item
+            if self.gpu_jpeg and self._decoded_on_gpu(item, data):
                 return item
             target = None if self.decoding.full_decode else size
             item.image = sources.decode(data, item.ref.name, target, self.decoding.max_pixels)
+            if self.preprocess is not None:
+                item.pixels = self._preprocessed(item.image)
         except ImageError as err:
             item.error = err.reason
         return item
+
+    def _preprocessed(self, image: Image.Image):
+        try:
+            return self.preprocess(image)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - the processor's own path then meets the problem,
+            return None  # in the predictor, which isolates an image that breaks the model
+
+    def _decoded_on_gpu(self, item: WorkItem, data: bytes) -> bool:
+        """Decode a JPEG with nvJPEG and make its input on the GPU; False sends the file to the CPU
+        path (another format, an EXIF turn, CMYK, or a file nvJPEG refuses)."""
+        header = preprocess.jpeg_header(data, self.decoding.max_pixels)
+        if header is None:
+            return False
+        try:
+            item.pixels = self.preprocess.from_jpeg(data, self.predictor.captioner.device)  # type: ignore[union-attr]
+        except RuntimeError:  # nvJPEG refuses some files libjpeg reads (and says why if it cannot)
+            return False
+        item.image = header
+        return True
 
     def _decoded(self, items: list[WorkItem]) -> Iterator[WorkItem]:
         """Decoded items in order, with a bounded number decoding ahead of the model."""
         workers = self.decoding.workers or default_workers()
         ahead = max(2 * self.predictor.batch_size, workers)
-        with ThreadPoolExecutor(workers, thread_name_prefix="captionkit-decode") as pool:
+        # threads that run torch for the inputs get one intra-op thread each, not a team each
+        pinned = preprocess.one_torch_thread if self.preprocess is not None else None
+        with ThreadPoolExecutor(workers, thread_name_prefix="captionkit-decode",
+                                initializer=pinned) as pool:
             queue: deque[Future[WorkItem]] = deque()
             pending = iter(items)
             for item in pending:
@@ -223,6 +279,17 @@ class LocalExecutor:
             finally:  # interrupted: do not decode the images queued ahead before stopping
                 for future in queue:
                     future.cancel()
+
+    def _stack(self, batch: list[WorkItem]) -> None:
+        """Stack the batch's inputs into one tensor (page-locked for a CUDA model) and hand each row
+        over with its image, where the captioner finds it."""
+        ready = [item for item in batch if item.pixels is not None]
+        if not ready:
+            return
+        rows = preprocess.stacked([item.pixels for item in ready], pin=self.pin)  # type: ignore[misc]
+        for index, item in enumerate(ready):
+            preprocess.attach(item.image, self.preprocess, rows, index)  # type: ignore[arg-type]
+            item.pixels = None
 
     def _finish(self, batch: list[WorkItem]) -> list[Outcome]:
         """Predict the batch's new images once per reuse key; the rest take a known prediction."""
@@ -251,6 +318,28 @@ class LocalExecutor:
                           model_failed=prediction is None and item.image is not None)
         item.image = None
         return outcome
+
+
+def _prepared_ahead(batches: Generator[list[WorkItem], None, None],
+                    prepare: Callable[[list[WorkItem]], None]) -> Iterator[list[WorkItem]]:
+    """The batches, each one taken and prepared in a thread of its own while the batch before it
+    is predicted."""
+    def take() -> list[WorkItem] | None:
+        batch = next(batches, None)
+        if batch is not None:
+            prepare(batch)
+        return batch
+
+    stager = ThreadPoolExecutor(1, thread_name_prefix="captionkit-stack",
+                                initializer=preprocess.one_torch_thread)
+    try:
+        upcoming = stager.submit(take)
+        while (batch := upcoming.result()) is not None:
+            upcoming = stager.submit(take)
+            yield batch
+    finally:  # a batch being taken is finished before the decoding threads are stopped
+        stager.shutdown(wait=True, cancel_futures=True)
+        batches.close()
 
 
 def _with_prompt(prediction: Prediction, prompt: str | None) -> Prediction:

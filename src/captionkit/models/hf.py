@@ -18,6 +18,7 @@ from captionkit.device import pick_device, pick_dtype, quantize_int8
 from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
+from captionkit.preprocess import FixedSize, gathered
 
 
 class HFCaptioner(Captioner):
@@ -29,6 +30,11 @@ class HFCaptioner(Captioner):
     """What an image without a prompt is asked."""
     detail_prompts: dict[str, str] = {}
     """The prompt asking for each --detail level; families without levels leave it empty."""
+    pixels_in_threads: bool = False
+    """True where `encode` takes model inputs made in the decoding threads (`preprocess`): families
+    whose processor turns the image into pixel values alone, at a fixed size."""
+    static_cache_steps: bool = False
+    """True where `generate` can run the decoder's steps from a static cache (see `capture_steps`)."""
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         import transformers
@@ -54,6 +60,11 @@ class HFCaptioner(Captioner):
             quantize_int8(self.model)
         self.input_size = _input_size(self.image_processor)
         self._check_tokenizer(path)
+        self.preprocess = FixedSize.of(self.image_processor) if self.pixels_in_threads else None
+        """How the decoding threads make this model's pixel values; None: `encode` makes them."""
+        self._prompt_inputs = functools.lru_cache(maxsize=64)(self._inputs_beside_pixels)
+        self.captured_steps = False
+        """Whether `generate` runs from a static cache, compiled into CUDA graphs."""
 
     def _check_tokenizer(self, path: Path) -> None:
         """Refuse the near-empty tokenizer transformers builds when a checkpoint's tokenizer files
@@ -84,10 +95,33 @@ class HFCaptioner(Captioner):
         return getattr(self.processor, "tokenizer", self.processor)
 
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
-        """Model inputs for a batch sharing one prompt."""
+        """Model inputs for a batch sharing one prompt: the pixel values the decoding threads made,
+        when every image carries them, else the processor's."""
+        pixels = gathered(images, self.preprocess) if self.preprocess is not None else None
+        if pixels is not None:
+            beside = self._prompt_inputs(prompt, tuple(pixels.shape[1:]))
+            return {**{key: value.repeat(len(images), *[1] * (value.dim() - 1))
+                       for key, value in beside.items()}, "pixel_values": pixels}
         if prompt is None:
             return self.processor(images=images, return_tensors="pt")
         return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+
+    def _inputs_beside_pixels(self, prompt: str | None, shape: tuple[int, ...]) -> dict:
+        """What the processor gives besides pixel values for one image asked `prompt` (token ids,
+        masks, BLIP-2's image tokens): it depends on the prompt alone, so a blank image of the
+        pixel values' `shape` stands in."""
+        text = None if prompt is None else [prompt]
+        inputs = self.processor(images=[torch.zeros(shape)], text=text, do_resize=False, do_rescale=False,
+                                do_normalize=False, return_tensors="pt")
+        return {key: value for key, value in inputs.items() if key != "pixel_values"}
+
+    def capture_steps(self) -> bool:
+        """On CUDA, have `generate` run the decoder's per-token steps from a static cache, which
+        transformers compiles with CUDA graphs (torch.compile's "reduce-overhead"): a step is one
+        graph launch instead of hundreds of kernel launches. The first batch of each size pays the
+        compilation. True when it took effect; elsewhere the eager steps stay."""
+        self.captured_steps = self.static_cache_steps and self.device.type == "cuda"
+        return self.captured_steps
 
     def instruction(self, prompt: str | None, options: GenerationOptions) -> str | None:
         """The image's own prompt, else the one asking for the --detail level, else the default."""
@@ -151,8 +185,9 @@ class HFCaptioner(Captioner):
         inputs = {key: _to(value, self.device, self.dtype) for key, value in inputs.items()}
         if options.seed is not None:
             torch.manual_seed(options.seed)
+        steps = {"cache_implementation": "static"} if self.captured_steps else {}
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **options.generate_kwargs())
+            output = self.model.generate(**inputs, **options.generate_kwargs(), **steps)
         texts = [text.strip() for text in self.tokenizer.batch_decode(
             self.new_tokens(output, inputs), skip_special_tokens=True)]
         # generate returns image-major rows: image i's sequences are rows i*n .. i*n+n-1.
@@ -164,6 +199,9 @@ class BlipCaptioner(HFCaptioner):
     """BLIP: a prompt is the start of the caption, and stays in it."""
 
     model_class = "BlipForConditionalGeneration"
+    pixels_in_threads = True
+    # no static cache: BLIP's decoder keeps its cross-attention keys in the cache it is given, so a
+    # static one overflows (transformers 5.25: index_copy_ out of bounds)
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         super().__init__(path, model_id, options)
@@ -176,6 +214,8 @@ class Blip2Captioner(HFCaptioner):
     """BLIP-2 with an OPT or Flan-T5 language model; a prompt is a question, not part of the answer."""
 
     model_class = "Blip2ForConditionalGeneration"
+    pixels_in_threads = True
+    static_cache_steps = True
 
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
         # A T5 config has no bos token for generate to start the prompt from: give it an empty one.
@@ -308,9 +348,10 @@ def _stacked(parts: list[dict]) -> dict:
 def _to(value, device: torch.device, dtype: torch.dtype):
     if not isinstance(value, torch.Tensor):
         return value
-    if value.is_floating_point():
-        return value.to(device=device, dtype=dtype)
-    return value.to(device)
+    # from page-locked memory the copy is queued without blocking this thread; the cast to the
+    # model's dtype then runs on the device, where converting first would run it on the host
+    moved = value.to(device, non_blocking=value.is_pinned())
+    return moved.to(dtype) if moved.is_floating_point() else moved
 
 
 def _variant(options: LoadOptions, dtype: torch.dtype) -> str:
