@@ -109,3 +109,31 @@ def test_python_predict_with_a_segmenter_gives_the_caption_and_the_masks(blip_di
     assert "cat" in {region.label for region in found.regions}
     alone = captionkit.load_segmenter("yolov5s-seg", device="cpu").segment(EXAMPLES / "cat.jpg")
     assert [r.label for r in alone.regions] == [r.label for r in found.regions]
+
+
+@pytest.mark.slow
+def test_serve_with_the_offline_segmenter_answers_segment_requests(blip_dir, tmp_path):
+    import re
+    import time
+
+    import httpx
+
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([*CLI, "serve", "--model", str(blip_dir), "--segment", "yolov5s-seg",
+                                   "--port", "0", "--device", "cpu", "--dtype", "float32",
+                                   "--request-timeout", "600"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, url = time.monotonic() + 300, None
+        while url is None and time.monotonic() < deadline and server.poll() is None:
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log_path.read_text())
+            url = found[1] if found else time.sleep(0.5)
+        assert url, log_path.read_text()[-3000:]
+        upload = {"image": ("cat.jpg", (EXAMPLES / "cat.jpg").read_bytes(), "image/jpeg")}
+        answer = httpx.post(f"{url}/v1/segment", files=upload, timeout=600)
+        assert answer.status_code == 200, answer.text
+        labels = {region["label"] for region in answer.json()["results"][0]["regions"]}
+        assert "cat" in labels
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -222,8 +222,7 @@ def run(options: ServeOptions, load: LoadOptions | None = None,
 
 def _load_segmenter(name: str, load: LoadOptions) -> Segmenter:
     try:
-        from captionkit.segment import load_segmenter  # type: ignore[import-not-found]
+        from captionkit.segment import load_segmenter
     except ImportError:
-        raise OptionError("--segment-model needs captionkit.segment, which this installation "
-                          "lacks") from None
-    return load_segmenter(name, load)
+        raise OptionError("--segment needs the segmentation extra: pip install 'captionkit[seg]'") from None
+    return load_segmenter(name, device=load.device, dtype=load.dtype)
