@@ -51,9 +51,9 @@ def area(rle: dict) -> int:
 
 def semantic_regions(label_map: np.ndarray, classes: Sequence[str]) -> list[Region]:
     """One region per class present in a (height, width) map of class indices, background and
-    unclaimed pixels left out (they are what no region covers)."""
+    values past the class list (255, unlabelled) left out: they are what no region covers."""
     present = [int(v) for v in np.unique(label_map)
-               if v != IGNORED and v < len(classes) and classes[int(v)] not in BACKGROUND_NAMES]
+               if 0 <= v < len(classes) and classes[int(v)] not in BACKGROUND_NAMES]
     if not present:
         return []
     rles = encode(np.stack([label_map == value for value in present]))
