@@ -90,12 +90,33 @@ def build_sam(folder: Path) -> Path:
     return folder
 
 
+def build_detr(folder: Path) -> Path:
+    from transformers import DetrConfig, DetrForSegmentation, DetrImageProcessor, ResNetConfig
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1],
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+                        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=8,
+                        decoder_attention_heads=8, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8,
+                        id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    model = DetrForSegmentation(config)
+    with torch.no_grad():  # as for Mask2Former: real classes and decisive masks
+        model.detr.class_labels_classifier.bias[-1] = -10
+        model.mask_head.output_conv.weight.mul_(50)
+    model.save_pretrained(folder)
+    DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96},
+                       format="coco_panoptic").save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("segmenters")
     return {"mask2former": build_mask2former(root / "mask2former-tiny-coco-instance"),
             "segformer": build_segformer(root / "segformer-tiny"),
-            "sam": build_sam(root / "sam-tiny")}
+            "sam": build_sam(root / "sam-tiny"),
+            "detr": build_detr(root / "detr-tiny-panoptic")}
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +165,20 @@ def test_mask2former_equals_its_processors_post_processing(checkpoints, images, 
         for r, (_, _, mask) in zip(prediction.regions, expected, strict=True):
             assert np.array_equal(masks.decode(r.mask), mask)
             assert r.box == masks.box(r.mask)
+
+
+def test_detr_panoptic_equals_its_post_processing(checkpoints, images):
+    segmenter = load_segmenter(str(checkpoints["detr"]), device="cpu")
+    assert segmenter.task == "panoptic" and segmenter.kind == "instance"
+    options = SegmentOptions(threshold=0.0, mask_threshold=0.2)
+    prediction = segmenter.segment(images[0], options)
+    processor, outputs = reference(checkpoints["detr"], images[0], "DetrForSegmentation")
+    result = processor.post_process_panoptic_segmentation(outputs, threshold=0.0, mask_threshold=0.2,
+                                                          target_sizes=[images[0].size[::-1]])[0]
+    expected = as_regions(result)
+    assert expected and [(r.label, r.score) for r in prediction.regions] == [e[:2] for e in expected]
+    for r, (_, _, mask) in zip(prediction.regions, expected, strict=True):
+        assert np.array_equal(masks.decode(r.mask), mask)
 
 
 def test_the_task_is_read_from_the_checkpoint_name(checkpoints):

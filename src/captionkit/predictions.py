@@ -22,7 +22,8 @@ class Region:
     mask: dict | None = None
     span: tuple[int, int] | None = None
     kind: str = "instance"
-    """instance (a detector's object), phrase (a grounded caption phrase) or region (a model's own)."""
+    """instance (a detector's object), phrase (a grounded caption phrase), region (a model's own)
+    or semantic (all pixels of one class in a semantic map; score None)."""
 
     def scaled(self, sx: float, sy: float) -> Region:
         """The region on an image resized by these factors (a mask keeps its size)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -71,7 +72,9 @@ class Segmenter:
         self.check_classes(options)
         if not batch:
             return []
-        with torch.inference_mode():
+        # one call at a time per model: adapters set per-call thresholds on the network (Mask
+        # R-CNN's heads) and some cache per-shape state in it (YOLO's grids)
+        with self.__dict__.setdefault("_lock", threading.Lock()), torch.inference_mode():
             found = self.predict(batch, options, prompts, sizes)
         predictions = [Prediction(regions=self.keep(regions, options)) for regions in found]
         return predictions[0] if single else predictions

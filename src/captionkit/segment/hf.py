@@ -94,8 +94,7 @@ class SemanticSegmenter(HFSegmenter):
         for group, outputs, targets in self.forward(images, sizes):
             maps = self.image_processor.post_process_semantic_segmentation(outputs, target_sizes=targets)
             for index, label_map in zip(group, maps, strict=True):
-                found[index] = masks.semantic_regions(label_map.cpu().numpy().astype(np.uint8),
-                                                      self.classes)
+                found[index] = masks.semantic_regions(label_map.cpu().numpy(), self.classes)
         return found
 
 
@@ -110,6 +109,9 @@ class UniversalSegmenter(HFSegmenter):
         super().__init__(path, model_id, options)
         self.kind = "semantic" if self.task == "semantic" else "instance"
         self.takes_task = getattr(self.model.config, "model_type", "") == "oneformer"
+
+    def describe(self) -> dict:
+        return {**super().describe(), "task": self.task}
 
     def load_processor(self, path: Path):
         from transformers import AutoProcessor
@@ -144,7 +146,7 @@ class UniversalSegmenter(HFSegmenter):
 
     def regions(self, result) -> list[Region]:
         if self.task == "semantic":
-            return masks.semantic_regions(result.cpu().numpy().astype(np.uint8), self.classes)
+            return masks.semantic_regions(result.cpu().numpy(), self.classes)
         segmentation, segments = result["segmentation"], result["segments_info"]
         if segmentation is None or not segments:
             return []

@@ -19,12 +19,17 @@ IGNORED = 255
 
 
 def encode(masks: np.ndarray) -> list[dict]:
-    """RLEs of binary masks shaped (n, height, width) or one (height, width) mask."""
+    """RLEs of binary masks shaped (n, height, width) or one (height, width) mask.
+
+    pycocotools reads (height, width, n) uint8 in column-major order, so masks computed
+    transposed, (n, width, height) in memory and passed as a `.transpose(0, 2, 1)` view, are
+    encoded without a copy; others are copied once.
+    """
     stack = masks[None] if masks.ndim == 2 else masks
     if len(stack) == 0:
         return []
-    # pycocotools wants (height, width, n) uint8 in column-major order
-    fortran = np.asfortranarray(np.moveaxis(stack.astype(np.uint8, copy=False), 0, -1))
+    as_bytes = stack.view(np.uint8) if stack.dtype == bool else stack.astype(np.uint8)
+    fortran = np.asfortranarray(np.moveaxis(as_bytes, 0, -1))
     return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
             for rle in coco_mask.encode(fortran)]
 
@@ -46,9 +51,9 @@ def area(rle: dict) -> int:
 
 def semantic_regions(label_map: np.ndarray, classes: Sequence[str]) -> list[Region]:
     """One region per class present in a (height, width) map of class indices, background and
-    unclaimed pixels left out (they are what no region covers)."""
+    values past the class list (255, unlabelled) left out: they are what no region covers."""
     present = [int(v) for v in np.unique(label_map)
-               if v != IGNORED and v < len(classes) and classes[int(v)] not in BACKGROUND_NAMES]
+               if 0 <= v < len(classes) and classes[int(v)] not in BACKGROUND_NAMES]
     if not present:
         return []
     rles = encode(np.stack([label_map == value for value in present]))

@@ -70,7 +70,11 @@ def _labels(draw: ImageDraw.ImageDraw, regions: Sequence[Region], palette: list,
         if region.mask is None:
             draw.rectangle((x0, y0, max(x0, x1), max(y0, y1)), outline=color, width=line)
         text = region.label if region.score is None else f"{region.label} {region.score:.2f}"
-        corner = (x0 + line, y0 + line)
+        _, _, right, bottom = draw.textbbox((0, 0), text, font=font)
+        width, height = draw.im.size
+        # inside the box's corner, moved left or up where the label would leave the image
+        corner = (max(0, min(x0 + line, width - right - line)),
+                  max(0, min(y0 + line, height - bottom - line)))
         draw.rectangle(draw.textbbox(corner, text, font=font), fill=color)
         draw.text(corner, text, fill="black", font=font)
 

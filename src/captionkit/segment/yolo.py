@@ -223,20 +223,21 @@ class YoloSegmenter(Segmenter):
               fit: Letterbox, size: tuple[int, int], threshold: float) -> list[dict]:
         """sigmoid(coefficients @ prototypes), upsampled to the network input, the padding cut
         off, upsampled to the image's size, cropped to each box and thresholded; in chunks, so that
-        a big photo with many instances never holds all its soft masks at once."""
+        a big photo with many instances never holds all its soft masks at once. Computed
+        transposed (width first), the layout pycocotools encodes without a copy."""
         width, height = size
         channels, proto_h, proto_w = protos.shape
         rles: list[dict] = []
         chunk = chunk_size((max(width, fit.shape[1]), max(height, fit.shape[0])))
-        cols = torch.arange(width, device=boxes.device)[None, None, :]
-        rows = torch.arange(height, device=boxes.device)[None, :, None]
+        xs = torch.arange(width, device=boxes.device)[None, :, None]
+        ys = torch.arange(height, device=boxes.device)[None, None, :]
         for start in range(0, len(coefficients), chunk):
             soft = (coefficients[start:start + chunk] @ protos.view(channels, -1)).sigmoid()
-            soft = F.interpolate(soft.view(-1, 1, proto_h, proto_w), size=fit.shape, mode="bilinear",
-                                 align_corners=False)
-            soft = soft[:, :, fit.top:fit.top + fit.size[1], fit.left:fit.left + fit.size[0]]
-            soft = F.interpolate(soft, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            soft = soft.view(-1, 1, proto_h, proto_w).transpose(2, 3)
+            soft = F.interpolate(soft, size=fit.shape[::-1], mode="bilinear", align_corners=False)
+            soft = soft[:, :, fit.left:fit.left + fit.size[0], fit.top:fit.top + fit.size[1]]
+            soft = F.interpolate(soft, size=(width, height), mode="bilinear", align_corners=False)[:, 0]
             x0, y0, x1, y1 = boxes[start:start + chunk, :, None, None].unbind(1)
-            inside = (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
-            rles += masks.encode(((soft > threshold) & inside).cpu().numpy())
+            inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+            rles += masks.encode(((soft > threshold) & inside).cpu().numpy().transpose(0, 2, 1))
         return rles
