@@ -133,10 +133,12 @@ def _start(task: Task, options: TrainOptions, accelerator) -> _Run:
     # fp16 gradients underflow without scaling; bf16 and float32 need none
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=options.mixed_precision == "fp16")
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
-    if options.resume:
+    # a run killed before its first checkpoint has nothing to restore: it starts again
+    resuming = options.resume and (options.output / "last").exists()
+    if resuming:
         state = _restore(task, options.output, optimizer, scheduler, scaler)
     module = accelerator.prepare(task.module)
-    if options.resume:
+    if resuming:
         checkpoint.set_rng_state(state["rng"])
     return _Run(task, options, accelerator, module, optimizer, scheduler, scaler, state)
 
