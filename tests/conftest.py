@@ -1,8 +1,14 @@
-"""Shared fixtures: tiny random-weight models of every family and real photos on disk."""
+"""Shared fixtures: tiny random-weight models of every family and real photos on disk.
+
+Everything expensive is session-scoped and built on first use, so a test file or a `-m "not slow"`
+run builds only the models it needs. Under pytest-xdist each worker is its own session.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,16 @@ import tiny  # noqa: E402
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse",
           "hubble_deep_field"]
+
+
+def pytest_configure(config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        # Each xdist worker gets its share of the cores; torch would otherwise start one thread
+        # per core in every worker, and the workers' threads would fight over the same cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,11 +57,30 @@ def photo_dir(tmp_path_factory, photos) -> Path:
     return folder
 
 
+class LazyCheckpoints(Mapping[str, Path]):
+    """Checkpoint directories by family, each built the first time a test asks for it."""
+
+    def __init__(self, root: Path, builders: Mapping[str, Callable[[Path], Path]]) -> None:
+        self.root = root
+        self.builders = builders
+        self.built: dict[str, Path] = {}
+
+    def __getitem__(self, family: str) -> Path:
+        if family not in self.built:
+            self.built[family] = self.builders[family](self.root / family)
+        return self.built[family]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.builders)
+
+    def __len__(self) -> int:
+        return len(self.builders)
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """One saved checkpoint directory per family, built once per test session."""
-    root = tmp_path_factory.mktemp("models")
-    return {family: build(root / family) for family, build in tiny.BUILDERS.items()}
+def tiny_models(tmp_path_factory) -> LazyCheckpoints:
+    """One saved checkpoint directory per family, built once per test session when first used."""
+    return LazyCheckpoints(tmp_path_factory.mktemp("models"), tiny.BUILDERS)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_throughput_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
     run_script("throughput.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
@@ -53,6 +54,7 @@ def test_throughput_quick_runs_end_to_end(tmp_path):
     assert 0 < summary["captionkit_fraction_of_peak"] < 1
 
 
+@pytest.mark.slow
 def test_throughput_reports_agreement_with_another_dtypes_captions(tmp_path):
     """How bf16 and fp16 runs (the GPU's) report their share of float32's captions."""
     work, float32, bfloat16 = tmp_path / "work", tmp_path / "float32.json", tmp_path / "bfloat16.json"
@@ -69,6 +71,7 @@ def test_throughput_reports_agreement_with_another_dtypes_captions(tmp_path):
     assert {row["weights"] for row in result["contenders"].values()} == {"bfloat16"}
 
 
+@pytest.mark.slow
 def test_throughput_runs_the_naive_loop_in_its_own_dtype(tmp_path):
     """On a bf16 CPU captionkit's default (bf16) is measured against the float32 script users run."""
     mixed = tmp_path / "mixed.json"
@@ -81,6 +84,7 @@ def test_throughput_runs_the_naive_loop_in_its_own_dtype(tmp_path):
     assert "bfloat16 (naive in float32)" in done.stdout
 
 
+@pytest.mark.slow
 def test_decode_quick_runs_end_to_end(tmp_path):
     out = tmp_path / "decode.json"
     run_script("decode.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
@@ -91,6 +95,7 @@ def test_decode_quick_runs_end_to_end(tmp_path):
     assert result["model_input_mean_abs_difference"] < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_allocator_quick_runs_every_setting(tmp_path):
     out = tmp_path / "allocator.json"
@@ -104,6 +109,7 @@ def test_allocator_quick_runs_every_setting(tmp_path):
         assert row["same_captions_as_first"] is True
 
 
+@pytest.mark.slow
 def test_levers_quick_measures_compile_in_the_dtype_asked(tmp_path):
     out = tmp_path / "compile.json"
     run_script("levers.py", "compile", "--quick", "--dtype", "bfloat16", "--work", str(tmp_path / "work"),
@@ -117,6 +123,7 @@ def test_levers_quick_measures_compile_in_the_dtype_asked(tmp_path):
     assert rows["compile"]["weights"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_levers_quick_threads_and_streams_give_the_same_captions(tmp_path):
     out = tmp_path / "threads.json"
     run_script("levers.py", "threads", "--quick", "--work", str(tmp_path / "work"), "--out", str(out),
@@ -128,6 +135,7 @@ def test_levers_quick_threads_and_streams_give_the_same_captions(tmp_path):
             assert row["images_per_second"] > 0 and row["same_captions_as_first"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "encoders"), [
     ("blip-base", ["encoder vision_model"]),
     ("blip2-opt-2.7b", ["encoder vision_model", "encoder qformer"]),
@@ -209,6 +217,7 @@ def test_blip_vision_encoder_on_the_cpu_takes_one_image_at_a_time(blip_fp32, pho
         assert torch.equal(states, torch.cat([one.hidden_states[layer] for one in alone]))
 
 
+@pytest.mark.slow
 def test_matmuls_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp_path):
     import importlib.util
 

@@ -37,6 +37,7 @@ def test_caption_folder_writes_every_format(blip_dir, photo_dir, tmp_path):
     assert (out / "captionkit.db").is_file()
 
 
+@pytest.mark.slow
 def test_strict_exit_code_and_failure_listing(blip_dir, photo_dir, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(photo_dir, images)
@@ -75,6 +76,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, photo_dir):
     assert taken.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 def test_caption_files_written_by_hand_are_kept_unless_overwrite(photo_dir, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(photo_dir, images)
@@ -94,6 +96,7 @@ def test_caption_files_written_by_hand_are_kept_unless_overwrite(photo_dir, tmp_
     assert (images / "chelsea.txt").read_text() != "my own caption of a ginger cat\n"
 
 
+@pytest.mark.slow
 def test_a_trigger_word_prefix_is_exported_while_the_store_keeps_the_model_caption(photo_dir, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(photo_dir, images)
@@ -122,6 +125,7 @@ def test_a_trigger_word_prefix_is_exported_while_the_store_keeps_the_model_capti
     assert (images / "chelsea.txt").read_text() == f"{stored['chelsea.png']}\n"
 
 
+@pytest.mark.slow
 def test_an_image_named_like_captionkits_own_files_gets_a_caption_file_of_its_own(photo_dir, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -188,6 +192,7 @@ def test_bad_command_lines_get_the_usage_line_and_exit_code_2(args, said):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_inputs_from_stdin_and_export(blip_dir, photo_dir, tmp_path):
     out = tmp_path / "out"
     listing = "\n".join(str(p) for p in sorted(photo_dir.glob("c*.png")))
@@ -218,12 +223,13 @@ def test_export_leaves_out_images_deleted_since(photo_dir, tmp_path):
 def test_a_format_named_twice_is_written_once(photo_dir, tmp_path):
     out = tmp_path / "out"
     captioned = captionkit("caption", photo_dir, "--model", "objects", "-o", out, "--format", "csv,csv")
-    assert captioned.stderr.count("captions.csv") == 1
+    assert "".join(captioned.stderr.split()).count("captions.csv") == 1  # rich may wrap the path
     assert len((out / "captions.csv").read_text().splitlines()) == 1 + 8
     exported = captionkit("export", out, "--format", "csv,jsonl,csv")
     assert "exported 8 captions to 2 files" in exported.stderr
 
 
+@pytest.mark.slow
 def test_names_that_are_not_utf8_caption_resume_and_export(photo_dir, tmp_path):
     # They crashed the end of every run, and every export, while writing captions.txt.
     images, out = tmp_path / "images", tmp_path / "out"
@@ -312,6 +318,7 @@ def signal_mid_run(args, out, signum) -> tuple[subprocess.Popen, int, str, str]:
     return proc, done, stdout, stderr
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photos, tmp_path):
     images = forty_images(photos, tmp_path / "images")
     args = ["caption", images, "--model", blip_dir, "--dtype", "float32", "--batch-size", "2",
@@ -336,6 +343,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photo
         assert (out / sidecar.name).read_text() == sidecar.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_say_how_to_resume_and_keep_stdout_for_results(blip_dir, photos, tmp_path,
                                                                         signum, code):
@@ -366,6 +374,7 @@ def test_unreadable_file_is_reported(blip_dir, photo_dir, tmp_path):
     assert "permission denied" in proc.stderr
 
 
+@pytest.mark.slow
 def test_int8_run_does_not_reuse_float32_captions(blip_dir, photo_dir, tmp_path):
     common = ["caption", photo_dir, "--model", blip_dir, "-o", tmp_path / "out", "--max-new-tokens",
               "5", "-q", "--format", "jsonl"]
@@ -382,10 +391,12 @@ def test_prompt_file_rows_naming_no_input_image_are_reported(blip_dir, photo_dir
     questions.write_text(f"{photo_dir / 'rocket.png'},a photo of\n{photo_dir / 'Rocket.png'},a photo of\n")
     proc = captionkit("caption", photo_dir, "--model", blip_dir, "--prompt-file", questions,
                       "-o", tmp_path / "out", "--max-new-tokens", "3", "-q")
-    assert f"1 --prompt-file row named no input image, such as {photo_dir / 'Rocket.png'}" in \
-        " ".join(proc.stderr.split())
+    # rich wraps a long path within words, so compare without whitespace
+    assert "".join(f"1 --prompt-file row named no input image, such as {photo_dir / 'Rocket.png'}".split()) \
+        in "".join(proc.stderr.split())
 
 
+@pytest.mark.slow
 def test_export_of_another_model_leaves_the_default_and_takes_the_model_as_captioned(blip_dir, photo_dir,
                                                                                      tmp_path):
     out = tmp_path / "out"
@@ -415,6 +426,7 @@ def test_names_with_brackets_are_printed_as_they_are(photo_dir, tmp_path):
     assert "failedbroken[draft].jpg:" in text and f"wrote{out / 'captions.txt'}" in text
 
 
+@pytest.mark.slow
 def test_a_local_checkpoint_replaced_in_place_is_captioned_again(blip_dir, photo_dir, tmp_path):
     import tiny
 

@@ -105,6 +105,7 @@ def test_one_call_captions_the_split_scores_it_and_resumes(flickr8k, blip_dir, t
     assert few.result.unpredicted == []
 
 
+@pytest.mark.slow
 def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path):
     split = _test_split(flickr8k)
     subjects = {_name(index): SUBJECTS[index % len(SUBJECTS)] for index in range(12)}

@@ -339,6 +339,7 @@ def test_cli_reports_a_refused_key_in_one_line_and_writes_it_nowhere(server, pho
         assert KEY not in text
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_requests_hang_exits_at_once(server, photo_dir, tmp_path):
     """Python joins worker threads at exit; a request blocked in a slow server must not hold the
     process for its timeout after Ctrl-C."""
