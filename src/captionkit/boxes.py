@@ -18,7 +18,6 @@ from captionkit.store import Result
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 MANIFEST = ".captionkit-boxes.json"
 """In the --draw-boxes folder: a digest of what each copy shows, so a resumed run redraws nothing."""
-OVERLAYS_MANIFEST = ".captionkit-overlays.json"
 
 
 def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
@@ -33,14 +32,6 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
                                                                 image.size))
 
     return draw_copies(results, directory, render, MANIFEST)
-
-
-def draw_overlays(results: Sequence[Result], directory: Path) -> list[Path]:
-    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`)."""
-    from captionkit.segment.overlay import draw
-
-    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction()),
-                       OVERLAYS_MANIFEST)
 
 
 def draw_copies(results: Sequence[Result], directory: Path,

@@ -26,6 +26,7 @@ from captionkit.options import (
     MODEL,
     OUTPUTS,
     RESUME,
+    SEGMENTATION,
     EngineOptions,
     GateOptions,
     GenerationOptions,
@@ -96,7 +97,7 @@ ModelName = Annotated[str, typer.Option(
     "endpoints), or auto (blip-large if cached, else objects).", rich_help_panel=MODEL, metavar="NAME")]
 SegmentWith = Annotated[str | None, typer.Option(
     "--segment", help="Also segment each image with these segmenters (comma-separated, e.g. "
-    "maskrcnn-v2; sam masks a grounded caption's phrases).", rich_help_panel="Segmentation",
+    "maskrcnn-v2; sam masks a grounded caption's phrases).", rich_help_panel=SEGMENTATION,
     metavar="NAMES")]
 Segmenter = Annotated[str, typer.Option(
     "--model", "-m", help="The segmenter: yolov5s-seg (offline default), maskrcnn-v2, a Hub id or "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import os
@@ -453,14 +454,15 @@ def _atomic_output(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]]] = {
+EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]] | str] = {
     "captions.txt": write_captions_txt,
     "txt": write_sidecars,
     "jsonl": write_jsonl,
     "csv": write_csv,
     "parquet": write_parquet,
-    "coco": lambda results, options: _segment_export().write_coco(results, options),
-    "masks": lambda results, options: _segment_export().write_masks(results, options),
+    # the segmentation formats, imported when asked for (they need the [seg] extra)
+    "coco": "captionkit.segment.export:write_coco",
+    "masks": "captionkit.segment.export:write_masks",
 }
 
 ALL_FORMATS = ("captions.txt", "txt", "jsonl", "csv")
@@ -468,16 +470,19 @@ ALL_FORMATS = ("captions.txt", "txt", "jsonl", "csv")
 pyarrow; coco and masks, the segmentation formats, need the [seg] extra)."""
 
 
-def _segment_export():
-    """The segmentation writers, imported only when asked for (they need the [seg] extra)."""
-    from captionkit.segment import export
-
-    return export
-
 OUTPUT_NAMES = frozenset({"captions.txt", "captions.jsonl", "captions.csv"})
 RESERVED_NAMES = OUTPUT_NAMES | {DB_NAME + companion for companion in ("", "-wal", "-shm", "-journal")}
 """The names of captionkit's own files in an output folder (SQLite's beside its store), which no
 caption file takes."""
+
+
+def _writer(name: str) -> Callable[[Sequence[Result], ExportOptions], list[Path]]:
+    """The writer of format `name`, importing it first when it is named by its module."""
+    target = EXPORTERS[name]
+    if callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def parse_formats(spec: str) -> list[str]:
@@ -495,5 +500,5 @@ def export(results: Sequence[Result], formats: Sequence[str], options: ExportOpt
     """Write each requested format once; returns the files written."""
     written: list[Path] = []
     for name in dict.fromkeys(formats):
-        written.extend(EXPORTERS[name](results, options))
+        written.extend(_writer(name)(results, options))
     return written

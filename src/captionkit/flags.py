@@ -24,7 +24,7 @@ from types import NoneType, UnionType
 from typing import Annotated, Any
 
 PANELS = ("Inputs", "Model and hardware", "Generation", "Outputs", "Quality gate (CLIP)",
-          "Remote endpoints", "Resume and exit code")
+          "Remote endpoints", "Resume and exit code", "Segmentation", "Engine")
 """The order of the shared help panels. A command's own panels come before them."""
 
 METAVARS = {bool: "", int: "N", float: "NUM", str: "TEXT", Path: "PATH"}

@@ -25,7 +25,7 @@ QUANTIZE_MODES = ("int8",)
 DEFAULT_MAX_PIXELS = 100_000_000
 """`sources.DEFAULT_MAX_PIXELS`, here so that reading options needs no image library."""
 
-INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME = PANELS  # help panels, in their order
+INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME, SEGMENTATION, ENGINE = PANELS  # in order
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -302,7 +302,6 @@ class RunOptions:
 
 
 ENGINES = ("local", "ray")
-ENGINE = "Engine"  # the help panel
 
 
 @dataclass(frozen=True)

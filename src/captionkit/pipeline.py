@@ -284,7 +284,9 @@ class Pipeline:
         if options.draw_boxes is not None:
             summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
         if options.overlays is not None:
-            summary.outputs += boxes.draw_overlays(results, options.overlays)
+            from captionkit.segment.export import draw_overlays  # the [seg] extra draws the masks
+
+            summary.outputs += draw_overlays(results, options.overlays)
         summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
         summary.missing = sorted(result.name for result in results if result.path in written.missing)
         summary.scores, summary.passed = gate.tally(results)

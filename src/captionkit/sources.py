@@ -19,7 +19,8 @@ from pathlib import Path, PurePath, PurePosixPath
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from captionkit.errors import ImageError, InputError, OptionError
-from captionkit.options import DEFAULT_MAX_PIXELS
+
+DEFAULT_MAX_PIXELS = 100_000_000  # options.DEFAULT_MAX_PIXELS, the flag's default, equals it (a test checks)
 
 LIST_SUFFIXES = (".txt", ".lst")
 WHITE = (255, 255, 255)

@@ -8,12 +8,22 @@ from pathlib import Path
 
 from PIL import Image
 
+from captionkit.boxes import draw_copies
 from captionkit.exporters import ExportOptions, relative_path
 from captionkit.segment.coco import Segmented
 from captionkit.segment.outputs import INSTANCES, write_instances, write_label_maps
+from captionkit.segment.overlay import draw
 from captionkit.store import Result
 
 MASKS_DIR = "masks"
+OVERLAYS_MANIFEST = ".captionkit-overlays.json"
+"""In the --overlays folder: what each overlay shows, so a resumed run redraws nothing."""
+
+
+def draw_overlays(results: Sequence[Result], directory: Path) -> list[Path]:
+    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`)."""
+    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction()),
+                       OVERLAYS_MANIFEST)
 
 
 def write_coco(results: Sequence[Result], options: ExportOptions) -> list[Path]:

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 
 from captionkit.errors import OptionError
 from captionkit.flags import flag
+from captionkit.options import SEGMENTATION
 
 TASKS = ("instance", "panoptic", "semantic")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SEGMENTATION = "Segmentation"  # the help panel
 
 
 def _names(text: str) -> tuple[str, ...]:
