@@ -18,6 +18,7 @@ def caption(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs, two of them starting Ray: minutes on a busy machine
 def test_the_ray_engine_writes_what_the_local_engine_writes(blip_dir, photo_dir, tmp_path):
     common = ["--model", blip_dir, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "5",
               "-q", "-f", "captions.txt,csv"]

