@@ -18,7 +18,6 @@ from captionkit.predictions import Prediction, Region
 from captionkit.segment.masks import BACKGROUND_NAMES
 from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
-KINDS = ("instance", "semantic", "promptable")
 MASK_BYTES = 256 << 20
 """float32 bytes of full-size soft masks held at once: a 12-megapixel photo with many instances
 never holds all of them."""
@@ -30,10 +29,12 @@ class Segmenter:
     Instance segmenters return a region per object (kind "instance": box, label, score, mask);
     semantic ones a region per class present (kind "semantic": that class's pixels, score None);
     promptable ones (SAM) a mask for each prompt region they are given, which keeps its label, score,
-    kind and caption span. Boxes are pixels of the image as given; masks are RLE at its size.
+    kind and caption span. Boxes are pixels of the image as given (or of its file, see `sizes`);
+    masks are COCO RLE at that size.
     """
 
-    kind: ClassVar[str] = "instance"
+    kind: str = "instance"
+    """instance, semantic or promptable: what its regions are (see above)."""
     default_threshold: ClassVar[float] = 0.5
     default_nms_iou: ClassVar[float | None] = None
     model_id: str = ""
