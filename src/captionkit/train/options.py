@@ -176,10 +176,11 @@ class ClipCapOptions:
 
 @dataclass(frozen=True)
 class BlipOptions:
-    """Fine-tune BlipForConditionalGeneration, after LAVIS's COCO caption recipe."""
+    """Fine-tune BLIP after LAVIS's COCO caption recipe, or BLIP-2 with LoRA adapters."""
 
     model: str = "blip-base"
-    """The BLIP to start from: an alias (blip-base, blip-large), a Hub id or a local checkpoint."""
+    """The model to start from: an alias (blip-base, blip-large, blip2-opt-2.7b), a Hub id or a
+    local BLIP or BLIP-2 checkpoint."""
     image_size: int | None = None
     """The side images are resized to; unset, the checkpoint's own (384 for blip-base and blip-large).
     Another size interpolates the position embeddings, and the checkpoint keeps the new size."""
@@ -191,9 +192,16 @@ class BlipOptions:
     """Linear warmup steps before the cosine decay."""
     max_length: int = 40
     """Caption tokens learned per caption, the prompt included; longer ones are cut."""
+    lora: bool | None = None
+    """Train LoRA adapters (peft) instead of every weight; unset, for BLIP-2 yes, for BLIP no."""
+    lora_rank: int = 8
+    """The adapters' rank (their alpha is twice it)."""
+    lora_targets: str | None = None
+    """Comma-separated module names to adapt; unset, the LM's q_proj,v_proj (BLIP-2) or the text
+    decoder's query,value (BLIP)."""
 
     def __post_init__(self) -> None:
-        _at_least(self, image_size=32, max_length=4)
+        _at_least(self, image_size=32, max_length=4, lora_rank=1)
         if self.warmup_steps < 0:
             raise OptionError("--warmup-steps cannot be negative")
 

@@ -23,7 +23,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "patience", "progress", "workers", "dev
                                "cache_dir", "clip_model", "max_val_images", "val_beams", "mixed_precision"})
 TASKS = {"cnn-lstm": "captionkit.train.cnn_lstm:CnnLstmTask",
          "clipcap": "captionkit.train.clipcap:ClipCapTask",
-         "blip": "captionkit.train.blip:BlipTask"}
+         "blip": "captionkit.train.blip:blip_task"}
 
 
 def train(options: TrainOptions, model: object) -> TrainResult:
