@@ -59,6 +59,18 @@ def captions(folder: Path) -> str:
     return (folder / "captions.txt").read_text()
 
 
+def steady_rate(folder: Path) -> float:
+    """Images/s between the first and the last batch the store recorded: the run without its
+    start (for Ray, its replicas' start and model load)."""
+    import sqlite3
+
+    with sqlite3.connect(folder / "captionkit.db") as db:
+        batches = db.execute("SELECT updated, COUNT(*) FROM results GROUP BY updated "
+                             "ORDER BY updated").fetchall()
+    images = sum(count for _, count in batches[1:])
+    return images / (batches[-1][0] - batches[0][0])
+
+
 def main() -> None:
     args = parse_args()
     import ray
@@ -96,6 +108,7 @@ def main() -> None:
 
     out = work / "ray-overhead"
     timings: dict[str, list[float]] = {"local": [], "ray": []}
+    steady: dict[str, list[float]] = {"local": [], "ray": []}
     texts: dict[str, str] = {}
     order = ["local", "ray"]
     for run in range(args.runs):
@@ -108,6 +121,7 @@ def main() -> None:
             seconds, summary = caption_run(pipeline, inputs, executor)
             assert summary["done"] == len(inputs) and not summary["failed"], summary
             timings[name].append(seconds)
+            steady[name].append(steady_rate(out / name))
             texts[name] = captions(out / name)
             print(f"{name}: {seconds:.1f} s, {len(inputs) / seconds:.2f} images/s", flush=True)
     ray.shutdown()
@@ -124,12 +138,15 @@ def main() -> None:
         "images_per_second": {"local": round(len(inputs) / local, 3),
                               "ray": round(len(inputs) / remote_seconds, 3)},
         "ray_over_local": round(remote_seconds / local, 3),
+        "steady_images_per_second": {name: [round(r, 3) for r in rates] for name, rates in steady.items()},
+        "steady_ray_over_local": round(statistics.median(steady["local"])
+                                       / statistics.median(steady["ray"]), 3),
         "captions_identical": texts["local"] == texts["ray"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("setup_seconds", "seconds", "ray_over_local",
-                                                "captions_identical")}, indent=2))
+                                                "steady_ray_over_local", "captions_identical")}, indent=2))
 
 
 if __name__ == "__main__":

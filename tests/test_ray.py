@@ -129,9 +129,9 @@ def ray_run(model: ModelRecipe, inputs: list[str], output_dir: Path, engine: Eng
             executor_wrapper=None, **options):
     """A run as the CLI's `--engine ray` makes it: the model described by a worker, its batches
     predicted on Ray actors."""
-    remote = ray_engine.describe(model, engine)
-    pipeline = Pipeline(remote, GEN, RunOptions(output_dir=output_dir, progress=False, **options))
-    executor = ray_engine.executor_for(pipeline, engine, model)
+    pipeline, executor = ray_engine.pipeline_for(
+        model, GEN, RunOptions(output_dir=output_dir, progress=False, **options), engine)
+    assert isinstance(pipeline.captioner, ray_engine.RemoteCaptioner)
     if executor_wrapper is not None:
         executor = executor_wrapper(executor)
     return pipeline.run(inputs, executor=executor)
@@ -229,7 +229,7 @@ DRIVER = textwrap.dedent("""
     import json, sys, time
     from captionkit import ray_engine
     from captionkit.options import GenerationOptions, LoadOptions
-    from captionkit.pipeline import Pipeline, RunOptions
+    from captionkit.pipeline import RunOptions
 
     model, inputs, output_dir, address = sys.argv[1:5]
     engine = ray_engine.EngineOptions(engine="ray", ray_address=address or None, ray_workers=2,
@@ -241,11 +241,11 @@ DRIVER = textwrap.dedent("""
         while ray.cluster_resources().get("CPU", 0) < 2 and time.time() < deadline:
             time.sleep(0.5)
     recipe = ray_engine.ModelRecipe(model, LoadOptions(device="cpu", dtype="float32"))
-    remote = ray_engine.describe(recipe, engine)
     options = RunOptions(output_dir=output_dir, progress=False, batch_size=2,
                          formats=("captions.txt", "jsonl", "parquet"))
-    pipeline = Pipeline(remote, GenerationOptions(max_new_tokens=6), options)
-    summary = pipeline.run([inputs], executor=ray_engine.executor_for(pipeline, engine, recipe))
+    pipeline, executor = ray_engine.pipeline_for(recipe, GenerationOptions(max_new_tokens=6), options,
+                                                 engine)
+    summary = pipeline.run([inputs], executor=executor)
     print(json.dumps(summary.as_dict()))
 """)
 

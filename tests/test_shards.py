@@ -76,6 +76,9 @@ def test_members_are_read_in_place_without_extracting(shard_dir, photos):
     image = sources.decode(data, refs[1].name)
     assert image.size == (96, 72) and sorted(os.listdir(shard_dir)) == before
     assert sources.stat_image(refs[1].path) == os.stat(shard_dir / "00001.tar")
+    assert sources.image_exists(refs[1].path)
+    assert not sources.image_exists(shard_dir / "00001.tar" / "000019999.jpg")
+    assert not sources.image_exists(shard_dir / "00009.tar" / "000090000.jpg")
 
 
 def test_a_missing_member_or_shard_is_named(shard_dir):

@@ -182,13 +182,12 @@ def _caption_on_ray(inputs, found, model: str, generation: GenerationOptions, lo
                     run: RunOptions, engine: EngineOptions, segment: str | None, scorer):
     """The same run with model replicas as Ray actors; this process plans and records."""
     from captionkit import ray_engine
-    from captionkit.pipeline import Pipeline
 
     if segment is not None:
         raise OptionError("--segment runs with --engine local for now: drop one of them")
-    recipe = ray_engine.ModelRecipe(model, load_options)
-    pipeline = Pipeline(ray_engine.describe(recipe, engine), generation, run, scorer)
-    return pipeline.run(inputs, found, executor=ray_engine.executor_for(pipeline, engine, recipe))
+    pipeline, executor = ray_engine.pipeline_for(ray_engine.ModelRecipe(model, load_options), generation,
+                                                 run, engine, scorer)
+    return pipeline.run(inputs, found, executor=executor)
 
 
 def _segmenting(names: list[str], options: SegmentOptions, load_options: LoadOptions, inner=None):

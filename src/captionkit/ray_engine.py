@@ -25,13 +25,14 @@ from captionkit import errors, gate, sources
 from captionkit.errors import CaptionkitError, OptionError
 from captionkit.execute import Decoding, LocalExecutor, Outcome, Predictor, WorkItem
 from captionkit.models.base import Captioner
-from captionkit.options import EngineOptions, GateOptions, GenerationOptions, LoadOptions
+from captionkit.options import EngineOptions, GateOptions, GenerationOptions, LoadOptions, RunOptions
 from captionkit.predictions import Prediction, regions_from_json, regions_to_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from captionkit.pipeline import Pipeline
+    from captionkit.scoring import ClipScorer
 
 
 
@@ -250,10 +251,9 @@ class RayExecutor:
     every actor. An actor whose process dies is restarted and its batches retried.
     """
 
-    def __init__(self, plan: WorkerPlan, engine: EngineOptions, progress: bool = False) -> None:
+    def __init__(self, plan: WorkerPlan, engine: EngineOptions) -> None:
         self.plan = plan
         self.engine = engine
-        self.progress = progress
 
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
         if not items:
@@ -263,7 +263,7 @@ class RayExecutor:
         connect(self.engine)
         context = DataContext.get_current()
         shown = context.enable_progress_bars
-        context.enable_progress_bars = self.progress  # the pipeline's own bar counts images
+        context.enable_progress_bars = False  # the pipeline's own bar counts images
         try:
             dataset = self._dataset(items)
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -320,6 +320,22 @@ def executor_for(pipeline: Pipeline, engine: EngineOptions,
     if engine.engine == "local":
         return None
     return RayExecutor(worker_plan(pipeline, model), engine)
+
+
+def pipeline_for(model: ModelRecipe, generation: GenerationOptions, options: RunOptions,
+                 engine: EngineOptions,
+                 scorer: ClipScorer | None = None) -> tuple[Pipeline, RayExecutor | None]:
+    """The pipeline and executor a command runs with: under the local engine the model loaded
+    here; under Ray the model as a worker describes it, its batches predicted on Ray actors.
+    Run it with `pipeline.run(inputs, executor=executor)`."""
+    from captionkit.pipeline import Pipeline
+
+    if engine.engine == "local":
+        return Pipeline(model.build(), generation, options, scorer), None
+    if scorer is None:  # the driver needs only the scorer's name and scale, for the resume key
+        scorer = gate.load_scorer(options.gate, generation, "cpu")
+    pipeline = Pipeline(describe(model, engine), generation, options, scorer)
+    return pipeline, executor_for(pipeline, engine, model)
 
 
 class RemoteCaptioner(Captioner):

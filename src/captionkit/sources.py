@@ -193,6 +193,17 @@ def stat_image(path: Path) -> os.stat_result:
         return os.stat(found[0])
 
 
+def image_exists(path: Path) -> bool:
+    """Whether an image is still there: a file, or a member of a shard that still holds it."""
+    if os.path.lexists(path):
+        return True
+    found = shard_of(Path(path))
+    try:
+        return found is not None and found[1] in shard_index(found[0]).members
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class ShardIndex:
     """Where each regular member of a tar shard is: name -> (offset of its data, size)."""
