@@ -16,7 +16,7 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.predictions import regions_to_json
-from captionkit.sources import IMAGE_EXTENSIONS, exact_text, printable
+from captionkit.sources import IMAGE_EXTENSIONS, exact_text, image_exists, printable
 from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
 
@@ -129,7 +129,7 @@ def missing_images(results: Sequence[Result], found: Collection[Path] = (),
     found = set(found)
     folders = [folder for folder in copies_in if folder is not None]
     return frozenset(result.path for result in results if result.status == "done"
-                     and result.path not in found and not result.path.exists()
+                     and result.path not in found and not image_exists(result.path)
                      and not any((folder / relative_path(result)).exists() for folder in folders))
 
 

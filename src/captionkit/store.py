@@ -306,12 +306,18 @@ class RecordedCaptions:
                    for prefix, suffix in self.decorations)
 
 
+def stat_image(path: Path) -> os.stat_result:
+    from captionkit.sources import stat_image as stat
+
+    return stat(path)
+
+
 def unchanged_row(previous: Mapping[bytes, sqlite3.Row],
                   path: Path) -> tuple[sqlite3.Row | None, int | None, int | None]:
     """`path`'s row in `previous` if the file's size and modification time still match it (else
     None), and the file's size and mtime_ns now (None when it cannot be read)."""
     try:
-        stat = path.stat()
+        stat = stat_image(path)  # a tar shard's member: its shard's size and time
         size, mtime_ns = stat.st_size, stat.st_mtime_ns
     except OSError:
         size = mtime_ns = None
