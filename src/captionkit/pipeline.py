@@ -63,7 +63,7 @@ class RunSummary:
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
     model_id: str = ""
-    task: str = "caption"
+    run_kind: str = "caption"
     """What the run's model does: caption, or segment (the summary's verb)."""
     scores: list[float] = field(default_factory=list)
     min_score: float | None = None
@@ -193,9 +193,9 @@ class Pipeline:
         store = Store(self.options.output_dir / DB_NAME)
         try:
             summary = RunSummary(total=len(found.refs) + len(found.problems),
-                                 model_id=self.captioner.model_id, task=self.captioner.task)
+                                 model_id=self.captioner.model_id, run_kind=self.captioner.run_kind)
             run_id = store.start_run(self.captioner.model_id, self.key, self._recorded_options(inputs),
-                                     kind=self.captioner.task)
+                                     kind=self.captioner.run_kind)
             if self.options.overwrite:
                 store.forget(self.key)
             todo = self._pending(found.refs, store, summary)

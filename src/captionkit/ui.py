@@ -78,7 +78,7 @@ def counted(count: int, noun: str) -> str:
 def print_run(summary: RunSummary) -> None:
     """The end of a captioning run: counts, failures, files written and the CLIPScores."""
     failed = len(summary.failed)
-    verb = "segmented" if summary.task == "segment" else "captioned"
+    verb = "segmented" if summary.run_kind == "segment" else "captioned"
     parts = [f"[bold]{summary.done}[/] {verb}", f"{summary.skipped} already done", f"{failed} failed"]
     if summary.duplicates:
         parts.append(f"{summary.duplicates} identical to another file")

@@ -36,7 +36,7 @@ class Captioner:
     """How the weights run when not plain float32 (int8, bfloat16...): outputs differ."""
     fingerprint: str = ""
     """A digest of a local checkpoint's files: replaced weights give other outputs."""
-    task: str = "caption"
+    run_kind: str = "caption"
     """What a run of it records itself as in the store: caption, or segment for segmenters."""
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
@@ -66,4 +66,4 @@ class CaptionerWrapper(Captioner):
 
 
 _DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
-                       "grounded", "variant", "fingerprint", "task"})
+                       "grounded", "variant", "fingerprint", "run_kind"})

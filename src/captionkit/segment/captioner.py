@@ -31,7 +31,7 @@ class SegmentingCaptioner(Captioner):
         self.segmenters, self.segment_options, self.inner = list(segmenters), options, inner
         self.model_id = inner.model_id if inner else "+".join(s.model_id for s in self.segmenters)
         self.device = (inner or self.segmenters[0]).device
-        self.task = "caption" if inner else "segment"
+        self.run_kind = "caption" if inner else "segment"
         if inner is not None:
             self.preferred_batch_size, self.generates = inner.preferred_batch_size, inner.generates
             self.grounded, self.variant, self.fingerprint = inner.grounded, inner.variant, inner.fingerprint
