@@ -381,3 +381,46 @@ def test_a_csv_file_gets_a_carved_validation_split(tmp_path):
                                       root=tmp_path / "pics", val_fraction=0.2))
     assert (len(loaded.train), len(loaded.val), loaded.test) == (8, 2, [])
     assert any("ghost.png: image missing" in p for p in loaded.problems)
+
+
+def test_fine_tuned_encoder_is_saved_and_served(scenes, tmp_path):
+    """--fine-tune-encoder reads pixels every epoch (through DataLoader workers here) and saves the
+    CNN's weights in the checkpoint."""
+    from safetensors.torch import load_file
+
+    import captionkit
+    from captionkit.train.encoders import EfficientNetEncoder
+
+    model = CnnLstmOptions(**{**TINY.__dict__, "fine_tune_encoder": True, "encoder_learning_rate": 1e-2})
+    result = train(tiny_options(scenes.train, tmp_path / "tuned", epochs=1, workers=1), model)
+    config = json.loads((result.best / "config.json").read_text())
+    assert config["encoder_trained"] is True
+    saved = load_file(str(result.best / "model.safetensors"))
+    pretrained = EfficientNetEncoder(64).state_dict()
+    assert any(not torch.equal(saved[f"encoder.{k}"], v) for k, v in pretrained.items()
+               if v.is_floating_point())
+    assert not (tmp_path / "tuned" / "cache").exists()  # a trained CNN's features are not cached
+    captioner = captionkit.load(str(result.best), device="cpu").captioner
+    stem = "net._conv_stem.weight"
+    assert torch.equal(captioner.encoder.state_dict()[stem], saved[f"encoder.{stem}"])
+
+
+def test_plateau_lowers_the_rate_and_patience_stops():
+    """ReduceLROnPlateau multiplies the rate by --lr-factor each epoch CIDEr-D stalls (lr patience 0),
+    and --patience epochs without a better value end the run."""
+    from captionkit.train import loop
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.8, patience=0)
+    options = TrainOptions(patience=2)
+    state = {"epoch": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    rates = []
+    for epoch, cider in enumerate([1.0, 2.0, 1.5, 2.5, 2.4, 2.4, 3.0], start=1):
+        loop._update(state, {"epoch": epoch, "CIDEr-D": cider, "val_loss": 0.0}, options, scheduler)
+        rates.append(optimizer.param_groups[0]["lr"])
+        if loop._patience_spent(state, options):
+            break
+    assert state["best"] == 2.5 and state["best_epoch"] == 4 and state["epoch"] == 6  # 3.0 never came
+    assert rates == pytest.approx([1e-3, 1e-3, 8e-4, 8e-4, 6.4e-4, 5.12e-4])
+    assert [row["improved"] for row in state["history"]] == [True, True, False, True, False, False]

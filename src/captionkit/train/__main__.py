@@ -49,7 +49,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         kind = _base_type(hints[f.name])
         default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default: {default})"
+        text = helps.get(f.name, "") + (f" (default: {default})" if default is not None else "")
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=text)
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train a captioner that captionkit serves by path.")
     commands = parser.add_subparsers(dest="architecture", required=True)
     for name, cls in ARCHITECTURES.items():
-        sub = commands.add_parser(name, help=(cls.__doc__ or "").splitlines()[0])
+        sub = commands.add_parser(name, help=(cls.__doc__ or "").splitlines()[0],
+                                  usage="%(prog)s --dataset ... --root ... --output ... [options]",
+                                  description=cls.__doc__)
         add_options(sub, TrainOptions, "training")
         add_options(sub, cls, name)
         sub.add_argument("--resume", nargs="?", const=True, default=argparse.SUPPRESS, metavar="DIR",

@@ -21,7 +21,7 @@ from torch import nn
 from captionkit import hub
 from captionkit.device import pick_device
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.train.data import Example, Splits
 from captionkit.train.encoders import build_encoder, load_encoder
@@ -154,12 +154,8 @@ def load_model(folder: Path):
     return ClipCap(mapper, lm, train_lm=False), load_encoder(config["encoder"], folder), tokenizer, config
 
 
-class ClipCapCaptioner:
+class ClipCapCaptioner(Captioner):
     """A trained ClipCap checkpoint behind captionkit's captioner interface."""
-
-    generates = True
-    preferred_batch_size = None
-    variant = ""
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         if options.quantize or options.load_in_8bit or options.load_in_4bit:

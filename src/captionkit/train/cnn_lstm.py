@@ -19,7 +19,7 @@ from torch.nn import functional
 from captionkit import hub
 from captionkit.device import pick_device
 from captionkit.errors import OptionError
-from captionkit.models.base import Caption
+from captionkit.models.base import Caption, Captioner
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.train.data import Example, Splits, decode_example, unreadable
 from captionkit.train.decoding import State, Tokens, search
@@ -159,12 +159,8 @@ def caption_features(decoder: AttentionDecoder, vocab: Vocabulary, features: tor
     return [[vocab.decode(ids) for ids in sequences] for sequences in found]
 
 
-class CnnLstmCaptioner:
+class CnnLstmCaptioner(Captioner):
     """A trained CNN-LSTM checkpoint behind captionkit's captioner interface."""
-
-    generates = True
-    preferred_batch_size = None
-    variant = ""
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         if options.quantize or options.load_in_8bit or options.load_in_4bit:

@@ -3,7 +3,8 @@
 An architecture is a `Task`: it prepares its data (vocabulary, cached features), owns the module
 whose `forward(**batch)` returns the loss, builds its optimizer and scheduler, captions validation
 images, and saves itself as a checkpoint captionkit loads. The loop does the rest the same way for
-all of them, through `accelerate` (devices, mixed precision, several processes).
+all of them: devices and several processes through `accelerate`, mixed precision through
+`torch.autocast`.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def fit(task: Task, options: TrainOptions, splits: Splits, accelerator=None) -> 
     """Train `task` on `splits` for `options.epochs`, or on from the last checkpoint with `resume`."""
     accelerator = accelerator or make_accelerator(options)
     _seed(options)
-    for name in ("last", "best"):
-        checkpoint.recover(options.output / name)
+    if accelerator.is_main_process:
+        for name in ("last", "best"):
+            checkpoint.recover(options.output / name)
     with accelerator.main_process_first():  # the main process fills the feature cache, the others read it
         task.prepare(splits, accelerator.device)
     if accelerator.is_main_process:
