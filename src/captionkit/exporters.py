@@ -408,7 +408,7 @@ def write_parquet(results: Sequence[Result], options: ExportOptions) -> list[Pat
     for number, start in enumerate(range(0, max(len(rows), 1), options.parquet_rows)):
         path = options.output_dir / f"captions-{number:05d}.parquet"
         table = pa.Table.from_pylist(rows[start:start + options.parquet_rows], schema=schema)
-        _atomic_output(path, lambda tmp, table=table: pq.write_table(table, tmp))
+        atomic_output(path, lambda tmp, table=table: pq.write_table(table, tmp))
         written.append(path)
     for stale in options.output_dir.glob("captions-*.parquet"):
         if PARQUET_NAME.fullmatch(stale.name) and stale not in written:
@@ -435,7 +435,7 @@ def _parquet_value(value: object, kind: str) -> object:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _atomic_output(path: Path, write: Callable[[str], object]) -> None:
+def atomic_output(path: Path, write: Callable[[str], object]) -> None:
     """Let `write` make the file under a temporary name in its folder, then rename it into place."""
     make_output_dir(path.parent)
     try:

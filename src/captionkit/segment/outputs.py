@@ -4,15 +4,12 @@ label-map PNGs with `classes.json`, and overlays."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from captionkit.errors import OutputError
-from captionkit.exporters import atomic_write, make_output_dir
+from captionkit.exporters import atomic_output, atomic_write
 from captionkit.segment import coco, labelmaps
 from captionkit.segment.coco import Segmented
 from captionkit.segment.overlay import DEFAULT_ALPHA, draw
@@ -29,24 +26,8 @@ def write_instances(path: Path, images: Sequence[Segmented], classes: Sequence[s
 
 def save_image(image: Image.Image, path: Path, **save_options) -> None:
     """Write an image through a temporary file beside it and a rename; its format from the suffix."""
-    make_output_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()], **save_options)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"{path}: cannot write: {error.strerror or error}") from error
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    kind = Image.registered_extensions()[path.suffix.lower()]
+    atomic_output(path, lambda tmp: image.save(tmp, format=kind, **save_options))
 
 
 def image_file(name: str, directory: Path, suffix: str) -> Path:
