@@ -158,6 +158,7 @@ class ClipCapCaptioner:
     """A trained ClipCap checkpoint behind captionkit's captioner interface."""
 
     generates = True
+    grounded = False
     preferred_batch_size = None
     variant = ""
 

@@ -163,6 +163,7 @@ class CnnLstmCaptioner:
     """A trained CNN-LSTM checkpoint behind captionkit's captioner interface."""
 
     generates = True
+    grounded = False
     preferred_batch_size = None
     variant = ""
 
