@@ -64,7 +64,6 @@ def assert_same_training(one: Path, other: Path) -> None:
         want[k].norm() ** 2 for k in want) ** 0.5
 
 
-@pytest.mark.slow  # three Python processes that each import torch
 def test_two_cpu_processes_train_like_one_process_with_both_batches(even_captions, tmp_path):
     common = ["-m", "captionkit.train", "cnn-lstm", "--dataset", "folder", "--root", str(even_captions),
               *TINY]

@@ -23,7 +23,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.slow  # about 40 s of CPU time
+@pytest.mark.slow  # 20 s on a quiet 2-core machine, minutes on a busy one
 def test_cnn_lstm_beats_nearest_neighbour_retrieval(tmp_path):
     import captionkit
     from captionkit.train.data import load_folder, load_splits

@@ -44,7 +44,6 @@ def _losses(output: Path) -> list[tuple[str, ...]]:
                 for r in csv.DictReader(file)]
 
 
-@pytest.mark.slow  # three training processes: about a minute on a quiet 2-core machine
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(scenes, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = subprocess.run(_command(scenes, straight, 3), env=ENV, capture_output=True, text=True, timeout=600)
