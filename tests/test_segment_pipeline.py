@@ -83,11 +83,23 @@ def test_a_second_segment_run_resumes_and_export_rebuilds_the_same_files(segment
 
 @pytest.mark.slow
 def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip_dir, tmp_path):
-    out = tmp_path / "out"
-    run("caption", EXAMPLES / "cat.jpg", "--model", blip_dir, "--segment", "yolov5s-seg", "-o", out,
-        "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "5", "-q")
-    row = json.loads((out / "captions.jsonl").read_text())
-    assert row["caption"] and {region["label"] for region in row["regions"]} >= {"cat"}
+    """A big JPEG is drafted small for the captioner, which captions it as it does alone, and
+    decoded again for the segmenter, whose masks are at the file's size."""
+    from PIL import Image
+
+    photo = tmp_path / "images" / "cat.jpg"
+    photo.parent.mkdir()
+    Image.open(EXAMPLES / "cat.jpg").resize((1804, 1200), Image.BICUBIC).save(photo, quality=92)
+    common = ("--model", blip_dir, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "5", "-q")
+    run("caption", photo, "--segment", "yolov5s-seg", "-o", tmp_path / "both", *common)
+    run("caption", photo, "-o", tmp_path / "alone", *common)
+    row = json.loads((tmp_path / "both" / "captions.jsonl").read_text())
+    alone = json.loads((tmp_path / "alone" / "captions.jsonl").read_text())
+    assert row["caption"] == alone["caption"]
+    assert "cat" in {region["label"] for region in row["regions"]}
+    assert all(region["mask"]["size"] == [1200, 1804] for region in row["regions"])
+    cat = next(region for region in row["regions"] if region["label"] == "cat")
+    assert cat["box"][2] - cat["box"][0] > 900  # the cat fills most of the photo's width
 
 
 @pytest.mark.slow

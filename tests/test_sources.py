@@ -16,10 +16,12 @@ from skimage import data as samples
 from captionkit.errors import ImageError, InputError, OptionError
 from captionkit.sources import (
     DEFAULT_MAX_PIXELS,
+    FULL_SIZE,
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
     ImageRef,
     Problem,
+    at_least,
     content_hash,
     decode,
     discover,
@@ -365,6 +367,23 @@ def test_large_jpeg_is_decoded_at_reduced_scale(astronaut: Image.Image) -> None:
         width, height = decode(data, "x", target_size=target).size
         assert min(width, height) >= target and width < 4000
     assert decode(data, "x", target_size=3500).size == (4000, 3000)
+
+
+def test_an_image_decoded_small_decodes_again_for_a_bigger_target(astronaut: Image.Image) -> None:
+    """A segmenter after a captioner: the captioner's draft, then the segmenter's own decode."""
+    big = astronaut.resize((2000, 1500))
+    for original in (encode(big, "JPEG", quality=85), encode(big, "PNG"), big):
+        small = (load_image(original, 100) if isinstance(original, Image.Image)
+                 else decode(original, "x", target_size=100))
+        assert max(small.size) < 1000 and at_least(small, 100) is small
+        for target in (600, None):
+            again = at_least(small, target)
+            expected = (load_image(original, target) if isinstance(original, Image.Image)
+                        else decode(original, "x", target_size=target))
+            assert again.size == expected.size and again.tobytes() == expected.tobytes()
+            assert again.info[FULL_SIZE] == (2000, 1500)
+    whole = decode(encode(big, "PNG"), "x")
+    assert at_least(whole, 600) is whole  # nothing to decode again from: it is already whole
 
 
 def test_large_png_is_reduced_by_an_integer_factor(astronaut: Image.Image) -> None:

@@ -315,6 +315,8 @@ def test_resnet_weights_come_only_from_the_cache(tmp_path, monkeypatch):
     from captionkit.train.encoders import build_encoder
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # a hub folder set by an earlier test (torch.hub.set_dir) would hide TORCH_HOME
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
     with pytest.raises(ModelUnavailableError, match="not in torch's cache"):
         build_encoder("resnet18")
     path = tmp_path / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name

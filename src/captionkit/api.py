@@ -12,6 +12,7 @@ from PIL import Image
 from captionkit import sources
 from captionkit.models import Captioner
 from captionkit.models import load as load_captioner
+from captionkit.models.base import at_full_size
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.pipeline import Pipeline, RunOptions, RunSummary, default_batch_size
 from captionkit.predictions import Prediction
@@ -42,7 +43,7 @@ class Model:
         found: list[Prediction] = []
         for start in range(0, len(batch), size):
             decoded = [sources.load_image(image, model.input_size) for image in batch[start:start + size]]
-            found += [prediction.scaled(image.size, image.info.get(sources.FULL_SIZE, image.size))
+            found += [at_full_size(model, image, prediction)
                       for image, prediction in zip(decoded, model.caption(decoded, options), strict=True)]
         return found[0] if single else found
 

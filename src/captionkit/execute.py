@@ -19,7 +19,7 @@ from PIL import Image
 from captionkit import gate, preprocess, sources
 from captionkit.device import usable_cpus
 from captionkit.errors import CaptionkitError, ImageError
-from captionkit.models.base import Captioner
+from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
 
@@ -92,8 +92,7 @@ class Predictor:
                                            in zip(images, outcomes, strict=True)
                                            if isinstance(outcome, Prediction)])
         # regions were found on the image as decoded: give them in the full image's pixels
-        return [outcome if isinstance(outcome, str) else
-                outcome.scaled(image.size, image.info.get(sources.FULL_SIZE, image.size))
+        return [outcome if isinstance(outcome, str) else at_full_size(self.captioner, image, outcome)
                 for image, outcome in zip(images, outcomes, strict=True)]
 
     def _predict(self, images: list[Image.Image], prompts: list[str | None]) -> list[Prediction | str]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from captionkit import errors, gate, sources
 from captionkit.errors import CaptionkitError, OptionError
 from captionkit.execute import Decoding, LocalExecutor, Outcome, Predictor, WorkItem
-from captionkit.models.base import Captioner
+from captionkit.models.base import DECLARED, Captioner
 from captionkit.options import EngineOptions, GateOptions, GenerationOptions, LoadOptions, RunOptions
 from captionkit.predictions import Prediction, regions_from_json, regions_to_json
 
@@ -345,8 +345,7 @@ class RemoteCaptioner(Captioner):
     def __init__(self, described: dict) -> None:
         import torch
 
-        for name in ("model_id", "input_size", "preferred_batch_size", "generates", "grounded",
-                     "variant", "fingerprint"):
+        for name in _DESCRIBED:
             setattr(self, name, described[name])
         self.device = torch.device(described["device"])
         self._identity = described["identity"]
@@ -357,6 +356,10 @@ class RemoteCaptioner(Captioner):
     def caption(self, images, options, prompts=None):
         raise CaptionkitError(f"{self.model_id} runs on Ray workers: caption through a Pipeline "
                               "with ray_engine.executor_for(...)")
+
+
+_DESCRIBED = sorted(DECLARED - {"device"})
+"""What a worker reports of the model it loaded (the device goes as its name)."""
 
 
 def _quiet_transformers() -> None:
@@ -372,9 +375,7 @@ def _quiet_transformers() -> None:
 def _describe(model: ModelRecipe) -> dict:
     _quiet_transformers()
     captioner = model.build()
-    described = {name: getattr(captioner, name) for name in (
-        "model_id", "input_size", "preferred_batch_size", "generates", "grounded", "variant",
-        "fingerprint")}
+    described = {name: getattr(captioner, name) for name in _DESCRIBED}
     return {**described, "device": str(captioner.device), "identity": captioner.identity()}
 
 

@@ -265,6 +265,10 @@ def content_hash(data: bytes) -> str:
 
 FULL_SIZE = "captionkit.full_size"
 """`Image.info` key of a decoded image: its upright size before any draft decoding or reduction."""
+ORIGINAL = "captionkit.original"
+"""`Image.info` key of a decoded image made smaller than its file: (what it was decoded from, the
+target size it was decoded for), so that a model wanting more pixels decodes it again
+(`at_least`). Holds the file's bytes, or the PIL image it was given."""
 
 
 def decode(data: bytes, name: str, target_size: int | None = None,
@@ -284,8 +288,7 @@ def decode(data: bytes, name: str, target_size: int | None = None,
                 # Decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below the requested size.
                 image.draft("RGB", (target_size, target_size))
             decoded = _finish(image, target_size)
-            decoded.info[FULL_SIZE] = _upright_size((width, height), decoded.size)
-            return decoded
+            return _sized(decoded, (width, height), data, target_size)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -333,8 +336,28 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
     except Exception as error:
         shown = printable(source.filename) if getattr(source, "filename", "") else "<image>"
         raise ImageError(shown, _failure_reason(error)) from None
-    decoded.info[FULL_SIZE] = _upright_size(source.size, decoded.size)
+    return _sized(decoded, source.size, source, target_size)
+
+
+def _sized(decoded: Image.Image, stored: tuple[int, int], original: object,
+           target_size: int | None) -> Image.Image:
+    """`decoded` noting its file's upright size, and where it came from when it is smaller."""
+    decoded.info[FULL_SIZE] = _upright_size(stored, decoded.size)
+    if decoded.size != decoded.info[FULL_SIZE]:
+        decoded.info[ORIGINAL] = (original, target_size)
     return decoded
+
+
+def at_least(image: Image.Image, target_size: int | None) -> Image.Image:
+    """`image` as decoding for `target_size` gives it (None: the full size): itself unless it was
+    made smaller for another target, when it is decoded again from its original."""
+    original, decoded_for = image.info.get(ORIGINAL, (None, target_size))
+    if original is None or decoded_for == target_size:
+        return image
+    if isinstance(original, Image.Image):
+        return load_image(original, target_size)
+    # the bytes decoded once already: within the pixel limit
+    return decode(original, "<image>", target_size, max_pixels=sys.maxsize)
 
 
 def is_url(text: str) -> bool:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Caption, Prediction
+from captionkit.sources import FULL_SIZE
 
 __all__ = ["Caption", "Captioner", "Prediction"]
 
@@ -38,6 +39,9 @@ class Captioner:
     """A digest of a local checkpoint's files: replaced weights give other outputs."""
     run_kind: str = "caption"
     """What a run of it records itself as in the store: caption, or segment for segmenters."""
+    regions_at_full_size: bool = False
+    """True when its regions are already in the pixels of the file an image was decoded from
+    (`sources.FULL_SIZE`), not of the smaller image it was given (a JPEG draft)."""
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
                 prompts: list[str | None] | None = None) -> list[Prediction]:
@@ -56,7 +60,7 @@ class CaptionerWrapper(Captioner):
         self.inner = inner
 
     def __getattribute__(self, name: str):
-        if name in _DECLARED:
+        if name in DECLARED:
             return getattr(object.__getattribute__(self, "inner"), name)
         return object.__getattribute__(self, name)
 
@@ -65,5 +69,18 @@ class CaptionerWrapper(Captioner):
         return self.inner.caption(images, options, prompts)
 
 
-_DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
-                       "grounded", "variant", "fingerprint", "run_kind"})
+DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
+                       "grounded", "variant", "fingerprint", "run_kind", "regions_at_full_size"})
+"""The attributes every Captioner declares (see the class body), which wrappers pass on."""
+
+
+def at_full_size(captioner: Captioner, image: Image.Image, prediction: Prediction) -> Prediction:
+    """`prediction` for `image` with its regions in the pixels of the file it was decoded from."""
+    if captioner.regions_at_full_size:
+        return prediction
+    return prediction.scaled(image.size, full_size(image))
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the file `image` was decoded from (itself when not drafted)."""
+    return image.info.get(FULL_SIZE, image.size)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from captionkit.models.base import Captioner
+from captionkit import sources
+from captionkit.models.base import Captioner, at_full_size, full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
 from captionkit.segment.combine import add_masks
@@ -19,10 +20,14 @@ from captionkit.segment.options import SegmentOptions
 
 
 class SegmentingCaptioner(Captioner):
-    """`inner`'s predictions (none: empty text) with each segmenter's regions added in turn."""
+    """`inner`'s predictions (none: empty text) with each segmenter's regions added in turn.
 
-    # Images reach segmenters at their full size, so masks are made at the file's own size.
-    input_size = None
+    Images arrive as `inner` would get them alone (a JPEG drafted to its input size), so its caption
+    is the one it gives without segmenters; each segmenter gets the image decoded for its own input
+    size and makes boxes and masks at the file's size.
+    """
+
+    regions_at_full_size = True
 
     def __init__(self, segmenters: Sequence, options: SegmentOptions,
                  inner: Captioner | None = None) -> None:
@@ -32,6 +37,8 @@ class SegmentingCaptioner(Captioner):
         self.model_id = inner.model_id if inner else "+".join(s.model_id for s in self.segmenters)
         self.device = (inner or self.segmenters[0]).device
         self.run_kind = "caption" if inner else "segment"
+        sizes = [s.input_size for s in self.segmenters]
+        self.input_size = inner.input_size if inner else None if None in sizes else max(sizes)
         if inner is not None:
             self.preferred_batch_size, self.generates = inner.preferred_batch_size, inner.generates
             self.grounded, self.variant, self.fingerprint = inner.grounded, inner.variant, inner.fingerprint
@@ -40,15 +47,18 @@ class SegmentingCaptioner(Captioner):
 
     def identity(self) -> dict:
         own = {"model": self.model_id} if self.inner is None else self.inner.identity()
-        return {**own, "segmenters": [s.model_id for s in self.segmenters],
+        return {**own, "segmenters": [s.describe() for s in self.segmenters],
                 "segment": self.segment_options.key()}
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
                 prompts: list[str | None] | None = None) -> list[Prediction]:
-        found = (self.inner.caption(images, options, prompts) if self.inner is not None
-                 else [Prediction() for _ in images])
+        sizes = [full_size(image) for image in images]
+        found = ([at_full_size(self.inner, image, prediction) for image, prediction
+                  in zip(images, self.inner.caption(images, options, prompts), strict=True)]
+                 if self.inner is not None else [Prediction() for _ in images])
         for segmenter in self.segmenters:
-            found = add_masks(found, images, segmenter, self.segment_options)
+            seen = [sources.at_least(image, segmenter.input_size) for image in images]
+            found = add_masks(found, seen, segmenter, self.segment_options, sizes)
         return found
 
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from captionkit import gate
 from captionkit.errors import CaptionkitError
-from captionkit.models.base import Captioner
+from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
 from captionkit.serve import inputs
@@ -95,7 +95,8 @@ class Service:
 
     def _caption(self, images: list[Image.Image], options: GenerationOptions,
                  prompts: list[str | None]) -> list[Prediction]:
-        predictions = self.captioner.caption(images, options, prompts)
+        predictions = [at_full_size(self.captioner, image, prediction) for image, prediction
+                       in zip(images, self.captioner.caption(images, options, prompts), strict=True)]
         if self.scorer is not None:
             gate.score_batch(self.scorer, list(zip(images, predictions, strict=True)))
         return predictions
