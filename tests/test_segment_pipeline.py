@@ -4,6 +4,7 @@ with COCO instances, label maps and overlays rebuilt by `captionkit export`."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import shutil
@@ -100,6 +101,28 @@ def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip
     assert all(region["mask"]["size"] == [1200, 1804] for region in row["regions"])
     cat = next(region for region in row["regions"] if region["label"] == "cat")
     assert cat["box"][2] - cat["box"][0] > 900  # the cat fills most of the photo's width
+    if importlib.util.find_spec("ray") is not None:  # and so do Ray workers
+        run("caption", photo, "--segment", "yolov5s-seg", "-o", tmp_path / "ray", *common,
+            "--engine", "ray", "--ray-workers", "1", "--cpus-per-worker", "1", "--local-cpus", "2")
+        on_ray = json.loads((tmp_path / "ray" / "captions.jsonl").read_text())
+        assert (on_ray["caption"], on_ray["regions"]) == (row["caption"], row["regions"])
+
+
+@pytest.mark.slow
+def test_segment_on_ray_writes_what_the_local_engine_writes(segmented, tmp_path):
+    pytest.importorskip("ray")
+    images, out, _ = segmented
+    on_ray = run("segment", images, "-o", tmp_path, "--device", "cpu", "--engine", "ray",
+                 "--ray-workers", "1", "--cpus-per-worker", "1", "--local-cpus", "2")
+    assert "2 segmented" in on_ray.stderr
+    assert (tmp_path / "instances.json").read_text() == (out / "instances.json").read_text()
+    def rows(folder: Path) -> list[dict]:  # all but the time each image took
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (folder / "captions.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path) == rows(out)
+    for name in ("cat.png", "coffee.png", "classes.json"):
+        assert (tmp_path / "masks" / name).read_bytes() == (out / "masks" / name).read_bytes()
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ Semantic = Annotated[str | None, typer.Option(
     help="Also give every pixel a class with this semantic segmenter, e.g. deeplabv3-resnet50.",
     rich_help_panel=MODEL, metavar="NAME")]
 SEGMENT_RUN = Select("output_dir", "recursive", "extensions", "formats", "batch_size", "workers",
-                     "overwrite", "retry_failed", "max_pixels", "progress", "overlays",
+                     "full_decode", "overwrite", "retry_failed", "max_pixels", "progress", "overlays",
                      formats={"cli_default": "jsonl,coco,masks", "help": "Comma-separated: jsonl, coco "
                               "(instances.json), masks (label maps), csv."})
 Strict = Annotated[bool, typer.Option(
@@ -126,11 +126,11 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
             *, generation: GenerationOptions, load_options: LoadOptions, run: RunOptions,
             segment_options: SegmentOptions, engine: EngineOptions) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
-    from captionkit import sources
+    from captionkit import ray_engine, sources
     from captionkit.exporters import check_output_dir
     from captionkit.gate import load_scorer
-    from captionkit.models import choose_auto, load
-    from captionkit.pipeline import Pipeline, find_inputs
+    from captionkit.models import choose_auto
+    from captionkit.pipeline import find_inputs
 
     check_output_dir(run.output_dir)  # a file in the way is reported before any model loads
     sources.check_inputs_exist(inputs)  # and so is a mistyped input
@@ -141,14 +141,10 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
     _quiet_transformers()
     # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
     scorer = load_scorer(run.gate, generation, load_options.device)
-    if engine.engine == "ray":
-        summary = _caption_on_ray(inputs, found, model, generation, load_options, run, engine, segment,
-                                  scorer)
-    else:
-        captioner = load(model, load_options)
-        if segment is not None:
-            captioner = _segmenting(segment.split(","), segment_options, load_options, captioner)
-        summary = Pipeline(captioner, generation, run, scorer).run(inputs, found)
+    loader = _segmenting(segment.split(","), segment_options) if segment is not None else None
+    pipeline, executor = ray_engine.pipeline_for(ray_engine.ModelRecipe(model, load_options, loader),
+                                                 generation, run, engine, scorer)
+    summary = pipeline.run(inputs, found, executor=executor)
     ui.print_run(summary)
     gate = run.gate
     if gate.failed_dir is not None:
@@ -162,41 +158,32 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
 def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic = None,
             strict: Strict = False, *, options: SegmentOptions,
             load_options: Annotated[LoadOptions, Select("device", "dtype")],
-            run: Annotated[RunOptions, SEGMENT_RUN]) -> None:
+            run: Annotated[RunOptions, SEGMENT_RUN], engine: EngineOptions) -> None:
     """Segment images: instances as COCO instances.json, label maps, overlays; resumably."""
-    from captionkit import sources
+    from captionkit import ray_engine, sources
     from captionkit.exporters import check_output_dir
-    from captionkit.pipeline import Pipeline, find_inputs
+    from captionkit.pipeline import find_inputs
 
     check_output_dir(run.output_dir)
     sources.check_inputs_exist(inputs)
     found = find_inputs(inputs, run)
-    segmenter = _segmenting([model, *([semantic] if semantic else [])], options, load_options)
-    summary = Pipeline(segmenter, GenerationOptions(), run).run(inputs, found)
+    names = [model, *([semantic] if semantic else [])]
+    _quiet_transformers()
+    recipe = ray_engine.ModelRecipe("+".join(names), load_options,
+                                    _segmenting(names, options, with_captioner=False))
+    pipeline, executor = ray_engine.pipeline_for(recipe, GenerationOptions(), run, engine)
+    summary = pipeline.run(inputs, found, executor=executor)
     ui.print_run(summary)
     if summary.model_failures or (strict and summary.failed):
         raise typer.Exit(1)
 
 
-def _caption_on_ray(inputs, found, model: str, generation: GenerationOptions, load_options: LoadOptions,
-                    run: RunOptions, engine: EngineOptions, segment: str | None, scorer):
-    """The same run with model replicas as Ray actors; this process plans and records."""
-    from captionkit import ray_engine
+def _segmenting(names: list[str], options: SegmentOptions, with_captioner: bool = True):
+    """How the run's model (here or on Ray workers) loads the named segmenters, around the
+    captioner or alone."""
+    from captionkit.segment.captioner import SegmentingLoader
 
-    if segment is not None:
-        raise OptionError("--segment runs with --engine local for now: drop one of them")
-    pipeline, executor = ray_engine.pipeline_for(ray_engine.ModelRecipe(model, load_options), generation,
-                                                 run, engine, scorer)
-    return pipeline.run(inputs, found, executor=executor)
-
-
-def _segmenting(names: list[str], options: SegmentOptions, load_options: LoadOptions, inner=None):
-    """The named segmenters, around a captioner or alone, as the pipeline's model."""
-    from captionkit.segment.captioner import segmenting
-
-    _quiet_transformers()
-    return segmenting([name.strip() for name in names], options, inner, load_options.device,
-                      load_options.dtype)
+    return SegmentingLoader(tuple(name.strip() for name in names), options, with_captioner)
 
 
 @command()

@@ -8,12 +8,13 @@ then plans, executes, resumes and exports segmentation exactly as it does captio
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
 from captionkit import sources
 from captionkit.models.base import Captioner, at_full_size, full_size
-from captionkit.options import GenerationOptions
+from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.predictions import Prediction
 from captionkit.segment.combine import add_masks
 from captionkit.segment.options import SegmentOptions
@@ -69,3 +70,19 @@ def segmenting(segmenters: Sequence[str], options: SegmentOptions, inner: Captio
 
     return SegmentingCaptioner([load_segmenter(name, device=device, dtype=dtype) for name in segmenters],
                                options, inner)
+
+
+@dataclass(frozen=True)
+class SegmentingLoader:
+    """Loads the segmenters (around the captioner `--model` names, or alone) where the model runs:
+    a Ray worker calls it with the recipe's name and load options."""
+
+    segmenters: tuple[str, ...]
+    options: SegmentOptions
+    with_captioner: bool = True
+
+    def __call__(self, name: str, load: LoadOptions) -> SegmentingCaptioner:
+        from captionkit.models import load as load_captioner
+
+        inner = load_captioner(name, load) if self.with_captioner else None
+        return segmenting(self.segmenters, self.options, inner, load.device, load.dtype)
