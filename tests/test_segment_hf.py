@@ -279,3 +279,45 @@ def test_checkpoints_that_are_not_segmenters_say_so(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_segmenter(str(tmp_path / "nothing"))
+
+
+def test_kosmos2_with_sam_through_the_cli_masks_each_grounded_phrase(checkpoints, images, tmp_path,
+                                                                    monkeypatch):
+    """`caption --model kosmos-2 --segment sam`: the caption's phrase gets SAM's mask, with its span."""
+    import tiny
+    from transformers import AutoTokenizer, Kosmos2ForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from captionkit.cli import app
+
+    kosmos = tiny.build_kosmos2(tmp_path / "kosmos2")
+    tokenizer = AutoTokenizer.from_pretrained(kosmos)
+    # A random model seldom writes grounding tokens: bias its own greedy steps to ground "a cat"
+    # to the whole image (patches 0 and 1023), then stop.
+    chain = tokenizer.convert_tokens_to_ids(["▁of", "<phrase>", "▁a", "▁cat", "</phrase>", "<object>",
+                                             "<patch_index_0000>", "<patch_index_1023>", "</object>"])
+    bias = {pair: 1e4 for pair in zip(chain, [*chain[1:], tokenizer.eos_token_id], strict=True)}
+    generate = Kosmos2ForConditionalGeneration.generate
+    monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate",
+                        lambda self, **kwargs: generate(self, **kwargs, sequence_bias=bias))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes((EXAMPLES / "cat.jpg").read_bytes())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "caption", str(photos), "--model", str(kosmos), "--segment", str(checkpoints["sam"]),
+        "-o", str(out), "-f", "jsonl", "--full-decode", "--max-new-tokens", "12", "--device", "cpu",
+        "--dtype", "float32", "-q"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "captions.jsonl").read_text())
+    [region] = row["regions"]
+    start, end = region["span"]
+    assert (row["caption"][start:end], region["label"], region["kind"]) == ("a cat", "a cat", "phrase")
+    width, height = images[0].size
+    # Kosmos-2 reads patch indices as the centres of a 32 x 32 grid's cells
+    assert region["box"] == pytest.approx([width / 64, height / 64, width * 63 / 64, height * 63 / 64],
+                                          abs=0.5)
+    expected = sam_reference(checkpoints["sam"], images[0], [region["box"]])[0]
+    assert region["mask"]["size"] == [height, width]
+    ours = masks.decode(region["mask"])
+    assert ours.any() and (ours == expected).mean() > 0.999  # the stored box is rounded to 0.01 px
