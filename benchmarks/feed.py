@@ -35,7 +35,6 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +47,6 @@ import images  # noqa: E402
 import models  # noqa: E402
 
 from captionkit import preprocess, sources  # noqa: E402
-from captionkit.execute import LocalExecutor  # noqa: E402
 from captionkit.pipeline import Pipeline, RunOptions  # noqa: E402
 
 PHOTO_SIZES = ((720, 480), (800, 600), (1024, 768), (1152, 864))
@@ -250,24 +248,14 @@ class Contender:
             raise SystemExit(f"{self.name}: no static-cache steps for {captioner.model_id} on "
                              f"{captioner.device}")
         shutil.rmtree(self.out, ignore_errors=True)
-        options = RunOptions(output_dir=self.out, progress=False, batch_size=self.batch_size)
-        pipeline = GpuJpegPipeline if "nvjpeg" in self.modes else Pipeline
-        generation = _pinned_generation()
-        summary = pipeline(captioner, generation, options).run([str(p) for p in paths])
+        options = RunOptions(output_dir=self.out, progress=False, batch_size=self.batch_size,
+                             gpu_jpeg="nvjpeg" in self.modes)
+        summary = Pipeline(captioner, _pinned_generation(), options).run([str(p) for p in paths])
         if summary.failed:
             raise RuntimeError(f"{self.name} failed on {summary.failed}")
         records = [json.loads(line) for line in (self.out / "captions.jsonl").read_text().splitlines()]
         by_path = {record["path"]: record["caption"] for record in records}
         return [by_path[str(path.resolve())] for path in paths]
-
-
-class GpuJpegPipeline(Pipeline):
-    """The pipeline with `Decoding.gpu_jpeg` on (no run option asks for it yet)."""
-
-    def local_executor(self, store) -> LocalExecutor:
-        usual = super().local_executor(store)
-        # nvJPEG's pixels are neither decoding's: nothing is reused from the other one
-        return LocalExecutor(usual.predictor, replace(usual.decoding, gpu_jpeg=True), usual.known, {})
 
 
 def _pinned_generation():

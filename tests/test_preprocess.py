@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tiny
@@ -318,3 +319,29 @@ def test_static_cache_steps_give_the_eager_captions(loaded, photos):
     finally:
         blip2.captured_steps = False
 
+
+
+def test_gpu_jpeg_and_cuda_graphs_are_run_options_in_the_resume_key(loaded, models, monkeypatch):
+    """Both change the pixels or the rounding, so a run with them is kept apart from one without;
+    where they do not apply (the CPU, a scorer, a model without the steps) nothing changes."""
+    from captionkit.pipeline import run_identity
+
+    blip, blip2 = loaded("blip"), loaded("blip2")
+    plain = run_identity(blip, GEN)
+    assert run_identity(blip, GEN, gpu_jpeg=True) == plain, "on the CPU nvJPEG does not run"
+    monkeypatch.setattr(blip, "device", torch.device("cuda"))
+    assert run_identity(blip, GEN, gpu_jpeg=True) == {**plain, "decoder": "nvjpeg"}
+    assert "decoder" not in run_identity(blip, GEN, SimpleNamespace(name="clip", scale=2.5), gpu_jpeg=True)
+    on_cpu = load(str(models["blip2"]), LoadOptions(device="cpu", dtype="float32", cuda_graphs=True))
+    assert not on_cpu.captured_steps and on_cpu.identity() == blip2.identity()
+    monkeypatch.setattr(blip2, "captured_steps", True)
+    assert blip2.identity() == {**on_cpu.identity(), "steps": "cuda-graphs"}
+
+
+def test_gpu_jpeg_and_cuda_graphs_are_caption_flags():
+    from typer.testing import CliRunner
+
+    from captionkit.cli import app
+
+    shown = " ".join(CliRunner().invoke(app, ["caption", "--help"], terminal_width=200).output.split())
+    assert "--gpu-jpeg" in shown and "--cuda-graphs" in shown

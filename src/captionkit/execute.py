@@ -24,6 +24,7 @@ from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
 
 if TYPE_CHECKING:
+    from captionkit.options import RunOptions
     from captionkit.scoring import ClipScorer
 
 ReuseKey = tuple[str | None, str | None]
@@ -148,6 +149,17 @@ class Decoding:
     without a scorer; other files, and files nvJPEG refuses, take the CPU path. Pixels differ from
     libjpeg's by rounding, so captions may too."""
 
+    @classmethod
+    def of(cls, options: RunOptions) -> Decoding:
+        return cls(options.workers, options.full_decode, options.max_pixels, options.gpu_jpeg)
+
+
+def jpegs_on_gpu(captioner: Captioner, asked: bool, scorer: ClipScorer | None) -> bool:
+    """Whether a run decodes JPEGs with nvJPEG: asked, on a CUDA model whose `preprocess` takes
+    JPEG bytes, and without a scorer (which needs the CPU's pixels)."""
+    on_cuda = getattr(captioner.device, "type", captioner.device) == "cuda"
+    return asked and on_cuda and scorer is None and hasattr(captioner.preprocess, "from_jpeg")
+
 
 @dataclass
 class Outcome:
@@ -183,13 +195,10 @@ class LocalExecutor:
         self.same_pixels = same_pixels
         """The other decoding's predictions, reused where the two decode to the same pixels."""
         captioner = predictor.captioner
-        self.preprocess = getattr(captioner, "preprocess", None)
+        self.preprocess = captioner.preprocess
         """The captioner's image-to-input step for the decoding threads; None: it makes its own."""
-        on_cuda = getattr(captioner.device, "type", captioner.device) == "cuda"
-        self.pin = on_cuda
-        self.gpu_jpeg = (decoding.gpu_jpeg and on_cuda and predictor.scorer is None
-                         and hasattr(self.preprocess, "from_jpeg"))
-        """Whether JPEGs go to nvJPEG: on CUDA only, and not for a scorer, which needs CPU pixels."""
+        self.pin = getattr(captioner.device, "type", captioner.device) == "cuda"
+        self.gpu_jpeg = jpegs_on_gpu(captioner, decoding.gpu_jpeg, predictor.scorer)
 
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
         batches = self._batches(self._decoded(items))

@@ -126,6 +126,9 @@ class LoadOptions:
     dtype: str = flag("auto", "auto, float32, bfloat16 or float16.", panel=MODEL, metavar="DTYPE")
     load_in_8bit: bool = flag(False, "8-bit weights (CUDA and bitsandbytes).", panel=MODEL)
     load_in_4bit: bool = flag(False, "4-bit weights (CUDA and bitsandbytes).", panel=MODEL)
+    cuda_graphs: bool = flag(False, "On CUDA, run the decoder's per-token steps from a static cache "
+                             "compiled into CUDA graphs (BLIP-2); each new batch size compiles first. "
+                             "Ignored on other devices and models.", panel=MODEL)
     quantize: str | None = flag(None, "int8: dynamically quantized linear layers on the CPU, ~1.6x "
                                 "faster; captions may change.", panel=MODEL, metavar="MODE")
     api_base: str | None = flag(None, "The server's base URL (openai: and hf-api: models), e.g. "
@@ -230,6 +233,9 @@ class RunOptions:
     full_decode: bool = flag(False, "Decode big JPEGs in full, as the model's own processor would "
                              "(slower; by default a reduced scale still >= the model's input).",
                              panel=INPUTS)
+    gpu_jpeg: bool = flag(False, "Decode JPEGs with nvJPEG on the model's GPU (CUDA; BLIP, BLIP-2 and "
+                          "InstructBLIP without --min-clip-score); other files stay on the CPU. "
+                          "Pixels differ from libjpeg's by rounding.", panel=INPUTS)
     progress: bool = flag(True, "No progress bar.", "--quiet", "-q", panel=OUTPUTS, cli_type=bool,
                           cli_default=False, parse=operator.not_)
     gate: GateOptions = field(default_factory=GateOptions)

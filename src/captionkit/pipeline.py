@@ -26,6 +26,7 @@ from captionkit.execute import (
     WorkItem,
     default_batch_size,
     default_workers,
+    jpegs_on_gpu,
 )
 from captionkit.exporters import (
     OUTPUT_NAMES,
@@ -91,16 +92,19 @@ class RunSummary:
         return data
 
 
-def run_identity(captioner: Captioner, generation: GenerationOptions,
-                 scorer: ClipScorer | None = None, full_decode: bool = False) -> dict:
+def run_identity(captioner: Captioner, generation: GenerationOptions, scorer: ClipScorer | None = None,
+                 full_decode: bool = False, gpu_jpeg: bool = False) -> dict:
     """What the resume key is made of: the model (its checkpoint files, its precision), the
     generation options it honours, the decoding and the scorer."""
     # A captioner that generates no text writes the same captions whatever the generation options.
     asked = generation if captioner.generates else GenerationOptions()
-    return {**captioner.identity(), "generation": asked.key(),
-            # without a size to shrink big images toward, draft decoding is a full decode
-            "full_decode": bool(full_decode and captioner.input_size),
-            "scorer": f"{scorer.name}@{scorer.scale}" if scorer is not None else None}
+    identity = {**captioner.identity(), "generation": asked.key(),
+                # without a size to shrink big images toward, draft decoding is a full decode
+                "full_decode": bool(full_decode and captioner.input_size),
+                "scorer": f"{scorer.name}@{scorer.scale}" if scorer is not None else None}
+    if jpegs_on_gpu(captioner, gpu_jpeg, scorer):
+        identity["decoder"] = "nvjpeg"  # its pixels are not libjpeg's
+    return identity
 
 
 @dataclass
@@ -164,10 +168,11 @@ class Pipeline:
         self.options = options
         self.scorer = scorer if scorer is not None else gate.load_scorer(
             options.gate, generation, str(captioner.device))
-        self.key = resume_key(run_identity(captioner, generation, self.scorer, options.full_decode))
+        self.key = resume_key(run_identity(captioner, generation, self.scorer, options.full_decode,
+                                           options.gpu_jpeg))
         # The other decoding's key: its captions of images that decode the same either way are reused.
         self.other_key = resume_key(run_identity(captioner, generation, self.scorer,
-                                                 not options.full_decode))
+                                                 not options.full_decode, options.gpu_jpeg))
         self.batch_size = options.batch_size or default_batch_size(captioner)
         self.prompts = options.read_prompts()
 
@@ -209,7 +214,8 @@ class Pipeline:
         return Plan(list(inputs), found, store, run_id, todo, summary)
 
     def _recorded_options(self, inputs: Sequence[str]) -> dict:
-        identity = run_identity(self.captioner, self.generation, self.scorer, self.options.full_decode)
+        identity = run_identity(self.captioner, self.generation, self.scorer, self.options.full_decode,
+                                self.options.gpu_jpeg)
         return {"generation": asdict(self.generation), "inputs": list(inputs), "identity": identity,
                 "prefix": self.options.prefix, "suffix": self.options.suffix}
 
@@ -234,7 +240,7 @@ class Pipeline:
         # --overwrite starts over, so it takes nothing from the other decoding either.
         reuse = self.other_key != self.key and not self.options.overwrite
         predictor = Predictor(self.captioner, self.generation, self.scorer, self.batch_size)
-        decoding = Decoding(self.options.workers, self.options.full_decode, self.options.max_pixels)
+        decoding = Decoding.of(self.options)
         return LocalExecutor(predictor, decoding, store.captions_by_content(self.key),
                              store.captions_by_content(self.other_key) if reuse else {})
 

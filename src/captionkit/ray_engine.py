@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -186,7 +186,8 @@ class CaptionActor:
         _quiet_transformers()
         captioner = plan.model.build()
         scorer = gate.load_scorer(plan.gate, plan.generation, str(captioner.device))
-        key = resume_key(run_identity(captioner, plan.generation, scorer, plan.decoding.full_decode))
+        key = resume_key(run_identity(captioner, plan.generation, scorer, plan.decoding.full_decode,
+                                      plan.decoding.gpu_jpeg))
         if key != plan.key:
             raise OptionError(
                 f"{plan.model.name} loads on this Ray worker as {captioner.identity()} on "
@@ -197,7 +198,7 @@ class CaptionActor:
             import ray
 
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            decoding = Decoding(min(8, math.ceil(cpus) + 2), decoding.full_decode, decoding.max_pixels)
+            decoding = replace(decoding, workers=min(8, math.ceil(cpus) + 2))
         predictor = Predictor(captioner, plan.generation, scorer, plan.batch_size)
         return LocalExecutor(predictor, decoding, {}, {})
 
@@ -310,7 +311,7 @@ def worker_plan(pipeline: Pipeline, model: ModelRecipe) -> WorkerPlan:
     """The pipeline's model, options and resume key, for its workers."""
     options = pipeline.options
     return WorkerPlan(model, pipeline.generation, options.gate, pipeline.batch_size,
-                      Decoding(options.workers, options.full_decode, options.max_pixels), pipeline.key)
+                      Decoding.of(options), pipeline.key)
 
 
 def executor_for(pipeline: Pipeline, engine: EngineOptions,
@@ -332,6 +333,8 @@ def pipeline_for(model: ModelRecipe, generation: GenerationOptions, options: Run
 
     if engine.engine == "local":
         return Pipeline(model.build(), generation, options, scorer), None
+    if options.gpu_jpeg:
+        raise OptionError("--gpu-jpeg runs with --engine local for now: drop one of them")
     if scorer is None:  # the driver needs only the scorer's name and scale, for the resume key
         scorer = gate.load_scorer(options.gate, generation, "cpu")
     pipeline = Pipeline(describe(model, engine), generation, options, scorer)
@@ -358,8 +361,9 @@ class RemoteCaptioner(Captioner):
                               "with ray_engine.executor_for(...)")
 
 
-_DESCRIBED = sorted(DECLARED - {"device"})
-"""What a worker reports of the model it loaded (the device goes as its name)."""
+_DESCRIBED = sorted(DECLARED - {"device", "preprocess"})
+"""What a worker reports of the model it loaded (the device goes as its name; its preprocessing
+runs where it loaded)."""
 
 
 def _quiet_transformers() -> None:

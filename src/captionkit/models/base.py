@@ -39,6 +39,9 @@ class Captioner:
     """A digest of a local checkpoint's files: replaced weights give other outputs."""
     run_kind: str = "caption"
     """What a run of it records itself as in the store: caption, or segment for segmenters."""
+    preprocess: Any = None
+    """How the decoding threads turn a decoded image into this model's input (a
+    `preprocess.FixedSize`); None: `caption` makes its inputs itself."""
     regions_at_full_size: bool = False
     """True when its regions are already in the pixels of the file an image was decoded from
     (`sources.FULL_SIZE`), not of the smaller image it was given (a JPEG draft)."""
@@ -70,7 +73,8 @@ class CaptionerWrapper(Captioner):
 
 
 DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
-                       "grounded", "variant", "fingerprint", "run_kind", "regions_at_full_size"})
+                       "grounded", "variant", "fingerprint", "run_kind", "preprocess",
+                      "regions_at_full_size"})
 """The attributes every Captioner declares (see the class body), which wrappers pass on."""
 
 

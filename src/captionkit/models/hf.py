@@ -65,6 +65,8 @@ class HFCaptioner(Captioner):
         self._prompt_inputs = functools.lru_cache(maxsize=64)(self._inputs_beside_pixels)
         self.captured_steps = False
         """Whether `generate` runs from a static cache, compiled into CUDA graphs."""
+        if options.cuda_graphs:
+            self.capture_steps()
 
     def _check_tokenizer(self, path: Path) -> None:
         """Refuse the near-empty tokenizer transformers builds when a checkpoint's tokenizer files
@@ -122,6 +124,11 @@ class HFCaptioner(Captioner):
         compilation. True when it took effect; elsewhere the eager steps stay."""
         self.captured_steps = self.static_cache_steps and self.device.type == "cuda"
         return self.captured_steps
+
+    def identity(self) -> dict:
+        # static-cache steps may round differently from the eager ones in half precision
+        own = super().identity()
+        return {**own, "steps": "cuda-graphs"} if self.captured_steps else own
 
     def instruction(self, prompt: str | None, options: GenerationOptions) -> str | None:
         """The image's own prompt, else the one asking for the --detail level, else the default."""
