@@ -368,3 +368,34 @@ def test_listening_beyond_loopback_without_a_key_is_refused(blip_dir):
                            "0.0.0.0", "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "--host 0.0.0.0 listens beyond this machine" in done.stderr and "--insecure" in done.stderr
+
+
+def test_a_checkpoint_captionkit_trained_is_served_by_path(tmp_path, jpegs):
+    """`captionkit train` output served as it is: the server's captions are the Python API's."""
+    pytest.importorskip("accelerate")
+    from captionkit.api import load
+    from captionkit.train import CnnLstmOptions, TrainOptions, synthetic, train
+
+    scenes = synthetic.write_dataset(tmp_path / "scenes", train=16, test=2, size=64)
+    trained = train(TrainOptions(root=scenes.train, output=tmp_path / "run", epochs=1, batch_size=8,
+                                 val_fraction=0.25, progress=False, device="cpu"),
+                    CnnLstmOptions(image_size=64, embed_dim=16, attention_dim=16, hidden_dim=32,
+                                   min_word_count=1, dropout=0.0))
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "captionkit.serve", "--model", str(trained.best),
+                                    "--port", "0", "--device", "cpu", "--request-timeout", "600"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = _wait_for_url(process, log_path)
+        response = httpx.post(f"{url}/v1/caption", timeout=120,
+                              files=[("image", (f"{n}.jpg", jpegs[n], "image/jpeg")) for n in NAMES[:2]])
+        assert response.status_code == 200, response.text
+        model = load(str(trained.best), device="cpu")
+        expected = model.caption([io.BytesIO(jpegs[n]) for n in NAMES[:2]])
+        assert [r["caption"] for r in response.json()["results"]] == expected
+        assert all(expected)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
