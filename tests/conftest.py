@@ -32,6 +32,16 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under xdist's `--dist loadgroup` a file's tests stay on one worker, so its module fixtures
+    are built once, and the tests that start Ray (marked `ray`) run on one worker, one at a time."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers():
     import transformers

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 psutil = pytest.importorskip("psutil")
 
 from test_shards import write_shards  # noqa: E402

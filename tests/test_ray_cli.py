@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 
 def caption(*args) -> subprocess.CompletedProcess:

@@ -83,6 +83,7 @@ def test_a_second_segment_run_resumes_and_export_rebuilds_the_same_files(segment
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip_dir, tmp_path):
     """A big JPEG is drafted small for the captioner, which captions it as it does alone, and
     decoded again for the segmenter, whose masks are at the file's size."""
@@ -109,6 +110,7 @@ def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_segment_on_ray_writes_what_the_local_engine_writes(segmented, tmp_path):
     pytest.importorskip("ray")
     images, out, _ = segmented
