@@ -524,3 +524,10 @@ def test_plateau_lowers_the_rate_and_patience_stops():
     assert state["best"] == 2.5 and state["best_epoch"] == 4 and state["epoch"] == 6  # 3.0 never came
     assert rates == pytest.approx([1e-3, 1e-3, 8e-4, 8e-4, 6.4e-4, 5.12e-4])
     assert [row["improved"] for row in state["history"]] == [True, True, False, True, False, False]
+
+
+def test_the_training_guide_lists_every_option():
+    guide = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    for cls in (TrainOptions, CnnLstmOptions, ClipCapOptions, BlipOptions):
+        for item in flags.declared(cls):
+            assert f"`{item.spellings[0].split('/')[0]}`" in guide, item.name
