@@ -497,6 +497,7 @@ def _train(context: typer.Context, options: TrainOptions, architecture: object) 
         if type(saved) is not type(architecture):
             raise OptionError(f"--resume: the run in {options.output} trains {architecture_of(saved)}, "
                               f"not {architecture_of(architecture)}")
+        # By the source's name: typer >= 0.29 has its own copy of click's ParameterSource.
         given = [name for name in context.params if name not in ("resume", "output")
                  and getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         train_fields = {item.name for item in declared(TrainOptions)}
