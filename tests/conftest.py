@@ -50,6 +50,18 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`): on a loaded
+    machine more threads only wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[Image.Image]:
     """Real photographs from scikit-image, as RGB PIL images."""

@@ -4,8 +4,10 @@ end to end, then served by `captionkit.load(path)` and `captionkit caption --mod
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +17,27 @@ import pytest
 import torch
 from PIL import Image
 
+import captionkit
+from captionkit import flags
 from captionkit.errors import ModelUnavailableError, OptionError
 from captionkit.options import GenerationOptions
-from captionkit.train import CnnLstmOptions, TrainOptions, checkpoint, decoding, synthetic, train
+from captionkit.train import (
+    BlipOptions,
+    ClipCapOptions,
+    CnnLstmOptions,
+    TrainOptions,
+    checkpoint,
+    decoding,
+    synthetic,
+    train,
+)
 from captionkit.train.data import load_splits
 from captionkit.train.vocab import Vocabulary
 
 pytest.importorskip("pycocoevalcap")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Small enough for a loaded 2-core machine: a 2x2 EfficientNet map and a 32-unit LSTM.
 TINY = CnnLstmOptions(image_size=64, embed_dim=16, attention_dim=16, hidden_dim=32, min_word_count=1,
@@ -327,14 +334,105 @@ def test_resnet_weights_come_only_from_the_cache(tmp_path, monkeypatch):
     assert features.shape == (1, 4, 512)
 
 
-def test_command_line_help_comes_from_the_dataclasses():
-    proc = subprocess.run([sys.executable, "-m", "captionkit.train", "cnn-lstm", "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
-    text = " ".join(proc.stdout.split())
-    assert "--fine-tune-encoder" in text and "Train the CNN too" in text
+HELP_PROBE = """
+import sys
+from captionkit.cli import main
+sys.argv = ["captionkit", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print("torch" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("architecture", ["cnn-lstm", "clipcap", "blip"])
+def test_command_line_help_comes_from_the_dataclasses(architecture):
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE, "train", architecture, "--help"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "False"  # --help waits for no torch
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    text = " ".join(proc.stdout.replace("│", " ").split())  # each help text joined up again
+    model_class, panel = {"cnn-lstm": (CnnLstmOptions, "CNN-LSTM"), "clipcap": (ClipCapOptions, "ClipCap"),
+                          "blip": (BlipOptions, "BLIP")}[architecture]
+    for item in (*flags.declared(TrainOptions), *flags.declared(model_class)):
+        assert item.spellings[0].split("/")[0] in text and " ".join(item.flag.help.split()) in text, item.name
     assert "--val-fraction" in text and "held out for validation" in text
-    assert "--resume [DIR]" in text
+    assert "--resume" in text and "Continue the run in --output" in text
+    panels = ["Data", "Training loop", "Validation and checkpoints", panel]
+    where = [text.index(f"─ {name} ─") for name in panels]
+    assert where == sorted(where)
+    if architecture == "cnn-lstm":
+        assert "--fine-tune-encoder" in text and "Train the CNN too" in text
+
+
+def test_every_training_option_has_a_flag_and_python_gets_its_bounds_checked():
+    for cls in (TrainOptions, CnnLstmOptions, ClipCapOptions, BlipOptions):
+        assert [item.name for item in flags.declared(cls)] == [f.name for f in dataclasses.fields(cls)]
+    with pytest.raises(OptionError, match="^--epochs must be at least 1$"):
+        TrainOptions(epochs=0)
+    with pytest.raises(OptionError, match=r"^--val-fraction must be in \[0, 1\)$"):
+        TrainOptions(val_fraction=1.0)
+    with pytest.raises(OptionError, match="^--learning-rate must be above 0$"):
+        TrainOptions(learning_rate=0.0)
+    with pytest.raises(OptionError, match=r"^--lr-factor must be in \(0, 1\)$"):
+        CnnLstmOptions(lr_factor=1.0)
+    with pytest.raises(OptionError, match="^--warmup-steps must be at least 0$"):
+        ClipCapOptions(warmup_steps=-1)
+    with pytest.raises(OptionError, match="--mapping 'cnn': choose from mlp, transformer"):
+        ClipCapOptions(mapping="cnn")
+    assert TrainOptions(max_images=None, patience=None).patience is None  # unset passes any bound
+
+
+NEW_FIELD = """    glossiness: float = flag(0.5, "How glossy the LSTM's words are (a test's new option).",
+                             panel=CNN_LSTM, min=0)
+"""
+
+
+def test_an_option_added_to_a_dataclass_reaches_the_train_command(tmp_path):
+    """One new field in train/options.py and no other edit: `train cnn-lstm` lists it, and takes it."""
+    package = tmp_path / "captionkit"
+    shutil.copytree(Path(captionkit.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    options = package / "train" / "options.py"
+    anchor = "    lr_patience: int = flag("
+    assert anchor in options.read_text()
+    options.write_text(options.read_text().replace(anchor, NEW_FIELD + anchor, 1))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "100"}
+    shown = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--help"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "--glossiness" in shown.stdout
+    assert "How glossy the LSTM's words are (a test's new option)." in " ".join(
+        shown.stdout.replace("│", " ").split())
+    for value, error in (("-1", "Invalid value for '--glossiness'"), ("0.7", "holds no train.json")):
+        taken = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--glossiness",
+                                value, "--resume", "-o", str(tmp_path / "no-run")], env=env,
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert taken.returncode == 2 and error in taken.stderr, taken.stderr
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["cnn-lstm", "--dataset", "imagenet"], "error: --dataset 'imagenet': choose from folder, flickr8k"),
+    (["clipcap", "--mapping", "cnn"], "error: --mapping 'cnn': choose from mlp, transformer"),
+    (["blip", "--dataset", "file"], "error: --dataset file needs --captions FILE"),
+    (["cnn-lstm", "--dropout", "1"], "error: --dropout must be in [0, 1)"),
+])
+def test_bad_options_exit_2_with_one_line(args, error):
+    proc = subprocess.run([sys.executable, "-m", "captionkit.train", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and error in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_takes_the_saved_options_and_only_the_flags_given(trained, scenes):
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "clipcap", "--resume", "-o",
+                           str(trained.output)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "trains cnn-lstm, not clipcap" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--resume", "-o",
+                           str(trained.output), "--hidden-dim", "512"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "--hidden-dim 512 differs from the run's 32" in proc.stderr, proc.stderr
 
 
 # The dataset readers behind --dataset.
@@ -426,3 +524,10 @@ def test_plateau_lowers_the_rate_and_patience_stops():
     assert state["best"] == 2.5 and state["best_epoch"] == 4 and state["epoch"] == 6  # 3.0 never came
     assert rates == pytest.approx([1e-3, 1e-3, 8e-4, 8e-4, 6.4e-4, 5.12e-4])
     assert [row["improved"] for row in state["history"]] == [True, True, False, True, False, False]
+
+
+def test_the_training_guide_lists_every_option():
+    guide = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    for cls in (TrainOptions, CnnLstmOptions, ClipCapOptions, BlipOptions):
+        for item in flags.declared(cls):
+            assert f"`{item.spellings[0].split('/')[0]}`" in guide, item.name

@@ -19,13 +19,7 @@ from captionkit.train.curves import read_metrics
 pytest.importorskip("pycocoevalcap")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["--image-size", "64", "--embed-dim", "16", "--attention-dim", "16", "--hidden-dim", "32",

@@ -14,13 +14,7 @@ from captionkit.train import CnnLstmOptions, TrainOptions, synthetic, train
 pytest.importorskip("pycocoevalcap")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow  # 20 s on a quiet 2-core machine, minutes on a busy one

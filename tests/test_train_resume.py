@@ -58,8 +58,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(scenes, tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert len(_losses(killed)) < 3
 
-    resumed = subprocess.run([*TRAIN, "--resume", str(killed)], env=ENV, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run([*TRAIN, "--resume", "--output", str(killed)], env=ENV, capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     want, got = load_file(str(straight / "last" / "model.safetensors")), load_file(
         str(killed / "last" / "model.safetensors"))
@@ -68,3 +68,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(scenes, tmp_path):
     assert _losses(killed) == _losses(straight)
     assert (killed / "best" / "model.safetensors").read_bytes() == (
         straight / "best" / "model.safetensors").read_bytes()
+
+
+def test_ctrl_c_says_how_to_go_on_and_exits_130(scenes, tmp_path):
+    output = tmp_path / "run"
+    proc = subprocess.Popen(_command(scenes, output, 3), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (output / "train.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # training has begun: the run's options are recorded
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted; continue with --resume"

@@ -20,7 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from captionkit import ui
 from captionkit.errors import CaptionkitError, OptionError
-from captionkit.flags import Select, changed, with_options
+from captionkit.flags import Select, changed, declared, with_options
 from captionkit.options import (
     INPUTS,
     MODEL,
@@ -35,6 +35,13 @@ from captionkit.options import (
 )
 from captionkit.segment.options import SegmentOptions
 from captionkit.serve.options import ServeOptions
+from captionkit.train.options import (
+    BlipOptions,
+    ClipCapOptions,
+    CnnLstmOptions,
+    TrainOptions,
+    architecture_of,
+)
 
 
 class _Unlabelled:
@@ -450,15 +457,65 @@ def _refuse_captioning_flags(generation: GenerationOptions, load_options: LoadOp
                           "--predictions here)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                "help_option_names": []})
-def train(context: typer.Context) -> None:
-    """Train a captioner (blip, cnn-lstm, clipcap) on a dataset: resumable, with curves.
+train_app = typer.Typer(
+    cls=_Group, add_completion=False, no_args_is_help=True,
+    help="Train a captioner (cnn-lstm, clipcap, blip) on a dataset: resumable, with curves.")
+app.add_typer(train_app, name="train")
 
-    `captionkit train ARCHITECTURE --help` lists the options of each architecture."""
-    from captionkit.train.__main__ import main as train_main
 
-    raise typer.Exit(train_main(list(context.args)))
+def train_command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a `captionkit train NAME` command (also `python -m captionkit.train NAME`), its
+    options-class parameters as its flags."""
+    return lambda function: train_app.command(name, cls=_Command)(with_options(function))
+
+
+@train_command("cnn-lstm")
+def train_cnn_lstm(context: typer.Context, *, options: TrainOptions, architecture: CnnLstmOptions) -> None:
+    """Show, Attend and Tell: an attention LSTM over a CNN's feature map, trained from scratch."""
+    _train(context, options, architecture)
+
+
+@train_command("clipcap")
+def train_clipcap(context: typer.Context, *, options: TrainOptions, architecture: ClipCapOptions) -> None:
+    """ClipCap: a frozen image embedding mapped to the prefix of a causal language model."""
+    _train(context, options, architecture)
+
+
+@train_command("blip")
+def train_blip(context: typer.Context, *, options: TrainOptions, architecture: BlipOptions) -> None:
+    """Fine-tune BLIP after LAVIS's COCO caption recipe, or BLIP-2 with LoRA adapters."""
+    _train(context, options, architecture)
+
+
+def _train(context: typer.Context, options: TrainOptions, architecture: object) -> None:
+    """Train; with --resume, the run in --output goes on with its saved options, changed only by
+    the flags given."""
+    from captionkit.train.run import resume_options, saved_options, train
+
+    if options.resume:
+        saved = saved_options(options.output)[1]
+        if type(saved) is not type(architecture):
+            raise OptionError(f"--resume: the run in {options.output} trains {architecture_of(saved)}, "
+                              f"not {architecture_of(architecture)}")
+        # By the source's name: typer >= 0.29 has its own copy of click's ParameterSource.
+        given = [name for name in context.params if name not in ("resume", "output")
+                 and getattr(context.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        train_fields = {item.name for item in declared(TrainOptions)}
+        options, architecture = resume_options(options.output, **{
+            name: getattr(options if name in train_fields else architecture, name) for name in given})
+    try:
+        result = train(options, architecture)
+    except (Interrupted, KeyboardInterrupt) as interrupt:
+        ui.err.print("interrupted; continue with --resume")
+        raise typer.Exit(getattr(interrupt, "exit_code", 130)) from None
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # every process of `accelerate launch` gets here
+        best = result.history[result.best_epoch - 1] if result.best_epoch else {}
+        shown = ("BLEU-4", "CIDEr-D", "CLIPScore", "val_loss")
+        scores = ", ".join(f"{name} {best[name]:.4g}" for name in shown if name in best)
+        ui.out.print(f"best: {result.best} (epoch {result.best_epoch}: {scores})", soft_wrap=True,
+                     highlight=False)
 
 
 @command()
@@ -489,14 +546,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line and exit code 2."""
+def main(command: typer.Typer = app) -> None:
+    """Console-script entry point (of `command`, `captionkit` by default): user errors become one
+    line and exit code 2."""
     # First thing: the commands import torch and load models, and Ctrl-C then must say "interrupted".
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup` and `&` ignore SIGINT: keep that
             signal.signal(signum, _interrupt)
     try:
-        code = app(standalone_mode=False)
+        code = command(standalone_mode=False)
     except CaptionkitError as err:
         # Escaped and soft-wrapped: a path like `a [1].jpg` is not markup, and one line stays one line.
         ui.err.print(f"[red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)

@@ -1,7 +1,7 @@
 """What `captionkit train` takes: the loop's options, and one dataclass per architecture.
 
-Each field's docstring is its help text; its CLI spelling is the name with dashes (`fine_tune_encoder`
--> `--fine-tune-encoder`).
+Each field is declared with `flags.flag`: its help text, help panel and bounds serve both the
+`captionkit train ARCHITECTURE` command line and the Python API, which checks the same bounds.
 """
 
 from __future__ import annotations
@@ -10,164 +10,145 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from captionkit.errors import OptionError
+from captionkit.flags import declared, flag
 
 DATASETS = ("folder", "flickr8k", "flickr30k", "coco", "file")
 MONITORS = ("CIDEr-D", "BLEU-4", "loss")
 PRECISIONS = ("no", "bf16", "fp16")
+
+# `captionkit train`'s help panels, shown in the order of their first fields: TrainOptions' three,
+# then the architecture's (they all come before the shared `flags.PANELS`, which train takes none of).
+DATA, LOOP, VALIDATION = "Data", "Training loop", "Validation and checkpoints"
+CNN_LSTM, CLIPCAP, BLIP = "CNN-LSTM", "ClipCap", "BLIP"
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """The data, the loop, validation and checkpoints: the same for every architecture."""
 
-    output: Path = Path("captionkit-train")
-    """Folder for the checkpoints (last/, best/), metrics.csv, curves.png and problems.txt."""
-    dataset: str = "folder"
-    """folder (images with caption .txt sidecars), flickr8k, flickr30k, coco, or file (--captions)."""
-    root: Path | None = None
-    """The dataset's folder; for `file`, the folder its image names are relative to."""
-    captions: Path | None = None
-    """With --dataset file: the captions file (CSV, JSONL, JSON, captions.txt)."""
-    val_fraction: float = 0.1
-    """Share of the images held out for validation when the dataset has no validation split."""
-    max_images: int | None = None
-    """Train on at most this many images (a seeded sample): for quick trials."""
-    max_val_images: int | None = 500
-    """Validate on at most this many images (captioning them all each epoch takes a while)."""
-    epochs: int = 10
-    """Passes over the training captions."""
-    batch_size: int = 32
-    """Image-caption pairs per optimizer step and process (before --grad-accumulation)."""
-    learning_rate: float | None = None
-    """The peak learning rate; unset, the architecture's default."""
-    weight_decay: float | None = None
-    """AdamW weight decay; unset, the architecture's default."""
-    grad_accumulation: int = 1
-    """Batches whose gradients add up before each optimizer step."""
-    mixed_precision: str = "no"
-    """no, bf16 or fp16 (CUDA): autocast for the forward pass."""
-    monitor: str = "CIDEr-D"
-    """The validation number that picks best/ and drives early stopping: CIDEr-D, BLEU-4 or loss."""
-    patience: int | None = 3
-    """Stop after this many epochs without a better --monitor; unset, never stop early."""
-    val_beams: int = 1
-    """Beams when captioning the validation images (1: greedy, the fastest)."""
-    max_caption_words: int = 50
-    """Captions longer than this are reported and left out of training."""
-    clip_model: str | None = None
-    """A CLIP model (path or Hub id) to add CLIPScore to the validation numbers."""
-    cache_dir: Path | None = None
-    """Where frozen encoders' features are cached; unset, <output>/cache."""
-    seed: int = 0
-    """Seeds the validation split, the shuffling, dropout and initial weights."""
-    deterministic: bool = False
-    """Deterministic kernels only (slower): two runs with one seed give equal weights."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N or mps."""
-    workers: int = 0
-    """Processes decoding images for architectures that read pixels every epoch (BLIP, a fine-tuned CNN)."""
-    resume: bool = False
-    """Continue the run in --output from its last checkpoint (model, optimizer, scheduler, RNG)."""
-    progress: bool = True
-    """Show a progress bar with the loss, images/s and ETA."""
+    dataset: str = flag("folder", "folder (images with caption .txt sidecars), flickr8k, flickr30k, "
+                        "coco, or file (--captions).", panel=DATA, metavar="NAME")
+    root: Path | None = flag(None, "The dataset's folder; for `file`, the folder its image names are "
+                             "relative to.", panel=DATA, metavar="DIR")
+    captions: Path | None = flag(None, "With --dataset file: the captions file (CSV, JSONL, JSON, "
+                                 "captions.txt).", panel=DATA, metavar="FILE")
+    val_fraction: float = flag(0.1, "Share of the images held out for validation when the dataset has "
+                               "no validation split.", panel=DATA, min=0, max=1)
+    max_images: int | None = flag(None, "Train on at most this many images (a seeded sample): for "
+                                  "quick trials.", panel=DATA, min=1)
+    max_caption_words: int = flag(50, "Captions longer than this are reported and left out of "
+                                  "training.", panel=DATA, min=1)
+    workers: int = flag(0, "Processes decoding images for architectures that read pixels every epoch "
+                        "(BLIP, a fine-tuned CNN).", panel=DATA, min=0)
+    cache_dir: Path | None = flag(None, "Where frozen encoders' features are cached; unset, "
+                                  "<output>/cache.", panel=DATA, metavar="DIR")
+    epochs: int = flag(10, "Passes over the training captions.", panel=LOOP, min=1)
+    batch_size: int = flag(32, "Image-caption pairs per optimizer step and process (before "
+                           "--grad-accumulation).", panel=LOOP, min=1)
+    learning_rate: float | None = flag(None, "The peak learning rate; unset, the architecture's "
+                                       "default.", panel=LOOP, min=0)
+    weight_decay: float | None = flag(None, "AdamW weight decay; unset, the architecture's default.",
+                                      panel=LOOP, min=0)
+    grad_accumulation: int = flag(1, "Batches whose gradients add up before each optimizer step.",
+                                  panel=LOOP, min=1)
+    mixed_precision: str = flag("no", "no, bf16 or fp16 (CUDA): autocast for the forward pass.",
+                                panel=LOOP, metavar="MODE")
+    seed: int = flag(0, "Seeds the validation split, the shuffling, dropout and initial weights.",
+                     panel=LOOP)
+    deterministic: bool = flag(False, "Deterministic kernels only (slower): two runs with one seed give "
+                               "equal weights.", "--deterministic", panel=LOOP)
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps.", panel=LOOP, metavar="DEVICE")
+    progress: bool = flag(True, "Hide the progress bar (the loss, images/s and ETA).", "--no-progress",
+                          panel=LOOP, cli_type=bool, cli_default=False, parse=lambda hide: not hide)
+    output: Path = flag(Path("captionkit-train"), "Folder for the checkpoints (last/, best/), "
+                        "metrics.csv, curves.png and problems.txt.", "--output", "-o", panel=VALIDATION,
+                        metavar="DIR")
+    resume: bool = flag(False, "Continue the run in --output from its last checkpoint, with its saved "
+                        "options; flags given change them (--epochs, ...).", "--resume", panel=VALIDATION)
+    max_val_images: int | None = flag(500, "Validate on at most this many images (captioning them all "
+                                      "each epoch takes a while).", panel=VALIDATION, min=1)
+    monitor: str = flag("CIDEr-D", "CIDEr-D, BLEU-4 or loss: the validation number that picks best/ "
+                        "and drives early stopping.", panel=VALIDATION, metavar="NAME")
+    patience: int | None = flag(3, "Stop after this many epochs without a better --monitor; unset, "
+                                "never stop early.", panel=VALIDATION, min=1)
+    val_beams: int = flag(1, "Beams when captioning the validation images (1: greedy, the fastest).",
+                          panel=VALIDATION, min=1)
+    clip_model: str | None = flag(None, "A CLIP model (path or Hub id) to add CLIPScore to the "
+                                  "validation numbers.", panel=VALIDATION, metavar="MODEL")
 
     def __post_init__(self) -> None:
         for name in ("output", "root", "captions", "cache_dir"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser())
-        if self.dataset not in DATASETS:
-            raise OptionError(f"--dataset {self.dataset!r}: choose from {', '.join(DATASETS)}")
+        _choice(self.dataset, DATASETS, "--dataset")
         if self.dataset == "file" and self.captions is None:
             raise OptionError("--dataset file needs --captions FILE (and --root for its images)")
         if self.captions is not None and self.dataset != "file":
             raise OptionError(f"--captions is for --dataset file; --dataset {self.dataset} finds its own")
-        if not 0 <= self.val_fraction < 1:
-            raise OptionError("--val-fraction must be in [0, 1)")
-        if self.mixed_precision not in PRECISIONS:
-            raise OptionError(f"--mixed-precision {self.mixed_precision!r}: use {', '.join(PRECISIONS)}")
-        if self.monitor not in MONITORS:
-            raise OptionError(f"--monitor {self.monitor!r}: use {', '.join(MONITORS)}")
-        _at_least(self, epochs=1, batch_size=1, grad_accumulation=1, val_beams=1, max_caption_words=1,
-                  max_images=1, max_val_images=1, patience=1)
-        if self.workers < 0:
-            raise OptionError("--workers cannot be negative")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise OptionError("--learning-rate must be positive")
+        _choice(self.mixed_precision, PRECISIONS, "--mixed-precision")
+        _choice(self.monitor, MONITORS, "--monitor")
+        check_bounds(self, above=("learning_rate",), below=("val_fraction",))
 
 
 @dataclass(frozen=True)
 class CnnLstmOptions:
     """Show, Attend and Tell: an attention LSTM over a CNN's spatial feature map."""
 
-    encoder: str = "efficientnet-lite0"
-    """efficientnet-lite0 (ships with captionkit), or resnet50/resnet101/resnet152 when torchvision's
-    weights are in its cache."""
-    fine_tune_encoder: bool = False
-    """Train the CNN too (every epoch reads the images); frozen, its features are cached once."""
-    encoder_learning_rate: float = 1e-4
-    """The CNN's learning rate with --fine-tune-encoder."""
-    image_size: int = 224
-    """The side images are resized to for the CNN."""
-    embed_dim: int = 256
-    """Word embedding size."""
-    attention_dim: int = 256
-    """Size of the attention layer."""
-    hidden_dim: int = 512
-    """LSTM state size."""
-    dropout: float = 0.5
-    """Dropout before the word classifier."""
-    min_word_count: int = 2
-    """Words seen fewer times in the training captions become <unk> (and are never generated)."""
-    max_length: int = 30
-    """Caption tokens learned per caption; longer ones are cut."""
-    attention_regularization: float = 1.0
-    """Weight of the "doubly stochastic" term that makes every region get attention over a caption."""
-    grad_clip: float = 5.0
-    """Gradients are clipped to this norm."""
-    lr_factor: float = 0.8
-    """ReduceLROnPlateau: the learning rate is multiplied by this when --monitor stalls."""
-    lr_patience: int = 0
-    """ReduceLROnPlateau: epochs without improvement before the rate drops."""
+    encoder: str = flag("efficientnet-lite0", "efficientnet-lite0 (ships with captionkit), or "
+                        "resnet50/101/152 when torchvision's weights are in its cache.", panel=CNN_LSTM,
+                        metavar="NAME")
+    fine_tune_encoder: bool = flag(False, "Train the CNN too (every epoch reads the images); frozen, its "
+                                   "features are cached once.", "--fine-tune-encoder", panel=CNN_LSTM)
+    encoder_learning_rate: float = flag(1e-4, "The CNN's learning rate with --fine-tune-encoder.",
+                                        panel=CNN_LSTM, min=0)
+    image_size: int = flag(224, "The side images are resized to for the CNN.", panel=CNN_LSTM, min=32)
+    embed_dim: int = flag(256, "Word embedding size.", panel=CNN_LSTM, min=1)
+    attention_dim: int = flag(256, "Size of the attention layer.", panel=CNN_LSTM, min=1)
+    hidden_dim: int = flag(512, "LSTM state size.", panel=CNN_LSTM, min=1)
+    dropout: float = flag(0.5, "Dropout before the word classifier.", panel=CNN_LSTM, min=0, max=1)
+    min_word_count: int = flag(2, "Words seen fewer times in the training captions become <unk> (and "
+                               "are never generated).", panel=CNN_LSTM, min=1)
+    max_length: int = flag(30, "Caption tokens learned per caption; longer ones are cut.", panel=CNN_LSTM,
+                           min=2)
+    attention_regularization: float = flag(1.0, "Weight of the \"doubly stochastic\" term that makes "
+                                           "every region get attention over a caption.", panel=CNN_LSTM,
+                                           min=0)
+    grad_clip: float = flag(5.0, "Gradients are clipped to this norm.", panel=CNN_LSTM, min=0)
+    lr_factor: float = flag(0.8, "ReduceLROnPlateau: the learning rate is multiplied by this when "
+                            "--monitor stalls.", panel=CNN_LSTM, min=0, max=1)
+    lr_patience: int = flag(0, "ReduceLROnPlateau: epochs without improvement before the rate drops.",
+                            panel=CNN_LSTM, min=0)
 
     def __post_init__(self) -> None:
-        _at_least(self, image_size=32, embed_dim=1, attention_dim=1, hidden_dim=1, min_word_count=1,
-                  max_length=2)
-        if not 0 <= self.dropout < 1:
-            raise OptionError("--dropout must be in [0, 1)")
-        if not 0 < self.lr_factor < 1:
-            raise OptionError("--lr-factor must be in (0, 1)")
+        check_bounds(self, above=("lr_factor",), below=("dropout", "lr_factor"))
 
 
 @dataclass(frozen=True)
 class ClipCapOptions:
     """ClipCap: a frozen image embedding, mapped to a prefix of a causal language model."""
 
-    image_encoder: str = "efficientnet-lite0"
-    """efficientnet-lite0 (ships with captionkit), or a CLIP/SigLIP model's path or Hub id."""
-    lm: str = "gpt2"
-    """The causal language model: a path, a Hub id, or a .gguf file (e.g. SmolLM2's)."""
-    mapping: str = "mlp"
-    """mlp (the LM is fine-tuned) or transformer (the LM stays frozen)."""
-    fine_tune_lm: bool | None = None
-    """Train the LM too; unset, as the paper pairs it: with mlp yes, with transformer no."""
-    prefix_length: int = 10
-    """Prefix embeddings the image becomes."""
-    mapper_layers: int = 8
-    """Transformer mapper: its layers."""
-    image_size: int = 224
-    """The side images are resized to for EfficientNet-Lite0 (CLIP towers use their own)."""
-    max_length: int = 40
-    """Caption tokens learned per caption; longer ones are cut."""
-    warmup_steps: int = 100
-    """Linear warmup steps before the learning rate decays linearly to zero."""
+    image_encoder: str = flag("efficientnet-lite0", "efficientnet-lite0 (ships with captionkit), or a "
+                              "CLIP/SigLIP model's path or Hub id.", panel=CLIPCAP, metavar="MODEL")
+    lm: str = flag("gpt2", "The causal language model: a path, a Hub id, or a .gguf file (e.g. "
+                   "SmolLM2's).", panel=CLIPCAP, metavar="MODEL")
+    mapping: str = flag("mlp", "mlp (the LM is fine-tuned) or transformer (the LM stays frozen).",
+                        panel=CLIPCAP, metavar="KIND")
+    fine_tune_lm: bool | None = flag(None, "Train the LM too; unset, as the paper pairs it: with mlp "
+                                     "yes, with transformer no.", "--fine-tune-lm/--no-fine-tune-lm",
+                                     panel=CLIPCAP)
+    prefix_length: int = flag(10, "Prefix embeddings the image becomes.", panel=CLIPCAP, min=1)
+    mapper_layers: int = flag(8, "Transformer mapper: its layers.", panel=CLIPCAP, min=1)
+    image_size: int = flag(224, "The side images are resized to for EfficientNet-Lite0 (CLIP towers "
+                           "use their own).", panel=CLIPCAP, min=32)
+    max_length: int = flag(40, "Caption tokens learned per caption; longer ones are cut.", panel=CLIPCAP,
+                           min=2)
+    warmup_steps: int = flag(100, "Linear warmup steps before the learning rate decays linearly to "
+                             "zero.", panel=CLIPCAP, min=0)
 
     def __post_init__(self) -> None:
-        if self.mapping not in ("mlp", "transformer"):
-            raise OptionError(f"--mapping {self.mapping!r}: use mlp or transformer")
-        _at_least(self, prefix_length=1, mapper_layers=1, image_size=32, max_length=2)
-        if self.warmup_steps < 0:
-            raise OptionError("--warmup-steps cannot be negative")
+        _choice(self.mapping, ("mlp", "transformer"), "--mapping")
+        check_bounds(self)
 
     @property
     def trains_lm(self) -> bool:
@@ -178,32 +159,28 @@ class ClipCapOptions:
 class BlipOptions:
     """Fine-tune BLIP after LAVIS's COCO caption recipe, or BLIP-2 with LoRA adapters."""
 
-    model: str = "blip-base"
-    """The model to start from: an alias (blip-base, blip-large, blip2-opt-2.7b), a Hub id or a
-    local BLIP or BLIP-2 checkpoint."""
-    image_size: int | None = None
-    """The side images are resized to; unset, the checkpoint's own (384 for blip-base and blip-large).
-    Another size interpolates the position embeddings, and the checkpoint keeps the new size."""
-    prompt: str = "a picture of "
-    """Text every caption starts with; the model learns what follows it."""
-    augment: bool = True
-    """Random resized crop, horizontal flip and colour jitter on training images."""
-    warmup_steps: int = 100
-    """Linear warmup steps before the cosine decay."""
-    max_length: int = 40
-    """Caption tokens learned per caption, the prompt included; longer ones are cut."""
-    lora: bool | None = None
-    """Train LoRA adapters (peft) instead of every weight; unset, for BLIP-2 yes, for BLIP no."""
-    lora_rank: int = 8
-    """The adapters' rank (their alpha is twice it)."""
-    lora_targets: str | None = None
-    """Comma-separated module names to adapt; unset, the LM's q_proj,v_proj (BLIP-2) or the text
-    decoder's query,value (BLIP)."""
+    model: str = flag("blip-base", "The model to start from: an alias (blip-base, blip-large, "
+                      "blip2-opt-2.7b), a Hub id or a local BLIP or BLIP-2 checkpoint.", panel=BLIP,
+                      metavar="NAME")
+    image_size: int | None = flag(None, "The side images are resized to; unset, the checkpoint's own "
+                                  "(384 for BLIP). Another size interpolates the position embeddings.",
+                                  panel=BLIP, min=32)
+    prompt: str = flag("a picture of ", "Text every caption starts with; the model learns what follows "
+                       "it.", panel=BLIP)
+    augment: bool = flag(True, "Random resized crop, horizontal flip and colour jitter on training "
+                         "images.", "--augment/--no-augment", panel=BLIP)
+    warmup_steps: int = flag(100, "Linear warmup steps before the cosine decay.", panel=BLIP, min=0)
+    max_length: int = flag(40, "Caption tokens learned per caption, the prompt included; longer ones "
+                           "are cut.", panel=BLIP, min=4)
+    lora: bool | None = flag(None, "Train LoRA adapters (peft) instead of every weight; unset, for "
+                             "BLIP-2 yes, for BLIP no.", "--lora/--no-lora", panel=BLIP)
+    lora_rank: int = flag(8, "The adapters' rank (their alpha is twice it).", panel=BLIP, min=1)
+    lora_targets: str | None = flag(None, "Comma-separated module names to adapt; unset, the LM's "
+                                    "q_proj,v_proj (BLIP-2) or the text decoder's query,value (BLIP).",
+                                    panel=BLIP, metavar="NAMES")
 
     def __post_init__(self) -> None:
-        _at_least(self, image_size=32, max_length=4, lora_rank=1)
-        if self.warmup_steps < 0:
-            raise OptionError("--warmup-steps cannot be negative")
+        check_bounds(self)
 
 
 ARCHITECTURES: dict[str, type] = {"cnn-lstm": CnnLstmOptions, "clipcap": ClipCapOptions,
@@ -221,11 +198,33 @@ def architecture_of(options: object) -> str:
     raise TypeError(f"not an architecture's options: {type(options).__name__}")
 
 
-def _at_least(options: object, **minimums: int) -> None:
-    for name, minimum in minimums.items():
-        value = getattr(options, name)
-        if value is not None and value < minimum:
-            raise OptionError(f"--{name.replace('_', '-')} must be at least {minimum}")
+def check_bounds(options: object, *, above: tuple[str, ...] = (), below: tuple[str, ...] = ()) -> None:
+    """The bounds the flags declare (`min=`, `max=`, which the command line checks too), checked for
+    options built from Python. A field named in `above` must exceed its min, in `below` stay under
+    its max: `below=("dropout",)` with `max=1` is dropout < 1."""
+    for item in declared(type(options)):
+        value, low, high = getattr(options, item.name), item.flag.min, item.flag.max
+        open_low, open_high = item.name in above, item.name in below
+        if value is None:
+            continue
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high:
+            raise OptionError(f"{item.spellings[0]} must be {_range(low, high, open_low, open_high)}")
+
+
+def _range(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    """`at least 1`, `above 0`, `in [0, 1)`."""
+    if high is None:
+        return f"{'above' if open_low else 'at least'} {low:g}"
+    if low is None:
+        return f"{'below' if open_high else 'at most'} {high:g}"
+    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise OptionError(f"{name} {value!r}: choose from {', '.join(choices)}")
 
 
 def to_dict(options: object) -> dict:

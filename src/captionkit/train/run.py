@@ -58,8 +58,8 @@ def saved_options(output: Path) -> tuple[TrainOptions, object]:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OptionError(f"--resume {output}: no {RUN_FILE}, so it is not a training run's output "
-                          "folder") from None
+        raise OptionError(f"--resume: {output} holds no {RUN_FILE}, so it is not a training run's "
+                          "--output folder") from None
     except (OSError, ValueError) as error:
         raise OptionError(f"{path}: unreadable ({error})") from error
     model_class = ARCHITECTURES[record["architecture"]]
@@ -70,7 +70,7 @@ def check_resumable(options: TrainOptions, model: object) -> None:
     """Refuse to resume with options that would make a different model than the run began."""
     saved_train, saved_model = saved_options(options.output)
     if type(saved_model) is not type(model):
-        raise OptionError(f"--resume {options.output}: that run trains {architecture_of(saved_model)}, "
+        raise OptionError(f"--resume: the run in {options.output} trains {architecture_of(saved_model)}, "
                           f"not {architecture_of(model)}")
     for given, saved in ((options, saved_train), (model, saved_model)):
         for f in fields(given):  # type: ignore[arg-type]
@@ -78,8 +78,8 @@ def check_resumable(options: TrainOptions, model: object) -> None:
                 continue
             now, then = getattr(given, f.name), getattr(saved, f.name)
             if now != then:
-                raise OptionError(f"--resume {options.output}: --{f.name.replace('_', '-')} {now} differs "
-                                  f"from the run's {then} (see its {RUN_FILE}); drop it, or train into "
+                raise OptionError(f"--resume: --{f.name.replace('_', '-')} {now} differs from the run's "
+                                  f"{then} (see {options.output / RUN_FILE}); drop it, or train into "
                                   "another --output")
 
 
