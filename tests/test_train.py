@@ -359,7 +359,7 @@ def test_command_line_help_comes_from_the_dataclasses(architecture):
     for item in (*flags.declared(TrainOptions), *flags.declared(model_class)):
         assert item.spellings[0].split("/")[0] in text and " ".join(item.flag.help.split()) in text, item.name
     assert "--val-fraction" in text and "held out for validation" in text
-    assert "--resume" in text and "Continue the run in --output" in text
+    assert "--resume" in text and "Continue the run in DIR" in text
     panels = ["Data", "Training loop", "Validation and checkpoints", panel]
     where = [text.index(f"─ {name} ─") for name in panels]
     assert where == sorted(where)
@@ -407,7 +407,7 @@ def test_an_option_added_to_a_dataclass_reaches_the_train_command(tmp_path):
         shown.stdout.replace("│", " ").split())
     for value, error in (("-1", "Invalid value for '--glossiness'"), ("0.7", "holds no train.json")):
         taken = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--glossiness",
-                                value, "--resume", "-o", str(tmp_path / "no-run")], env=env,
+                                value, "--resume", str(tmp_path / "no-run")], env=env,
                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert taken.returncode == 2 and error in taken.stderr, taken.stderr
 
@@ -426,10 +426,10 @@ def test_bad_options_exit_2_with_one_line(args, error):
 
 
 def test_resume_takes_the_saved_options_and_only_the_flags_given(trained, scenes):
-    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "clipcap", "--resume", "-o",
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "clipcap", "--resume",
                            str(trained.output)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "trains cnn-lstm, not clipcap" in proc.stderr, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--resume", "-o",
+    proc = subprocess.run([sys.executable, "-m", "captionkit", "train", "cnn-lstm", "--resume",
                            str(trained.output), "--hidden-dim", "512"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "--hidden-dim 512 differs from the run's 32" in proc.stderr, proc.stderr

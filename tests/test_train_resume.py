@@ -58,7 +58,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(scenes, tmp_path):
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert len(_losses(killed)) < 3
 
-    resumed = subprocess.run([*TRAIN, "--resume", "--output", str(killed)], env=ENV, capture_output=True,
+    resumed = subprocess.run([*TRAIN, "--resume", str(killed)], env=ENV, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     want, got = load_file(str(straight / "last" / "model.safetensors")), load_file(

@@ -488,7 +488,7 @@ def train_blip(context: typer.Context, *, options: TrainOptions, architecture: B
 
 
 def _train(context: typer.Context, options: TrainOptions, architecture: object) -> None:
-    """Train; with --resume, the run in --output goes on with its saved options, changed only by
+    """Train; with --resume DIR, the run in DIR goes on with its saved options, changed only by
     the flags given."""
     from captionkit.train.run import resume_options, saved_options, train
 

@@ -63,8 +63,10 @@ class TrainOptions:
     output: Path = flag(Path("captionkit-train"), "Folder for the checkpoints (last/, best/), "
                         "metrics.csv, curves.png and problems.txt.", "--output", "-o", panel=VALIDATION,
                         metavar="DIR")
-    resume: bool = flag(False, "Continue the run in --output from its last checkpoint, with its saved "
-                        "options; flags given change them (--epochs, ...).", "--resume", panel=VALIDATION)
+    resume: bool | Path = flag(False, "Continue the run in DIR from its last checkpoint, with its saved "
+                               "options; flags given change them (--epochs, ...).", panel=VALIDATION,
+                               cli_type=Path | None, cli_default=None, metavar="DIR")
+    """True: continue the run in `output`; a folder: continue the run there (it becomes `output`)."""
     max_val_images: int | None = flag(500, "Validate on at most this many images (captioning them all "
                                       "each epoch takes a while).", panel=VALIDATION, min=1)
     monitor: str = flag("CIDEr-D", "CIDEr-D, BLEU-4 or loss: the validation number that picks best/ "
@@ -77,6 +79,9 @@ class TrainOptions:
                                   "validation numbers.", panel=VALIDATION, metavar="MODEL")
 
     def __post_init__(self) -> None:
+        if self.resume not in (True, False, None):  # the folder of the run to continue
+            object.__setattr__(self, "output", self.resume)
+        object.__setattr__(self, "resume", bool(self.resume))
         for name in ("output", "root", "captions", "cache_dir"):
             value = getattr(self, name)
             if value is not None:
