@@ -343,6 +343,25 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(blip_dir, photo
         assert (out / sidecar.name).read_text() == sidecar.read_text()
 
 
+def test_ctrl_c_while_the_command_line_imports_is_one_line(monkeypatch, capsys):
+    """The first fraction of a second goes to importing the command line's modules."""
+    import importlib.abc
+
+    import captionkit.__main__ as entry
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "captionkit.cli":
+                raise KeyboardInterrupt  # what Ctrl-C raises in the middle of an import
+            return None
+
+    monkeypatch.delitem(sys.modules, "captionkit.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_say_how_to_resume_and_keep_stdout_for_results(blip_dir, photos, tmp_path,
