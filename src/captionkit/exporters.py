@@ -86,21 +86,7 @@ def check_output_dir(path: Path) -> None:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
-    make_output_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise OutputError(f"{path}: cannot write: {error.strerror}") from error
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OutputError(f"{path}: cannot write: {error.strerror}") from error
-        raise
+    atomic_output(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def _umask() -> int:
