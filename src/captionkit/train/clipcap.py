@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from captionkit import hub
-from captionkit.device import pick_device
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.models.base import Caption, Captioner
+from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.train.data import Example, Splits
 from captionkit.train.encoders import build_encoder, load_encoder
 from captionkit.train.features import CachedFeatures, cached_features
 from captionkit.train.options import ClipCapOptions, TrainOptions
+from captionkit.train.served import TrainedCaptioner
 
 MODEL_TYPE = "captionkit-clipcap"
 WEIGHTS = "model.safetensors"
@@ -154,16 +154,13 @@ def load_model(folder: Path):
     return ClipCap(mapper, lm, train_lm=False), load_encoder(config["encoder"], folder), tokenizer, config
 
 
-class ClipCapCaptioner(Captioner):
+class ClipCapCaptioner(TrainedCaptioner):
     """A trained ClipCap checkpoint behind captionkit's captioner interface."""
 
+    architecture = "ClipCap"
+
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
-        if options.quantize or options.load_in_8bit or options.load_in_4bit:
-            raise OptionError(f"{model_id}: a ClipCap checkpoint runs in float32; drop --quantize, "
-                              "--load-in-8bit and --load-in-4bit")
-        self.model_id = model_id
-        self.fingerprint = hub.fingerprint(Path(path))
-        self.device = pick_device(options.device)
+        super().__init__(path, model_id, options)
         model, encoder, self.tokenizer, _ = load_model(Path(path))
         self.model, self.encoder = model.to(self.device).eval(), encoder.to(self.device).eval()
         self.input_size = encoder.image_size

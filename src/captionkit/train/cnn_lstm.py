@@ -16,16 +16,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional
 
-from captionkit import hub
-from captionkit.device import pick_device
 from captionkit.errors import OptionError
-from captionkit.models.base import Caption, Captioner
+from captionkit.models.base import Caption
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.train.data import Example, Splits, decode_example, unreadable
 from captionkit.train.decoding import State, Tokens, search
 from captionkit.train.encoders import ImageEncoder, build_encoder, load_encoder
 from captionkit.train.features import CachedFeatures, cached_features
 from captionkit.train.options import CnnLstmOptions, TrainOptions
+from captionkit.train.served import TrainedCaptioner
 from captionkit.train.vocab import Vocabulary
 
 MODEL_TYPE = "captionkit-cnn-lstm"
@@ -159,16 +158,13 @@ def caption_features(decoder: AttentionDecoder, vocab: Vocabulary, features: tor
     return [[vocab.decode(ids) for ids in sequences] for sequences in found]
 
 
-class CnnLstmCaptioner(Captioner):
+class CnnLstmCaptioner(TrainedCaptioner):
     """A trained CNN-LSTM checkpoint behind captionkit's captioner interface."""
 
+    architecture = "CNN-LSTM"
+
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
-        if options.quantize or options.load_in_8bit or options.load_in_4bit:
-            raise OptionError(f"{model_id}: a CNN-LSTM checkpoint runs in float32; drop --quantize, "
-                              "--load-in-8bit and --load-in-4bit")
-        self.model_id = model_id
-        self.fingerprint = hub.fingerprint(Path(path))  # retrained in place: other captions
-        self.device = pick_device(options.device)
+        super().__init__(path, model_id, options)
         model, encoder, self.vocab, config = load_model(Path(path))
         self.model = model.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
