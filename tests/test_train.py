@@ -250,6 +250,14 @@ def test_trained_model_loads_by_path_and_captions(trained, scenes):
         model.caption(image, prompt="a photo of")
 
 
+def test_a_trained_checkpoint_refuses_quantization(trained):
+    import captionkit
+
+    for option in ({"quantize": "int8"}, {"load_in_8bit": True}):
+        with pytest.raises(OptionError, match="a CNN-LSTM checkpoint runs in float32; drop --quantize"):
+            captionkit.load(str(trained.best), device="cpu", **option)
+
+
 def test_caption_command_takes_the_checkpoint(trained, scenes, tmp_path):
     out = tmp_path / "captions"
     proc = subprocess.run([sys.executable, "-m", "captionkit", "caption", str(scenes.test), "--model",
