@@ -19,6 +19,7 @@ from captionkit.sources import (
     FULL_SIZE,
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
+    ORIGINAL,
     ImageRef,
     Problem,
     at_least,
@@ -373,8 +374,8 @@ def test_an_image_decoded_small_decodes_again_for_a_bigger_target(astronaut: Ima
     """A segmenter after a captioner: the captioner's draft, then the segmenter's own decode."""
     big = astronaut.resize((2000, 1500))
     for original in (encode(big, "JPEG", quality=85), encode(big, "PNG"), big):
-        small = (load_image(original, 100) if isinstance(original, Image.Image)
-                 else decode(original, "x", target_size=100))
+        small = (load_image(original, 100, keep_original=True) if isinstance(original, Image.Image)
+                 else decode(original, "x", target_size=100, keep_original=True))
         assert max(small.size) < 1000 and at_least(small, 100) is small
         for target in (600, None):
             again = at_least(small, target)
@@ -384,6 +385,8 @@ def test_an_image_decoded_small_decodes_again_for_a_bigger_target(astronaut: Ima
             assert again.info[FULL_SIZE] == (2000, 1500)
     whole = decode(encode(big, "PNG"), "x")
     assert at_least(whole, 600) is whole  # nothing to decode again from: it is already whole
+    # unasked, a shrunk image holds no reference to its file's bytes
+    assert ORIGINAL not in decode(encode(big, "JPEG"), "x", target_size=100).info
 
 
 def test_large_png_is_reduced_by_an_integer_factor(astronaut: Image.Image) -> None:

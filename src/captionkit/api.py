@@ -42,7 +42,8 @@ class Model:
         size = default_batch_size(model)  # a long list goes through in batches, not at once
         found: list[Prediction] = []
         for start in range(0, len(batch), size):
-            decoded = [sources.load_image(image, model.input_size) for image in batch[start:start + size]]
+            decoded = [sources.load_image(image, model.input_size, keep_original=model.decodes_again)
+                       for image in batch[start:start + size]]
             found += [at_full_size(model, image, prediction)
                       for image, prediction in zip(decoded, model.caption(decoded, options), strict=True)]
         return found[0] if single else found

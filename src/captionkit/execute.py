@@ -238,7 +238,8 @@ class LocalExecutor:
             if self.gpu_jpeg and self._decoded_on_gpu(item, data):
                 return item
             target = None if self.decoding.full_decode else size
-            item.image = sources.decode(data, item.ref.name, target, self.decoding.max_pixels)
+            item.image = sources.decode(data, item.ref.name, target, self.decoding.max_pixels,
+                                        keep_original=self.predictor.captioner.decodes_again)
             if self.preprocess is not None:
                 item.pixels = self._preprocessed(item.image)
         except ImageError as err:

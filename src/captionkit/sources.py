@@ -268,12 +268,14 @@ FULL_SIZE = "captionkit.full_size"
 ORIGINAL = "captionkit.original"
 """`Image.info` key of a decoded image made smaller than its file: (what it was decoded from, the
 target size it was decoded for), so that a model wanting more pixels decodes it again
-(`at_least`). Holds the file's bytes, or the PIL image it was given."""
+(`at_least`). Holds the file's bytes, or the PIL image it was given; set where asked for
+(`keep_original`), by a model that declares `Captioner.decodes_again`."""
 
 
 def decode(data: bytes, name: str, target_size: int | None = None,
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+           max_pixels: int = DEFAULT_MAX_PIXELS, keep_original: bool = False) -> Image.Image:
     """An upright, fully loaded RGB image whose short side stays >= `target_size` when it was.
+    `keep_original`: a shrunk image keeps `data` for `at_least` (memory held per queued image).
 
     Raises ImageError for anything that is not a decodable image within `max_pixels`.
     """
@@ -288,7 +290,7 @@ def decode(data: bytes, name: str, target_size: int | None = None,
                 # Decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below the requested size.
                 image.draft("RGB", (target_size, target_size))
             decoded = _finish(image, target_size)
-            return _sized(decoded, (width, height), data, target_size)
+            return _sized(decoded, (width, height), data if keep_original else None, target_size)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -312,20 +314,20 @@ def shrinks(data: bytes, target_size: int | None) -> bool:
 URL_REASON = "a URL: captionkit reads local files; download it first (or pass its bytes in Python)"
 
 
-def load_image(source: object, target_size: int | None = None) -> Image.Image:
+def load_image(source: object, target_size: int | None = None, keep_original: bool = False) -> Image.Image:
     """A path, a PIL image, an encoded file's bytes, a binary file object or an RGB array
     (H x W x 3 uint8, as numpy holds it) as an upright RGB image, the way the pipeline sees it."""
     if isinstance(source, str | os.PathLike):
         if is_url(str(source)):
             raise ImageError(str(source), URL_REASON)
-        return decode(read_bytes(Path(source)), printable(source), target_size)
+        return decode(read_bytes(Path(source)), printable(source), target_size, keep_original=keep_original)
     if isinstance(source, bytes | bytearray | memoryview):
-        return decode(bytes(source), "<bytes>", target_size)
+        return decode(bytes(source), "<bytes>", target_size, keep_original=keep_original)
     if hasattr(source, "read"):
         name = printable(getattr(source, "name", "<stream>"))
         if isinstance(source, io.TextIOBase):
             raise ImageError(name, "a file opened as text: open it in binary mode (open(path, 'rb'))")
-        return decode(source.read(), name, target_size)
+        return decode(source.read(), name, target_size, keep_original=keep_original)
     if hasattr(source, "__array_interface__") and not isinstance(source, Image.Image):
         source = _array_image(source)
     if not isinstance(source, Image.Image):
@@ -336,14 +338,15 @@ def load_image(source: object, target_size: int | None = None) -> Image.Image:
     except Exception as error:
         shown = printable(source.filename) if getattr(source, "filename", "") else "<image>"
         raise ImageError(shown, _failure_reason(error)) from None
-    return _sized(decoded, source.size, source, target_size)
+    return _sized(decoded, source.size, source if keep_original else None, target_size)
 
 
 def _sized(decoded: Image.Image, stored: tuple[int, int], original: object,
            target_size: int | None) -> Image.Image:
-    """`decoded` noting its file's upright size, and where it came from when it is smaller."""
+    """`decoded` noting its file's upright size, and, when it is smaller and `original` is given,
+    what it came from."""
     decoded.info[FULL_SIZE] = _upright_size(stored, decoded.size)
-    if decoded.size != decoded.info[FULL_SIZE]:
+    if original is not None and decoded.size != decoded.info[FULL_SIZE]:
         decoded.info[ORIGINAL] = (original, target_size)
     return decoded
 

@@ -42,6 +42,9 @@ class Captioner:
     preprocess: Any = None
     """How the decoding threads turn a decoded image into this model's input (a
     `preprocess.FixedSize`); None: `caption` makes its inputs itself."""
+    decodes_again: bool = False
+    """True when `caption` decodes some images again for another size (`sources.at_least`): the
+    decoders then keep what each shrunk image came from."""
     regions_at_full_size: bool = False
     """True when its regions are already in the pixels of the file an image was decoded from
     (`sources.FULL_SIZE`), not of the smaller image it was given (a JPEG draft)."""
@@ -74,7 +77,7 @@ class CaptionerWrapper(Captioner):
 
 DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
                        "grounded", "variant", "fingerprint", "run_kind", "preprocess",
-                      "regions_at_full_size"})
+                      "decodes_again", "regions_at_full_size"})
 """The attributes every Captioner declares (see the class body), which wrappers pass on."""
 
 

@@ -28,7 +28,7 @@ class SegmentingCaptioner(Captioner):
     size and makes boxes and masks at the file's size.
     """
 
-    regions_at_full_size = True
+    decodes_again = regions_at_full_size = True
 
     def __init__(self, segmenters: Sequence, options: SegmentOptions,
                  inner: Captioner | None = None) -> None:
