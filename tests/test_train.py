@@ -391,6 +391,10 @@ def test_every_training_option_has_a_flag_and_python_gets_its_bounds_checked():
     with pytest.raises(OptionError, match="--mapping 'cnn': choose from mlp, transformer"):
         ClipCapOptions(mapping="cnn")
     assert TrainOptions(max_images=None, patience=None).patience is None  # unset passes any bound
+    # 0 is how the command line says "no limit"
+    assert (TrainOptions(patience=0).patience, TrainOptions(max_val_images=0).max_val_images) == (None, None)
+    with pytest.raises(OptionError, match="^--patience must be at least 0$"):
+        TrainOptions(patience=-1)
 
 
 NEW_FIELD = """    glossiness: float = flag(0.5, "How glossy the LSTM's words are (a test's new option).",

@@ -68,11 +68,12 @@ class TrainOptions:
                                cli_type=Path | None, cli_default=None, metavar="DIR")
     """True: continue the run in `output`; a folder: continue the run there (it becomes `output`)."""
     max_val_images: int | None = flag(500, "Validate on at most this many images (captioning them all "
-                                      "each epoch takes a while).", panel=VALIDATION, min=1)
+                                      "each epoch takes a while); 0: all of them.", panel=VALIDATION,
+                                      min=0)
     monitor: str = flag("CIDEr-D", "CIDEr-D, BLEU-4 or loss: the validation number that picks best/ "
                         "and drives early stopping.", panel=VALIDATION, metavar="NAME")
-    patience: int | None = flag(3, "Stop after this many epochs without a better --monitor; unset, "
-                                "never stop early.", panel=VALIDATION, min=1)
+    patience: int | None = flag(3, "Stop after this many epochs without a better --monitor; 0: never "
+                                "stop early.", panel=VALIDATION, min=0)
     val_beams: int = flag(1, "Beams when captioning the validation images (1: greedy, the fastest).",
                           panel=VALIDATION, min=1)
     clip_model: str | None = flag(None, "A CLIP model (path or Hub id) to add CLIPScore to the "
@@ -82,6 +83,9 @@ class TrainOptions:
         if self.resume not in (True, False, None):  # the folder of the run to continue
             object.__setattr__(self, "output", self.resume)
         object.__setattr__(self, "resume", bool(self.resume))
+        for name in ("max_val_images", "patience"):  # 0 on the command line: no limit, as None
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
         for name in ("output", "root", "captions", "cache_dir"):
             value = getattr(self, name)
             if value is not None:
