@@ -28,6 +28,23 @@ SHOWN = 20
 """Failures and skipped files listed one by one before the rest are counted."""
 
 
+def bar_on_stderr(label: str, *columns: str):
+    """A rich Progress on stderr (stdout stays for results): the label, the bar, done/total, text
+    `columns` (formats over the task's fields), the time so far and the ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), *map(TextColumn, columns),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=Console(stderr=True))
+
+
 class progress_bar:
     """A rich progress bar on stderr with images/s and ETA, or nothing when hidden."""
 
@@ -39,19 +56,7 @@ class progress_bar:
     def __enter__(self):
         if not self.enabled:
             return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), transient=False,
-                            console=Console(stderr=True))  # stdout stays for results
+        self.bar = bar_on_stderr(self.label, "{task.fields[rate]}")
         self.bar.start()
         task = self.bar.add_task("caption", total=self.total, rate="")
         started = time.perf_counter()

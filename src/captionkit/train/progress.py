@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from captionkit.ui import bar_on_stderr
+
 
 @contextmanager
 def epoch_bar(batches: int, label: str, enabled: bool) -> Iterator[Callable[[int, float], None]]:
@@ -13,20 +15,7 @@ def epoch_bar(batches: int, label: str, enabled: bool) -> Iterator[Callable[[int
     if not enabled or batches <= 0:
         yield lambda images, loss: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                   console=Console(stderr=True))  # stdout stays for results
+    bar = bar_on_stderr(label, "loss {task.fields[loss]}", "{task.fields[rate]}")
     task = bar.add_task(label, total=batches, loss="-", rate="")
     started, seen, total_loss, steps = time.perf_counter(), 0, 0.0, 0
 
