@@ -53,3 +53,12 @@ def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch):
     assert ray_engine.restart_arguments(5) == {"max_restarts": -1, "max_task_retries": 5}
     monkeypatch.setattr(ray, "__version__", "2.64.0")
     assert ray_engine.restart_arguments(5) == {}
+
+
+def test_gpu_jpeg_is_refused_before_ray_starts(tmp_path):
+    from captionkit.options import GenerationOptions, RunOptions
+
+    with pytest.raises(OptionError, match="--gpu-jpeg runs with --engine local for now"):
+        ray_engine.pipeline_for(ray_engine.ModelRecipe("objects"), GenerationOptions(),
+                                RunOptions(output_dir=tmp_path, gpu_jpeg=True), EngineOptions(engine="ray"))
+    assert not ray.is_initialized()
