@@ -55,10 +55,13 @@ def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch):
     assert ray_engine.restart_arguments(5) == {}
 
 
-def test_gpu_jpeg_is_refused_before_ray_starts(tmp_path):
+def test_gpu_jpeg_is_refused_before_ray_starts(monkeypatch, tmp_path):
     from captionkit.options import GenerationOptions, RunOptions
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run it refuses")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     with pytest.raises(OptionError, match="--gpu-jpeg runs with --engine local for now"):
         ray_engine.pipeline_for(ray_engine.ModelRecipe("objects"), GenerationOptions(),
                                 RunOptions(output_dir=tmp_path, gpu_jpeg=True), EngineOptions(engine="ray"))
-    assert not ray.is_initialized()
