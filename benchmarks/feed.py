@@ -15,7 +15,7 @@
               today    the inputs made by the processor on the model's thread;
               threads  the inputs made in the decoding threads (the default);
               nvjpeg   JPEGs decoded with nvJPEG (CUDA only);
-              graphs   the decoder's steps from a static cache, in CUDA graphs (CUDA, BLIP-2);
+              graphs   the decoder's steps from a static cache, in CUDA graphs (CUDA; BLIP, BLIP-2);
             joined with + (nvjpeg+graphs). Contenders run interleaved, the order rotating; each
             gets images/s and images per CPU second (all the process's threads: per core), and
             its captions are compared with today's. --no-model skips generate: the feeding rate

@@ -27,7 +27,8 @@ export PYTHONUNBUFFERED=1
 #   feed-files.json            files to model inputs per core: today / threads / nvJPEG, two image sets
 #   blip-base-float32.json     float32 captions of the naive loop, captionkit (inputs made in the
 #                              decoding threads) and --full-decode: identity with the naive loop
-#   feed-blip-base-bf16.json   BLIP-base bf16 end to end: today / threads / nvjpeg, GPU busy share,
+#   feed-blip-base-bf16.json   BLIP-base bf16 end to end: today / threads / graphs / nvjpeg /
+#                              nvjpeg+graphs, GPU busy share,
 #                              agreement with the float32 naive captions
 #   feed-blip2-bf16.json       BLIP-2 OPT-2.7b bf16: today / threads / graphs / nvjpeg+graphs
 # Wheels in .whl/ (say transformers==5.25.0, the release these were developed on: see
@@ -44,16 +45,16 @@ feed() {
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$python" -c "import torch, torchvision, transformers; print(torch.__version__, torchvision.__version__, transformers.__version__)"
-    timeout 90 "$python" "$here/feed.py" files --device cuda --images 16 --runs 2 \
+    timeout 80 "$python" "$here/feed.py" files --device cuda --images 16 --runs 2 \
       --out "$out/feed-files.json" || echo "feed.py files: exit $?"
-    timeout 140 "$python" "$here/throughput.py" --device cuda --dtype float32 --model blip-base \
+    timeout 130 "$python" "$here/throughput.py" --device cuda --dtype float32 --model blip-base \
       --images 64 --runs 1 --warmup 2 --pipeline-batch-sizes 32 --variants full-decode --no-memory \
       --out "$out/blip-base-float32.json" || echo "throughput.py float32: exit $?"
-    timeout 110 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip-base \
-      --images "$images" --runs 3 --warmup 64 --contenders today,threads,nvjpeg \
+    timeout 170 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip-base \
+      --images "$images" --runs 3 --warmup 64 --contenders today,threads,graphs,nvjpeg,nvjpeg+graphs \
       --compare-to "$out/blip-base-float32.json" --out "$out/feed-blip-base-bf16.json" \
       || echo "feed.py blip-base: exit $?"
-    timeout 240 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip2-opt-2.7b \
+    timeout 200 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model blip2-opt-2.7b \
       --images "$images" --runs 2 --warmup "$images" --contenders today,threads,graphs,nvjpeg+graphs \
       --out "$out/feed-blip2-bf16.json" || echo "feed.py blip2: exit $?"
   } 2>&1 | tee "$out/feed.log"

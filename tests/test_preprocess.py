@@ -309,9 +309,8 @@ def test_jpegs_take_the_gpu_path_and_everything_else_falls_back(loaded, photos, 
 
 def test_static_cache_steps_give_the_eager_captions(loaded, photos):
     """The cache transformers compiles into CUDA graphs on a GPU, run eagerly on the CPU."""
-    blip2, blip = loaded("blip2"), loaded("blip")
+    blip2 = loaded("blip2")
     assert not blip2.capture_steps(), "CUDA only"
-    assert not blip.capture_steps() and not blip.static_cache_steps
     eager = blip2.caption(photos[:4], GEN)
     blip2.captured_steps = True
     try:
@@ -319,6 +318,31 @@ def test_static_cache_steps_give_the_eager_captions(loaded, photos):
     finally:
         blip2.captured_steps = False
 
+
+@pytest.mark.parametrize("generation", [
+    GEN, GenerationOptions(max_new_tokens=9, prompt="a photo of"),
+    GenerationOptions(max_new_tokens=7, num_beams=3, candidates=2)], ids=["greedy", "prompt", "beams"])
+def test_blip_steps_from_its_two_static_caches_give_the_eager_captions(loaded, photos, generation):
+    """BLIP keeps the image's keys in a cache of their own; each batch shape gets its caches once,
+    and later batches of that shape write into the same buffers."""
+    blip = loaded("blip")
+    assert not blip.capture_steps(), "CUDA only"
+    blip._step_caches.cache_clear()
+    eager = [blip.caption(batch, generation) for batch in (photos[:3], photos[3:6], photos[:2])]
+    blip.captured_steps = True
+    try:
+        static = [blip.caption(batch, generation) for batch in (photos[:3], photos[3:6], photos[:2])]
+        inputs = blip.encode(photos[:3], generation.prompt)
+        with torch.inference_mode():
+            first = blip.static_steps(inputs, generation)
+            again = blip.static_steps(inputs, generation)
+    finally:
+        blip.captured_steps = False
+    assert static == eager
+    (cache,) = first.values()
+    assert again == first and cache.cross_attention_cache.layers[0].keys is not None
+    assert cache.self_attention_cache.get_seq_length() == 0, "emptied before each batch"
+    assert blip._step_caches.cache_info().currsize == 2, "one per batch shape"
 
 
 def test_gpu_jpeg_and_cuda_graphs_are_run_options_in_the_resume_key(loaded, models, monkeypatch):

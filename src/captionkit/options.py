@@ -127,8 +127,8 @@ class LoadOptions:
     load_in_8bit: bool = flag(False, "8-bit weights (CUDA and bitsandbytes).", panel=MODEL)
     load_in_4bit: bool = flag(False, "4-bit weights (CUDA and bitsandbytes).", panel=MODEL)
     cuda_graphs: bool = flag(False, "On CUDA, run the decoder's per-token steps from a static cache "
-                             "compiled into CUDA graphs (BLIP-2); each new batch size compiles first. "
-                             "Ignored on other devices and models.", panel=MODEL)
+                             "compiled into CUDA graphs (BLIP, BLIP-2, InstructBLIP); each new batch "
+                             "size compiles first. Ignored on other devices and models.", panel=MODEL)
     quantize: str | None = flag(None, "int8: dynamically quantized linear layers on the CPU, ~1.6x "
                                 "faster; captions may change.", panel=MODEL, metavar="MODE")
     api_base: str | None = flag(None, "The server's base URL (openai: and hf-api: models), e.g. "

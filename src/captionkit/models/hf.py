@@ -7,6 +7,7 @@ caption; batching, device placement and decoding live in `HFCaptioner`.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,6 +126,10 @@ class HFCaptioner(Captioner):
         self.captured_steps = self.static_cache_steps and self.device.type == "cuda"
         return self.captured_steps
 
+    def static_steps(self, inputs: dict, options: GenerationOptions) -> dict:
+        """`generate`'s arguments for running the decoder's steps from a static cache."""
+        return {"cache_implementation": "static"}
+
     def identity(self) -> dict:
         # static-cache steps may round differently from the eager ones in half precision
         own = super().identity()
@@ -192,8 +197,8 @@ class HFCaptioner(Captioner):
         inputs = {key: _to(value, self.device, self.dtype) for key, value in inputs.items()}
         if options.seed is not None:
             torch.manual_seed(options.seed)
-        steps = {"cache_implementation": "static"} if self.captured_steps else {}
-        with torch.inference_mode():
+        with torch.inference_mode():  # where the static caches are made, and emptied
+            steps = self.static_steps(inputs, options) if self.captured_steps else {}
             output = self.model.generate(**inputs, **options.generate_kwargs(), **steps)
         texts = [text.strip() for text in self.tokenizer.batch_decode(
             self.new_tokens(output, inputs), skip_special_tokens=True)]
@@ -207,14 +212,36 @@ class BlipCaptioner(HFCaptioner):
 
     model_class = "BlipForConditionalGeneration"
     pixels_in_threads = True
-    # no static cache: BLIP's decoder keeps its cross-attention keys in the cache it is given, so a
-    # static one overflows (transformers 5.25: index_copy_ out of bounds)
+    static_cache_steps = True
 
     def __init__(self, path: Path, model_id: str, options: LoadOptions) -> None:
         super().__init__(path, model_id, options)
         _fuse_vision_attention(self.model.vision_model)
         if self.device.type == "cpu":
             _one_image_at_a_time(self.model.vision_model)
+        self._step_caches = functools.lru_cache(maxsize=4)(self._new_step_cache)
+
+    def static_steps(self, inputs: dict, options: GenerationOptions) -> dict:
+        """BLIP's decoder keeps the image's cross-attention keys in the cache it is given, beside
+        its own, so `cache_implementation="static"` would write them into a cache sized for the
+        caption. It gets one static cache of each kind instead, kept per batch shape and emptied
+        before each batch, so that its buffers stay where the CUDA graphs read them."""
+        prompt = inputs["input_ids"].shape[1] - 1 if "input_ids" in inputs else 1  # less its [SEP]
+        shape = (tuple(inputs["pixel_values"].shape), prompt + options.max_new_tokens,
+                 options.num_beams, options.candidates, options.do_sample)
+        cache = self._step_caches(shape)
+        cache.reset()
+        return {_cache_argument(self.model.text_decoder): cache}
+
+    def _new_step_cache(self, shape: tuple):
+        from transformers import EncoderDecoderCache, StaticCache
+
+        (_, _, height, width), caption_length = shape[0], shape[1]
+        patch = self.model.config.vision_config.patch_size
+        image_tokens = (height // patch) * (width // patch) + 1  # and the class token
+        text = self.model.config.text_config
+        return EncoderDecoderCache(StaticCache(config=text, max_cache_len=caption_length),
+                                   StaticCache(config=text, max_cache_len=image_tokens))
 
 
 class Blip2Captioner(HFCaptioner):
@@ -280,6 +307,12 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
 
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
         return {"pixel_values": self.processor(images=images, return_tensors="pt").pixel_values}
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name `generate` takes a cache under: `cache` in the transformers releases whose models
+    take it so, else `past_key_values` (which those still take, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _fuse_vision_attention(vision_model) -> None:
