@@ -219,7 +219,7 @@ class BlipCaptioner(HFCaptioner):
         _fuse_vision_attention(self.model.vision_model)
         if self.device.type == "cpu":
             _one_image_at_a_time(self.model.vision_model)
-        self._step_caches = functools.lru_cache(maxsize=4)(self._new_step_cache)
+        self._step_caches = functools.lru_cache(maxsize=2)(self._new_step_cache)  # full, last batch
 
     def static_steps(self, inputs: dict, options: GenerationOptions) -> dict:
         """BLIP's decoder keeps the image's cross-attention keys in the cache it is given, beside
