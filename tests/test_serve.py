@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -51,21 +52,29 @@ def jpegs(photo_dir) -> dict[str, bytes]:
 def server(blip_dir, tmp_path_factory) -> Iterator[str]:
     """The server's base URL; its log is checked for tracebacks when the module ends."""
     log_path = tmp_path_factory.mktemp("serve-log") / "server.log"
+    with _serving(["captionkit.serve", "--model", str(blip_dir), "--dtype", "float32",
+                   "--max-batch-size", "32", "--max-wait-ms", "30", "--max-body-bytes", str(MAX_BODY),
+                   "--max-pixels", str(MAX_PIXELS), "--max-images", "8"], log_path,
+                  CAPTIONKIT_API_KEY=KEY) as url:
+        yield url
+        text = log_path.read_text()
+        assert "Traceback" not in text, text[-3000:]
+
+
+@contextmanager
+def _serving(arguments: list[str], log_path: Path, **env: str) -> Iterator[str]:
+    """`python -m <arguments>` on a free port of 127.0.0.1, on the CPU; its URL until the block ends."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "CAPTIONKIT_API_KEY": KEY}
-    command = [sys.executable, "-m", "captionkit.serve", "--model", str(blip_dir), "--port", "0",
-               "--device", "cpu", "--dtype", "float32", "--max-batch-size", "32", "--max-wait-ms", "30",
-               "--max-body-bytes", str(MAX_BODY), "--max-pixels", str(MAX_PIXELS), "--max-images", "8",
+           **env}
+    command = [sys.executable, "-m", *arguments, "--port", "0", "--device", "cpu",
                "--request-timeout", "600"]  # a loaded test machine must not turn slow answers into 504s
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         yield _wait_for_url(process, log_path)
-        text = log_path.read_text()
-        assert "Traceback" not in text, text[-3000:]
     finally:
         process.terminate()
-        process.wait(30)
+        process.wait(60)
 
 
 def _wait_for_url(process: subprocess.Popen, log_path: Path) -> str:
@@ -381,21 +390,37 @@ def test_a_checkpoint_captionkit_trained_is_served_by_path(tmp_path, jpegs):
                                  val_fraction=0.25, progress=False, device="cpu"),
                     CnnLstmOptions(image_size=64, embed_dim=16, attention_dim=16, hidden_dim=32,
                                    min_word_count=1, dropout=0.0))
-    log_path = tmp_path / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "captionkit.serve", "--model", str(trained.best),
-                                    "--port", "0", "--device", "cpu", "--request-timeout", "600"],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = _wait_for_url(process, log_path)
+    with _serving(["captionkit.serve", "--model", str(trained.best)], tmp_path / "server.log") as url:
         response = httpx.post(f"{url}/v1/caption", timeout=120,
                               files=[("image", (f"{n}.jpg", jpegs[n], "image/jpeg")) for n in NAMES[:2]])
-        assert response.status_code == 200, response.text
-        model = load(str(trained.best), device="cpu")
-        expected = model.caption([io.BytesIO(jpegs[n]) for n in NAMES[:2]])
-        assert [r["caption"] for r in response.json()["results"]] == expected
-        assert all(expected)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    assert response.status_code == 200, response.text
+    model = load(str(trained.best), device="cpu")
+    expected = model.caption([io.BytesIO(jpegs[n]) for n in NAMES[:2]])
+    assert [r["caption"] for r in response.json()["results"]] == expected
+    assert all(expected)
+
+
+def test_captionkit_serve_segment_answers_the_registry_segmenters_regions(blip_dir, jpegs, tmp_path):
+    """`captionkit serve --segment yolov5s-seg` (weights ship in the seg extra): /v1/segment gives
+    the segmenter's regions, down to --threshold, below YOLO's own 0.25."""
+    from captionkit.segment import SegmentOptions, load_segmenter, masks
+
+    arguments = ["captionkit", "serve", "--model", str(blip_dir), "--segment", "yolov5s-seg",
+                 "--threshold", "0.1", "--max-instances", "20"]
+    with _serving(arguments, tmp_path / "server.log") as url:
+        listed = httpx.get(f"{url}/v1/models").json()["data"]
+        answer = httpx.post(f"{url}/v1/segment", files={"image": ("coffee.jpg", jpegs["coffee"])},
+                            timeout=300)
+    assert answer.status_code == 200, answer.text
+    assert listed[1] == {**listed[1], "id": "yolov5s-seg", "task": "image-segmentation", "min_score": 0.1}
+    decoded = sources.decode(jpegs["coffee"], "coffee.jpg", None)
+    wanted = SegmentOptions(threshold=0.1, max_instances=20)
+    expected = load_segmenter("yolov5s-seg", device="cpu").segment([decoded], wanted)[0].regions
+    got = answer.json()["results"][0]["regions"]
+    assert [r["label"] for r in got] == [r.label for r in expected]
+    assert min(r["score"] for r in got) < 0.25  # what the model alone would have dropped
+    for region, want in zip(got, expected, strict=True):
+        assert region["score"] == pytest.approx(want.score, abs=1e-4)
+        assert region["box"] == pytest.approx(want.box, abs=0.1)
+        mine, theirs = masks.decode(region["mask"]).astype(bool), masks.decode(want.mask).astype(bool)
+        assert (mine & theirs).sum() >= 0.99 * (mine | theirs).sum()

@@ -392,3 +392,69 @@ def test_a_scorer_adds_clipscores_and_keeps_the_best_candidate(blip_fp32, scorer
         c["clip_score"] for c in expected.extras["candidates"]]
     assert result["clip_score"] == max(c["clip_score"] for c in result["candidates"])
     assert listed["clip_model"] == "tiny-clip"
+
+
+def test_the_pages_options_slider_copy_and_clipscore(blip_fp32, scorer, segmenter, browser, photos,
+                                                     tmp_path):
+    """The page's caption options give the API's caption for the same options, with its CLIPScore;
+    the confidence slider hides regions below it, down to the segmenter's threshold; copy copies."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from captionkit.segment import SegmentOptions
+
+    photos[1].save(tmp_path / "cat.jpg", quality=90)
+    fields = {"max-new-tokens": "8", "num-beams": "2", "prompt": "a picture of"}
+    options = ServeOptions(model="tiny-blip", clip_model="tiny-clip", segment_model="maskrcnn-random")
+    app = create_app(blip_fp32, options, scorer=scorer, segmenter=segmenter,
+                     segment_options=SegmentOptions(threshold=0.3))
+    with serving(app) as base:
+        upload = {"image": ("cat.jpg", (tmp_path / "cat.jpg").read_bytes())}
+        asked = {name.replace("-", "_"): value for name, value in fields.items()}
+        expected = httpx.post(f"{base}/v1/caption", data=asked, files=upload, timeout=120).json()
+        plain = httpx.post(f"{base}/v1/caption", files=upload, timeout=120).json()
+        scores = [r["score"] for r in httpx.post(f"{base}/v1/segment", files=upload,
+                                                  timeout=120).json()["results"][0]["regions"]]
+        browser.set_window_size(1280, 1000)
+        browser.get(base)
+        browser.execute_cdp_cmd("Browser.grantPermissions", {
+            "origin": base, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+        wait = WebDriverWait(browser, 180)
+        wait.until(lambda d: "maskrcnn-random" in d.find_element(By.ID, "model").text)
+        for name, value in fields.items():
+            browser.find_element(By.ID, name).send_keys(value)
+        browser.find_element(By.ID, "files").send_keys(str(tmp_path / "cat.jpg"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".caption.done")
+                   and not d.find_element(By.ID, "status").text)
+    (result,) = expected["results"]
+    assert result["caption"] != plain["results"][0]["caption"]  # the fields changed the caption
+    card = browser.find_element(By.CSS_SELECTOR, ".card")
+    assert card.find_element(By.CSS_SELECTOR, ".caption").text == result["caption"]
+    assert card.find_element(By.CSS_SELECTOR, ".score").text == f"CLIPScore {result['clip_score']:.3f}"
+    # the slider stops at the segmenter's threshold, and hides the regions below its value
+    assert _slide(browser, "0") == "0.3" and _shown(card) == len(scores) == 4
+    assert _shown(card) > _shown(card, browser, "0.4") == sum(s >= 0.4 for s in scores) > 0
+    assert _shown(card, browser, "0.9") == 0 and not card.find_elements(By.CSS_SELECTOR, ".legend li")
+    card.find_element(By.CSS_SELECTOR, ".copy").click()
+    assert card.find_element(By.CSS_SELECTOR, ".copy").text == "Copied"
+    assert browser.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0]);") == result["caption"]
+
+
+def _slide(browser, value: str) -> str:
+    """Moves the confidence slider as a user would to `value`; where it stopped."""
+    return browser.execute_script("const s = document.getElementById('min-score'); s.value = arguments[0];"
+                                  "s.dispatchEvent(new Event('input')); return s.value;", value)
+
+
+def _shown(card, browser=None, value: str | None = None) -> int:
+    """How many regions the card's legend counts (after moving the slider to `value`)."""
+    from selenium.webdriver.common.by import By
+
+    if value is not None:
+        assert _slide(browser, value) == value
+    total = 0
+    for entry in card.find_elements(By.CSS_SELECTOR, ".legend li"):
+        _, times, count = entry.text.partition(" ×")
+        total += int(count) if times else 1
+    return total

@@ -522,12 +522,14 @@ def _train(context: typer.Context, options: TrainOptions, architecture: object) 
 def serve(*, options: ServeOptions, generation: Annotated[GenerationOptions, Select(
               "max_new_tokens", "num_beams", "prompt", "detail", panel="Request defaults")],
           load_options: Annotated[LoadOptions, Select("device", "dtype", "quantize", "load_in_8bit",
-                                                      "load_in_4bit")]) -> None:
+                                                      "load_in_4bit")],
+          segment_options: Annotated[SegmentOptions, Select("threshold", "mask_threshold",
+                                                            "max_instances", "classes")]) -> None:
     """Serve a model over HTTP: a web page, and native, OpenAI- and HF-compatible APIs."""
     from captionkit.serve.app import run
 
     _quiet_transformers()
-    run(options, load_options, generation)
+    run(options, load_options, generation, segment_options)
 
 
 INTERRUPTED = "interrupted: finished batches are saved; run the same command to resume"

@@ -204,8 +204,9 @@ class Observe:
 
 
 def run(options: ServeOptions, load: LoadOptions | None = None,
-        generation: GenerationOptions | None = None) -> None:
-    """Load the models `options` names and serve them until interrupted."""
+        generation: GenerationOptions | None = None, segment: Any = None) -> None:
+    """Load the models `options` names and serve them until interrupted; `segment` (a
+    `SegmentOptions`) says which regions the segmenter keeps."""
     import uvicorn
 
     from captionkit import models, scoring
@@ -214,15 +215,19 @@ def run(options: ServeOptions, load: LoadOptions | None = None,
     captioner = models.load(options.model, load)
     device = str(getattr(captioner, "device", load.device))
     scorer = scoring.load_scorer(options.clip_model, device=device) if options.clip_model else None
-    segmenter = _load_segmenter(options.segment_model, load) if options.segment_model else None
-    app = create_app(captioner, options, generation=generation, scorer=scorer, segmenter=segmenter)
+    segmenter = _load_segmenter(options.segment_model, load, segment) if options.segment_model else None
+    app = create_app(captioner, options, generation=generation, scorer=scorer, segmenter=segmenter,
+                     segment_options=segment)
     uvicorn.run(app, host=options.host, port=options.port, server_header=False,
                 timeout_graceful_shutdown=5)
 
 
-def _load_segmenter(name: str, load: LoadOptions) -> Segmenter:
+def _load_segmenter(name: str, load: LoadOptions, segment: Any) -> Segmenter:
     try:
         from captionkit.segment import load_segmenter
     except ImportError:
         raise OptionError("--segment needs the segmentation extra: pip install 'captionkit[seg]'") from None
-    return load_segmenter(name, device=load.device, dtype=load.dtype)
+    segmenter = load_segmenter(name, device=load.device, dtype=load.dtype)
+    if segment is not None:
+        segmenter.check_classes(segment)  # a --classes typo fails here, not on every request
+    return segmenter

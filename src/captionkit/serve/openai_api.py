@@ -44,7 +44,8 @@ def _models(service: Service) -> list[dict]:
                 "task": "image-to-text", "clip_model": service.options.clip_model}]
     if service.segmenter_name is not None:
         entries.append({"id": service.segmenter_name, "object": "model", "created": started,
-                        "owned_by": "captionkit", "task": "image-segmentation"})
+                        "owned_by": "captionkit", "task": "image-segmentation",
+                        "min_score": service.min_score})
     return entries
 
 

@@ -71,6 +71,19 @@ class Service:
                                            segmenter.model_id) if segmenter is not None else None)
         self.captions = self._batcher("caption", self._caption)
         self.segments = self._batcher("segment", self._segment) if segmenter is not None else None
+        self.min_score = self._min_score()
+
+    def _min_score(self) -> float | None:
+        """The lowest score among the regions the segmenter keeps (its threshold), if it says;
+        None for models whose regions have no score (semantic) or keep every prompt (SAM)."""
+        if getattr(self.segmenter, "kind", "instance") != "instance":
+            return None
+        threshold = getattr(self.segmenter, "threshold", None)
+        if callable(threshold):
+            from captionkit.segment.options import SegmentOptions
+
+            return threshold(self.segment_options or SegmentOptions())
+        return getattr(self.segment_options, "threshold", None)
 
     def _batcher(self, name: str, predict: Callable) -> Batcher:
         batcher = Batcher(predict, self.options.max_batch_size, self.options.max_wait_ms,

@@ -40,6 +40,9 @@ async function connect() {
     segmenter = models.data.find((m) => m.task === "image-segmentation") || null;
     $("#model").textContent = captioner.id + (segmenter ? ` · segmentation: ${segmenter.id}` : "");
     $("#overlay-options").hidden = !segmenter;
+    // the segmenter drops regions below its threshold: the slider cannot show lower ones
+    $("#min-score").min = String((segmenter && segmenter.min_score) || 0);
+    redrawAll();
   } catch (error) {
     $("#model").textContent = error.status === 401 ? "wrong API key" : error.message;
   }
