@@ -1,14 +1,53 @@
-"""The Ray engine's options and its Ray-release spellings, without starting Ray."""
+"""The Ray engine's options, its Ray-release spellings and its sizing, without starting Ray."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
+from PIL import Image
 
-ray = pytest.importorskip("ray")
+from captionkit import ray_engine
+from captionkit.errors import OptionError
+from captionkit.options import GenerationOptions, RunOptions
+from captionkit.ray_engine import EngineOptions
 
-from captionkit import ray_engine  # noqa: E402
-from captionkit.errors import OptionError  # noqa: E402
-from captionkit.ray_engine import EngineOptions  # noqa: E402
+NO_RAY = "--engine ray needs Ray: pip install 'captionkit[ray]'"
+
+
+@pytest.fixture
+def ray():
+    return pytest.importorskip("ray")
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(OptionError, match=f"^{re.escape(NO_RAY)}$"):
+        ray_engine.pipeline_for(ray_engine.ModelRecipe("objects"), GenerationOptions(),
+                                RunOptions(output_dir=tmp_path), EngineOptions(engine="ray"))
+    with pytest.raises(OptionError, match="needs Ray"):
+        ray_engine.connect(EngineOptions(engine="ray"))
+
+
+CLI_WITHOUT_RAY = """
+import sys
+sys.modules["ray"] = None
+from captionkit.cli import main
+sys.argv = ["captionkit", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_command_without_ray_ends_in_one_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, "-c", CLI_WITHOUT_RAY, "caption", str(tmp_path / "a.png"),
+                           "--model", "objects", "--engine", "ray", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"error: {NO_RAY}"
+    assert "Traceback" not in done.stderr
 
 
 def test_the_local_engine_refuses_ray_only_options():
@@ -35,7 +74,7 @@ def test_bad_ray_options_are_named(options, message):
 @pytest.mark.parametrize(("version", "keyword"), [
     ("2.9.3", "concurrency"), ("2.50.1", "concurrency"), ("2.51.0", "compute"), ("2.60.0", "compute"),
     ("3.0.0.dev0", "compute")])
-def test_the_actor_pool_is_spelt_as_each_release_wants(monkeypatch, version, keyword):
+def test_the_actor_pool_is_spelt_as_each_release_wants(monkeypatch, ray, version, keyword):
     monkeypatch.setattr(ray, "__version__", version)
     arguments = ray_engine.actor_pool_arguments(3)
     assert list(arguments) == [keyword]
@@ -48,16 +87,14 @@ def test_the_actor_pool_is_spelt_as_each_release_wants(monkeypatch, version, key
         assert arguments["concurrency"] == 3
 
 
-def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch):
+def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch, ray):
     monkeypatch.setattr(ray, "__version__", "2.60.0")
     assert ray_engine.restart_arguments(5) == {"max_restarts": -1, "max_task_retries": 5}
     monkeypatch.setattr(ray, "__version__", "2.64.0")
     assert ray_engine.restart_arguments(5) == {}
 
 
-def test_gpu_jpeg_is_refused_before_ray_starts(monkeypatch, tmp_path):
-    from captionkit.options import GenerationOptions, RunOptions
-
+def test_gpu_jpeg_is_refused_before_ray_starts(monkeypatch, ray, tmp_path):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a run it refuses")
 

@@ -9,6 +9,7 @@ back to the driver, which turns them into `Outcome`s for the pipeline to record 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from captionkit import errors, gate, sources
@@ -53,11 +55,18 @@ class ModelRecipe:
         return load(self.name, self.load)
 
 
+def require(module: str = "ray") -> ModuleType:
+    """`module` (Ray or one of its parts), or the OptionError of a run without the `[ray]` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OptionError("--engine ray needs Ray: pip install 'captionkit[ray]'") from None
+
+
 def connect(engine: EngineOptions) -> bool:
     """Join `engine.ray_address`, or start Ray on this machine; True when this call started or
     joined it (False: this process was connected already, and that connection is used)."""
-    import ray
-
+    ray = require()
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"address": engine.ray_address, "logging_level": logging.WARNING}
@@ -259,10 +268,8 @@ class RayExecutor:
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
         if not items:
             return
-        from ray.data import DataContext
-
         connect(self.engine)
-        context = DataContext.get_current()
+        context = require("ray.data").DataContext.get_current()
         shown = context.enable_progress_bars
         context.enable_progress_bars = False  # the pipeline's own bar counts images
         try:
@@ -387,8 +394,7 @@ def describe(model: ModelRecipe, engine: EngineOptions) -> RemoteCaptioner:
     """Load the model once on a worker with a replica's resources and describe it, so the driver
     plans (resume key, batch size) with what the workers will run: `--dtype auto` is bfloat16 on
     a GPU worker and float32 on a CPU-only driver."""
-    import ray
-
+    ray = require()
     connect(engine)
     _, gpus, cpus = _worker_resources(engine)
     task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=engine.task_retries)(_describe)
