@@ -102,3 +102,25 @@ def test_gpu_jpeg_is_refused_before_ray_starts(monkeypatch, ray, tmp_path):
     with pytest.raises(OptionError, match="--gpu-jpeg runs with --engine local for now"):
         ray_engine.pipeline_for(ray_engine.ModelRecipe("objects"), GenerationOptions(),
                                 RunOptions(output_dir=tmp_path, gpu_jpeg=True), EngineOptions(engine="ray"))
+
+
+@pytest.mark.parametrize(("engine", "device"), [("local", "cuda"), ("ray", "cpu")])
+def test_the_driver_loads_the_gate_scorer_on_its_cpu_under_ray(monkeypatch, tmp_path, engine, device):
+    from typer.testing import CliRunner
+
+    from captionkit import gate
+    from captionkit.cli import app
+
+    asked = []
+
+    def load_scorer(options, generation, device="auto"):
+        asked.append(device)
+        raise OptionError("scorer asked for")
+
+    monkeypatch.setattr(gate, "load_scorer", load_scorer)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(app, ["caption", str(tmp_path / "a.png"), "--model", "objects",
+                                      "--engine", engine, "--device", "cuda", "--min-score", "0.3",
+                                      "-o", str(tmp_path / "out")])
+    assert str(result.exception) == "scorer asked for", result.output
+    assert asked == [device]
