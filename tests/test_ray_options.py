@@ -124,3 +124,69 @@ def test_the_driver_loads_the_gate_scorer_on_its_cpu_under_ray(monkeypatch, tmp_
                                       "-o", str(tmp_path / "out")])
     assert str(result.exception) == "scorer asked for", result.output
     assert asked == [device]
+
+
+def on_cluster(monkeypatch, ray, *nodes: dict[str, float]) -> None:
+    """Ray's view of a cluster of these live nodes (and one dead one), without starting Ray."""
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node.items():
+            totals[name] = totals.get(name, 0) + amount
+    dead = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [dead, *({"Alive": True, "Resources": n} for n in nodes)])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: totals)
+
+
+@pytest.mark.parametrize(("nodes", "options", "sized"), [
+    ([{"CPU": 2.0}], {}, (1, 0.0, 2.0)),
+    ([{"CPU": 16.0}, {"CPU": 6.0}], {}, (5, 0.0, 4.0)),
+    ([{"CPU": 32.0, "GPU": 4.0}, {"CPU": 10.0, "GPU": 1.0}], {}, (5, 1.0, 8.0)),
+    ([{"CPU": 12.0, "GPU": 2.0}, {"CPU": 4.0}], {}, (2, 1.0, 6.0)),
+    ([{"CPU": 16.0, "GPU": 1.0}], {"gpus_per_worker": 0.5}, (2, 0.5, 8.0)),
+    ([{"CPU": 16.0, "GPU": 1.0}], {"gpus_per_worker": 0.0}, (4, 0.0, 4.0)),
+    ([{"CPU": 0.3}], {"cpus_per_worker": 0.1}, (3, 0.0, 0.1)),
+    ([{"CPU": 2.0}], {"ray_workers": 3}, (3, 0.0, 2.0)),
+])
+def test_replicas_are_sized_to_the_live_nodes(monkeypatch, ray, nodes, options, sized):
+    on_cluster(monkeypatch, ray, *nodes)
+    assert ray_engine._worker_resources(EngineOptions(engine="ray", **options)) == sized
+
+
+@pytest.mark.parametrize("options", [
+    {"gpus_per_worker": 1}, {"gpus_per_worker": 1, "ray_workers": 2}, {"cpus_per_worker": 3},
+    {"cpus_per_worker": 3, "ray_workers": 1}])
+def test_a_replica_that_no_node_holds_is_refused(monkeypatch, ray, options):
+    on_cluster(monkeypatch, ray, {"CPU": 2.0}, {"CPU": 2.0})
+    with pytest.raises(OptionError, match=r"and this Ray cluster has 0 GPUs and 4 CPUs: lower "
+                                          "--gpus-per-worker or --cpus-per-worker$"):
+        ray_engine._worker_resources(EngineOptions(engine="ray", **options))
+
+
+def test_a_gpu_replica_needs_its_cpus_on_its_gpu_node(monkeypatch, ray):
+    on_cluster(monkeypatch, ray, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 32.0})
+    with pytest.raises(OptionError, match="a replica needs 1 GPUs and 8 CPUs on one node"):
+        ray_engine._worker_resources(EngineOptions(engine="ray", cpus_per_worker=8))
+
+
+def test_connect_starts_a_local_ray_sized_by_the_options(monkeypatch, ray):
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
+    monkeypatch.setattr(ray, "init", lambda **options: started.append(options))
+    engine = EngineOptions(engine="ray", local_cpus=2, object_store_memory=100_000_000)
+    assert ray_engine.connect(engine) is True
+    assert ray_engine.connect(engine) is False
+    [options] = started
+    assert options["address"] is None and options["num_cpus"] == 2
+    assert options["object_store_memory"] == 100_000_000
+
+
+def test_an_unreachable_cluster_is_named_with_what_to_do(monkeypatch, ray):
+    def refuse(**options):
+        raise ConnectionError(f"could not find any running Ray instance at {options['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(OptionError, match=r"^--ray-address 10\.0\.0\.9:6379: cannot join the Ray cluster: "
+                                          r"could not find any running Ray instance at 10\.0\.0\.9:6379; "
+                                          r"start it with `ray start --head` or fix the address$"):
+        ray_engine.connect(EngineOptions(engine="ray", ray_address="10.0.0.9:6379"))

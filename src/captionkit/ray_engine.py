@@ -82,30 +82,39 @@ def connect(engine: EngineOptions) -> bool:
 
 
 def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
-    """(replicas, GPUs each, CPUs each) for the cluster this process is connected to."""
-    import ray
-
-    cluster = ray.cluster_resources()
+    """(replicas, GPUs each, CPUs each) for the cluster this process is connected to: as many
+    replicas as its nodes hold, or --ray-workers (those that do not fit yet wait for nodes an
+    autoscaler adds); an OptionError when not one fits, which Ray would wait for without end."""
+    cluster = require().cluster_resources()
     gpus = engine.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     cpus = engine.cpus_per_worker or _default_cpus(gpus)
-    if engine.ray_workers is not None:
-        return engine.ray_workers, gpus, cpus
-    fits = cluster.get("GPU", 0) / gpus if gpus else cluster.get("CPU", 1) / cpus
+    fits = sum(_replicas_on(node, gpus, cpus) for node in _nodes())
     if fits < 1:
-        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs and this Ray cluster "
-                          f"has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} CPUs: "
-                          "lower --gpus-per-worker or --cpus-per-worker")
-    return max(1, math.floor(fits)), gpus, cpus
+        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs on one node and this Ray "
+                          f"cluster has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} "
+                          "CPUs: lower --gpus-per-worker or --cpus-per-worker")
+    return engine.ray_workers or fits, gpus, cpus
+
+
+def _nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the cluster."""
+    return [node["Resources"] for node in require().nodes() if node.get("Alive")]
+
+
+def _replicas_on(node: dict[str, float], gpus: float, cpus: float) -> int:
+    """How many replicas of `gpus` GPUs and `cpus` CPUs one node with `node`'s resources holds."""
+    room = node.get("CPU", 0) / cpus
+    if gpus:
+        room = min(room, node.get("GPU", 0) / gpus)
+    return math.floor(room + 1e-9)  # 0.3 / 0.1 is 2.9999999999999996 in floats
 
 
 def _default_cpus(gpus: float) -> float:
     """CPUs per replica when not given: 8 per GPU (decoding and the processor feed it), at most
     what the leanest GPU node has per GPU; 4 for a CPU replica, at most the biggest node's."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes = _nodes()
     if gpus:
         per_gpu = min((node.get("CPU", 0) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
         return float(max(1, min(8, math.floor(per_gpu * gpus))))
