@@ -59,16 +59,25 @@ def captions(folder: Path) -> str:
     return (folder / "captions.txt").read_text()
 
 
-def steady_rate(folder: Path) -> float:
+def steady_rate(folder: Path) -> float | None:
     """Images/s between the first and the last batch the store recorded: the run without its
-    start (for Ray, its replicas' start and model load)."""
+    start (for Ray, its replicas' start and model load); None for a run of one batch."""
     import sqlite3
 
     with sqlite3.connect(folder / "captionkit.db") as db:
         batches = db.execute("SELECT updated, COUNT(*) FROM results GROUP BY updated "
                              "ORDER BY updated").fetchall()
+    if len(batches) < 2:
+        return None
     images = sum(count for _, count in batches[1:])
     return images / (batches[-1][0] - batches[0][0])
+
+
+def steady_ratio(steady: dict[str, list[float | None]]) -> float | None:
+    """The local engine's median steady rate over Ray's; None when a run had one batch only."""
+    if any(rate is None for rates in steady.values() for rate in rates):
+        return None
+    return round(statistics.median(steady["local"]) / statistics.median(steady["ray"]), 3)
 
 
 def main() -> None:
@@ -108,7 +117,7 @@ def main() -> None:
 
     out = work / "ray-overhead"
     timings: dict[str, list[float]] = {"local": [], "ray": []}
-    steady: dict[str, list[float]] = {"local": [], "ray": []}
+    steady: dict[str, list[float | None]] = {"local": [], "ray": []}
     texts: dict[str, str] = {}
     order = ["local", "ray"]
     for run in range(args.runs):
@@ -138,9 +147,9 @@ def main() -> None:
         "images_per_second": {"local": round(len(inputs) / local, 3),
                               "ray": round(len(inputs) / remote_seconds, 3)},
         "ray_over_local": round(remote_seconds / local, 3),
-        "steady_images_per_second": {name: [round(r, 3) for r in rates] for name, rates in steady.items()},
-        "steady_ray_over_local": round(statistics.median(steady["local"])
-                                       / statistics.median(steady["ray"]), 3),
+        "steady_images_per_second": {name: [None if r is None else round(r, 3) for r in rates]
+                                     for name, rates in steady.items()},
+        "steady_ray_over_local": steady_ratio(steady),
         "captions_identical": texts["local"] == texts["ray"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -240,3 +240,20 @@ def test_matmuls_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp
     model = BlipVisionModel(config).eval()
     counted = common.count_flops(lambda: model(torch.zeros(1, 3, 384, 384)))
     assert matmuls.encoder_flops(layers=1) == counted
+
+
+def test_ray_overhead_has_no_steady_rate_for_a_run_of_one_batch(monkeypatch, tmp_path):
+    import sqlite3
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ray_overhead
+
+    for name, times in (("one", [5.0, 5.0]), ("three", [5.0, 5.0, 6.0, 7.0, 7.0])):
+        (tmp_path / name).mkdir()
+        with sqlite3.connect(tmp_path / name / "captionkit.db") as db:
+            db.execute("CREATE TABLE results (updated REAL)")
+            db.executemany("INSERT INTO results VALUES (?)", [(t,) for t in times])
+    assert ray_overhead.steady_rate(tmp_path / "one") is None
+    assert ray_overhead.steady_rate(tmp_path / "three") == 1.5  # 3 images after the first batch, in 2 s
+    assert ray_overhead.steady_ratio({"local": [3.0], "ray": [None]}) is None
+    assert ray_overhead.steady_ratio({"local": [3.0, 1.0], "ray": [1.0, 1.0]}) == 2.0

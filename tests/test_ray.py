@@ -4,6 +4,7 @@ a killed worker's batches retried, a killed driver resumed from the store, two n
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ from test_shards import write_shards  # noqa: E402
 from captionkit import ray_engine  # noqa: E402
 from captionkit.errors import OptionError  # noqa: E402
 from captionkit.models import load  # noqa: E402
-from captionkit.models.base import CaptionerWrapper  # noqa: E402
+from captionkit.models.base import Captioner, CaptionerWrapper  # noqa: E402
 from captionkit.options import GenerationOptions, LoadOptions  # noqa: E402
 from captionkit.pipeline import Pipeline, RunOptions  # noqa: E402
 from captionkit.ray_engine import EngineOptions, ModelRecipe  # noqa: E402
@@ -65,6 +66,69 @@ class Flaky(CaptionerWrapper):
 
 def flaky_loader(name: str, options: LoadOptions) -> Flaky:
     return Flaky(load(name, options))
+
+
+class Logged(CaptionerWrapper):
+    """A real captioner that logs each batch it starts and ends (its process, when, its images'
+    sizes) and dwells in it a moment, so that a kill can land mid-batch and the log shows it."""
+
+    def __init__(self, inner: Captioner, log: str) -> None:
+        super().__init__(inner)
+        self.log = log
+
+    def caption(self, images, options, prompts=None):
+        sizes = [list(image.size) for image in images]
+        self._write("start", sizes)
+        time.sleep(0.3)
+        predictions = self.inner.caption(images, options, prompts)
+        self._write("end", sizes)
+        return predictions
+
+    def _write(self, event: str, sizes: list[list[int]]) -> None:
+        entry = {"pid": os.getpid(), "at": time.time(), "event": event, "sizes": sizes}
+        with open(self.log, "a") as log:
+            log.write(json.dumps(entry) + "\n")
+
+
+def logged_loader(log: str, name: str, options: LoadOptions) -> Logged:
+    return Logged(load(name, options), log)
+
+
+def logged_batches(log: Path) -> list[dict]:
+    """The complete entries of a `Logged` captioner's log, oldest first."""
+    text = log.read_text() if log.exists() else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def kill_mid_batch(log: Path, actors, timeout: float = 60) -> tuple[int, list]:
+    """SIGKILL one of `actors()` seen just after it started a batch (it dwells there): the
+    process id and the batch's image sizes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = actors()
+        started: dict[int, dict] = {}
+        for entry in logged_batches(log):
+            if entry["event"] == "start":
+                started[entry["pid"]] = entry
+            else:
+                started.pop(entry["pid"], None)
+        for actor in running:
+            entry = started.get(actor.pid)
+            if entry is not None and time.time() - entry["at"] < 0.15:
+                actor.send_signal(signal.SIGKILL)
+                return actor.pid, entry["sizes"]
+        time.sleep(0.01)
+    raise AssertionError(f"no actor was seen starting a batch in {timeout} s")
+
+
+def assert_retried(log: Path, pid: int, sizes: list) -> None:
+    """The batch killed with process `pid` never ended there, and its images were predicted again
+    by another process."""
+    entries = logged_batches(log)
+    assert not any(e["pid"] == pid and e["event"] == "end" and e["sizes"] == sizes for e in entries), \
+        "the killed actor had finished its batch: nothing was retried"
+    elsewhere = [size for e in entries if e["event"] == "end" and e["pid"] != pid for size in e["sizes"]]
+    assert all(size in elsewhere for size in sizes), "the killed batch was predicted again"
 
 
 @pytest.fixture(scope="session")
@@ -183,18 +247,16 @@ def actor_processes(root: psutil.Process) -> list[psutil.Process]:
 
 
 class KillsAWorker:
-    """Passes an executor's batches on, killing one actor's process (kill -9) after the first."""
+    """Passes an executor's batches on; after the first, kills (kill -9) an actor mid-batch."""
 
-    def __init__(self, inner, root: psutil.Process) -> None:
-        self.inner, self.root = inner, root
-        self.killed: int | None = None
+    def __init__(self, inner, root: psutil.Process, log: Path) -> None:
+        self.inner, self.root, self.log = inner, root, log
+        self.killed: tuple[int, list] | None = None
 
     def execute(self, items):
         for batch in self.inner.execute(items):
             if self.killed is None:
-                victim = actor_processes(self.root)[0]
-                victim.send_signal(signal.SIGKILL)
-                self.killed = victim.pid
+                self.killed = kill_mid_batch(self.log, lambda: actor_processes(self.root))
             yield batch
 
 
@@ -212,14 +274,17 @@ def test_a_killed_worker_has_its_batches_retried(ray_local, blip_dir, blip_fp32,
     local = RunOptions(output_dir=tmp_path / "local", progress=False)
     Pipeline(blip_fp32, GEN, local).run([str(many_photos)])
     killers: list[KillsAWorker] = []
+    log = tmp_path / "batches.jsonl"
 
     def killing(executor) -> KillsAWorker:
-        killers.append(KillsAWorker(executor, psutil.Process()))  # Ray's processes are our children
+        killers.append(KillsAWorker(executor, psutil.Process(), log))  # Ray's processes are our children
         return killers[-1]
 
-    summary = ray_run(ModelRecipe(str(blip_dir), FP32), [str(many_photos)], tmp_path / "ray",
-                      TWO_REPLICAS, executor_wrapper=killing, batch_size=2)
-    assert killers[0].killed is not None and not psutil.pid_exists(killers[0].killed)
+    model = ModelRecipe(str(blip_dir), FP32, loader=functools.partial(logged_loader, str(log)))
+    summary = ray_run(model, [str(many_photos)], tmp_path / "ray", TWO_REPLICAS, executor_wrapper=killing,
+                      batch_size=2)
+    assert killers[0].killed is not None and not psutil.pid_exists(killers[0].killed[0])
+    assert_retried(log, *killers[0].killed)
     assert summary.done == 24 and not summary.failed, "no image lost, none counted twice"
     paths = recorded_paths(tmp_path / "ray")
     assert len(paths) == len(set(paths)) == 24
@@ -227,12 +292,12 @@ def test_a_killed_worker_has_its_batches_retried(ray_local, blip_dir, blip_fp32,
 
 
 DRIVER = textwrap.dedent("""
-    import json, sys, time
+    import functools, json, sys, time
     from captionkit import ray_engine
     from captionkit.options import GenerationOptions, LoadOptions
     from captionkit.pipeline import RunOptions
 
-    model, inputs, output_dir, address = sys.argv[1:5]
+    model, inputs, output_dir, address, log = sys.argv[1:6]
     engine = ray_engine.EngineOptions(engine="ray", ray_address=address or None, ray_workers=2,
                                       cpus_per_worker=1, local_cpus=None if address else 2)
     ray_engine.connect(engine)
@@ -241,7 +306,11 @@ DRIVER = textwrap.dedent("""
         deadline = time.time() + 120
         while ray.cluster_resources().get("CPU", 0) < 2 and time.time() < deadline:
             time.sleep(0.5)
-    recipe = ray_engine.ModelRecipe(model, LoadOptions(device="cpu", dtype="float32"))
+    loader = None
+    if log:  # each batch logged, from the test module on the workers' path
+        import test_ray
+        loader = functools.partial(test_ray.logged_loader, log)
+    recipe = ray_engine.ModelRecipe(model, LoadOptions(device="cpu", dtype="float32"), loader)
     options = RunOptions(output_dir=output_dir, progress=False, batch_size=2,
                          formats=("captions.txt", "jsonl", "parquet"))
     pipeline, executor = ray_engine.pipeline_for(recipe, GenerationOptions(max_new_tokens=6), options,
@@ -251,14 +320,15 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def start_driver(tmp_path: Path, blip_dir: Path, inputs: Path, out: Path,
-                 address: str = "") -> subprocess.Popen:
+def start_driver(tmp_path: Path, blip_dir: Path, inputs: Path, out: Path, address: str = "",
+                 batches: Path | None = None) -> subprocess.Popen:
+    """The DRIVER script, run with a `Logged` captioner writing to `batches` when given."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     log = open(tmp_path / f"driver-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - the child writes it
-    return subprocess.Popen([sys.executable, str(script), str(blip_dir), str(inputs), str(out), address],
-                            env=ray_env(), stdout=subprocess.PIPE, stderr=log, text=True,
-                            start_new_session=True)
+    return subprocess.Popen([sys.executable, str(script), str(blip_dir), str(inputs), str(out), address,
+                             str(batches or "")], env=ray_env(), stdout=subprocess.PIPE, stderr=log,
+                            text=True, start_new_session=True)
 
 
 def wait_for_rows(out: Path, process: subprocess.Popen, at_least: int, timeout: float = 240) -> int:
@@ -371,12 +441,12 @@ def test_two_nodes_on_one_machine_survive_a_killed_worker(blip_dir, blip_fp32, m
         nodes.append(subprocess.Popen([ray_cli, "start", f"--address=127.0.0.1:{port}", *common],
                                       env=ray_env(), stdout=logs, stderr=subprocess.STDOUT,
                                       start_new_session=True))
-        out = tmp_path / "ray"
-        driver = start_driver(tmp_path, blip_dir, many_photos, out, address=f"127.0.0.1:{port}")
+        out, batches = tmp_path / "ray", tmp_path / "batches.jsonl"
+        driver = start_driver(tmp_path, blip_dir, many_photos, out, f"127.0.0.1:{port}", batches)
         wait_for_rows(out, driver, at_least=2)
-        actors = [a for node in nodes for a in actor_processes(psutil.Process(node.pid))]
-        assert len(actors) == 2, "one actor on each node"
-        actors[-1].send_signal(signal.SIGKILL)
+        per_node = [actor_processes(psutil.Process(node.pid)) for node in nodes]
+        assert [len(actors) for actors in per_node] == [1, 1], "one actor on each node"
+        killed = kill_mid_batch(batches, lambda: [actor for actors in per_node for actor in actors])
         stdout, _ = driver.communicate(timeout=400)
         assert driver.returncode == 0, (tmp_path / "nodes.log").read_text()[-3000:]
     finally:
@@ -386,6 +456,7 @@ def test_two_nodes_on_one_machine_survive_a_killed_worker(blip_dir, blip_fp32, m
         shutil.rmtree(temp, ignore_errors=True)
     summary = last_json(stdout)
     assert summary["done"] == 24 and not summary["failed"]
+    assert_retried(batches, *killed)
     paths = recorded_paths(out)
     assert len(paths) == len(set(paths)) == 24
     Pipeline(blip_fp32, GEN, RunOptions(output_dir=tmp_path / "local", progress=False,

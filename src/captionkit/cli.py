@@ -146,8 +146,9 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
         model, reason = choose_auto()
         ui.err.print(f"model: {reason}")
     _quiet_transformers()
-    # Loaded first: a missing CLIP model is reported before minutes go into the captioner.
-    scorer = load_scorer(run.gate, generation, load_options.device)
+    # Loaded first: a missing CLIP model is reported before minutes go into the captioner. Under
+    # Ray the driver needs only its name and scale, on its own CPU; each replica loads its own.
+    scorer = load_scorer(run.gate, generation, "cpu" if engine.engine == "ray" else load_options.device)
     loader = _segmenting(segment.split(","), segment_options) if segment is not None else None
     pipeline, executor = ray_engine.pipeline_for(ray_engine.ModelRecipe(model, load_options, loader),
                                                  generation, run, engine, scorer)

@@ -9,6 +9,7 @@ back to the driver, which turns them into `Outcome`s for the pipeline to record 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from captionkit import errors, gate, sources
@@ -53,11 +55,18 @@ class ModelRecipe:
         return load(self.name, self.load)
 
 
+def require(module: str = "ray") -> ModuleType:
+    """`module` (Ray or one of its parts), or the OptionError of a run without the `[ray]` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OptionError("--engine ray needs Ray: pip install 'captionkit[ray]'") from None
+
+
 def connect(engine: EngineOptions) -> bool:
     """Join `engine.ray_address`, or start Ray on this machine; True when this call started or
     joined it (False: this process was connected already, and that connection is used)."""
-    import ray
-
+    ray = require()
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"address": engine.ray_address, "logging_level": logging.WARNING}
@@ -73,30 +82,39 @@ def connect(engine: EngineOptions) -> bool:
 
 
 def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
-    """(replicas, GPUs each, CPUs each) for the cluster this process is connected to."""
-    import ray
-
-    cluster = ray.cluster_resources()
+    """(replicas, GPUs each, CPUs each) for the cluster this process is connected to: as many
+    replicas as its nodes hold, or --ray-workers (those that do not fit yet wait for nodes an
+    autoscaler adds); an OptionError when not one fits, which Ray would wait for without end."""
+    cluster = require().cluster_resources()
     gpus = engine.gpus_per_worker
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     cpus = engine.cpus_per_worker or _default_cpus(gpus)
-    if engine.ray_workers is not None:
-        return engine.ray_workers, gpus, cpus
-    fits = cluster.get("GPU", 0) / gpus if gpus else cluster.get("CPU", 1) / cpus
+    fits = sum(_replicas_on(node, gpus, cpus) for node in _nodes())
     if fits < 1:
-        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs and this Ray cluster "
-                          f"has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} CPUs: "
-                          "lower --gpus-per-worker or --cpus-per-worker")
-    return max(1, math.floor(fits)), gpus, cpus
+        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs on one node and this Ray "
+                          f"cluster has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} "
+                          "CPUs: lower --gpus-per-worker or --cpus-per-worker")
+    return engine.ray_workers or fits, gpus, cpus
+
+
+def _nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the cluster."""
+    return [node["Resources"] for node in require().nodes() if node.get("Alive")]
+
+
+def _replicas_on(node: dict[str, float], gpus: float, cpus: float) -> int:
+    """How many replicas of `gpus` GPUs and `cpus` CPUs one node with `node`'s resources holds."""
+    room = node.get("CPU", 0) / cpus
+    if gpus:
+        room = min(room, node.get("GPU", 0) / gpus)
+    return math.floor(room + 1e-9)  # 0.3 / 0.1 is 2.9999999999999996 in floats
 
 
 def _default_cpus(gpus: float) -> float:
     """CPUs per replica when not given: 8 per GPU (decoding and the processor feed it), at most
     what the leanest GPU node has per GPU; 4 for a CPU replica, at most the biggest node's."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes = _nodes()
     if gpus:
         per_gpu = min((node.get("CPU", 0) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
         return float(max(1, min(8, math.floor(per_gpu * gpus))))
@@ -259,10 +277,8 @@ class RayExecutor:
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
         if not items:
             return
-        from ray.data import DataContext
-
         connect(self.engine)
-        context = DataContext.get_current()
+        context = require("ray.data").DataContext.get_current()
         shown = context.enable_progress_bars
         context.enable_progress_bars = False  # the pipeline's own bar counts images
         try:
@@ -387,8 +403,7 @@ def describe(model: ModelRecipe, engine: EngineOptions) -> RemoteCaptioner:
     """Load the model once on a worker with a replica's resources and describe it, so the driver
     plans (resume key, batch size) with what the workers will run: `--dtype auto` is bfloat16 on
     a GPU worker and float32 on a CPU-only driver."""
-    import ray
-
+    ray = require()
     connect(engine)
     _, gpus, cpus = _worker_resources(engine)
     task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_retries=engine.task_retries)(_describe)
