@@ -195,13 +195,15 @@ def _segmenting(names: list[str], options: SegmentOptions, with_captioner: bool 
 
 @command()
 def models() -> None:
-    """List the known models: aliases, Hub ids, size, license and memory needs."""
+    """List the known captioners and segmenters: aliases, Hub ids, size, license and memory needs."""
     from captionkit import hub
     from captionkit.models import FAMILIES, MODELS
+    from captionkit.segment.registry import DEFAULT, SEGMENTERS
 
     cached = {spec.alias: "built-in" if spec.source == "built-in" else
               "yes" if hub.cached_snapshot(spec.source) else "no" for spec in MODELS.values()}
     ui.print_models(MODELS.values(), FAMILIES, cached)
+    ui.print_segmenters(SEGMENTERS.values(), DEFAULT)
 
 
 @command("export")
