@@ -15,9 +15,11 @@ from pycocotools.cocoeval import COCOeval
 
 from captionkit.boxes import COLORS
 from captionkit.errors import InputError, OptionError, OutputError
+from captionkit.exporters import ExportOptions
 from captionkit.predictions import Prediction, Region
-from captionkit.segment import SegmentOptions, coco, labelmaps, masks, metrics, outputs, overlay
+from captionkit.segment import SegmentOptions, coco, export, labelmaps, masks, metrics, outputs, overlay
 from captionkit.segment.coco import Segmented
+from captionkit.store import Result
 
 
 def rect(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -205,6 +207,34 @@ def test_overlays_are_written_as_jpeg_or_png(tmp_path):
         with Image.open(path) as written:
             assert written.format == ("JPEG" if name.endswith("jpg") else "PNG")
             assert written.size == (64, 48)
+
+
+def overlay_results(photo_dir) -> list[Result]:
+    """coffee.png with a cup and chelsea.png with a cat then a cup: the cup comes second there."""
+    results = []
+    for name, labels in (("coffee", ["cup"]), ("chelsea", ["cat", "cup"])):
+        path = photo_dir / f"{name}.png"
+        width, height = Image.open(path).size
+        found = [region(rect(height, width, 40 + 120 * i, 40, 140 + 120 * i, 140), label)
+                 for i, label in enumerate(labels)]
+        results.append(Result(path=path, name=path.name, status="done", regions=found))
+    return results
+
+
+def test_a_class_has_one_colour_in_every_overlay_and_in_the_label_maps(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)
+    drawn = export.draw_overlays(results, tmp_path / "overlays")
+    export.write_masks(results, ExportOptions(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "masks" / "classes.json").read_text())
+    color = {row["name"]: tuple(row["color"]) for row in rows}
+    assert color["cup"] != color["cat"]
+    coffee, chelsea = (np.asarray(Image.open(path)) for path in drawn)
+    assert tuple(coffee[90, 40]) == color["cup"]  # the cup's outline, first in coffee.png
+    assert tuple(chelsea[90, 160]) == color["cup"]  # and second in chelsea.png
+    assert tuple(chelsea[90, 40]) == color["cat"]
+    assert export.draw_overlays(results, tmp_path / "overlays") == []  # nothing changed
+    results[0].regions.append(region(rect(*coffee.shape[:2], 300, 40, 340, 80), "bowl"))
+    assert len(export.draw_overlays(results, tmp_path / "overlays")) == 2  # colours move: both again
 
 
 # --- metrics

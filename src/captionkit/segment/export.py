@@ -21,9 +21,11 @@ OVERLAYS_MANIFEST = ".captionkit-overlays.json"
 
 
 def draw_overlays(results: Sequence[Result], directory: Path) -> list[Path]:
-    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`)."""
-    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction()),
-                       OVERLAYS_MANIFEST)
+    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`), each
+    class in its label-map colour; a copy is drawn again when the classes change."""
+    classes = label_map_classes(results)
+    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction(), classes),
+                       OVERLAYS_MANIFEST, style=classes)
 
 
 def write_coco(results: Sequence[Result], options: ExportOptions) -> list[Path]:
@@ -32,11 +34,15 @@ def write_coco(results: Sequence[Result], options: ExportOptions) -> list[Path]:
 
 
 def write_masks(results: Sequence[Result], options: ExportOptions) -> list[Path]:
-    """`OUT/masks/`: a palette PNG per image (0 background, then the classes found) and
-    classes.json."""
-    images = _segmented(results)
-    labels = sorted({region.label for image in images for region in image.prediction.regions})
-    return write_label_maps(options.output_dir / MASKS_DIR, images, ["background", *labels])
+    """`OUT/masks/`: a palette PNG per image (see `label_map_classes`) and classes.json."""
+    return write_label_maps(options.output_dir / MASKS_DIR, _segmented(results), label_map_classes(results))
+
+
+def label_map_classes(results: Sequence[Result]) -> list[str]:
+    """Pixel value i of the run's label maps, and the colour index of its overlays: 0 background,
+    then the labels of every done result, sorted."""
+    return ["background", *sorted({region.label for result in results if result.status == "done"
+                                   for region in result.regions})]
 
 
 def _segmented(results: Sequence[Result]) -> list[Segmented]:
