@@ -158,6 +158,38 @@ def test_label_maps_are_palette_pngs_with_classes_json(segmented, tmp_path):
     assert [row["name"] for row in rows] == classes
 
 
+def test_label_map_values_are_the_recorded_class_ids_whatever_was_found():
+    recorded = {"instance": ["background", "person", "cat", "cup"], "semantic": ["__background__", "sky"]}
+    cup = region(rect(8, 8, 0, 0, 4, 4), "cup")
+    odd = region(rect(8, 8, 0, 0, 2, 2), "zebra")  # a label the record lacks
+    phrase = region(rect(8, 8, 4, 4, 8, 8), "a red cup", kind="phrase")
+    unmasked = Region(box=[0, 0, 1, 1], label="dog")
+    assert labelmaps.classes_by_kind([cup], recorded) == recorded
+    assert labelmaps.classes_by_kind([cup, odd, phrase, unmasked], recorded) == {
+        "instance": ["background", "person", "cat", "cup", "zebra"],
+        "semantic": ["__background__", "sky"], "phrase": ["background", "a red cup"]}
+    assert labelmaps.classes_by_kind([cup, odd], None) == {"instance": ["background", "cup", "zebra"]}
+
+
+def test_masks_get_a_map_per_kind_with_the_recorded_ids(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)
+    width, height = Image.open(results[1].path).size
+    results[1].regions.append(region(rect(height, width, 0, 0, width, 30), "sky", None, kind="semantic"))
+    recorded = {"instance": ["background", "person", "cup", "cat"], "semantic": ["__background__", "sky"]}
+    export.write_masks(results, ExportOptions(tmp_path, label_maps=recorded))
+    for kind, classes in recorded.items():
+        rows = json.loads((tmp_path / "masks" / kind / "classes.json").read_text())
+        assert [row["name"] for row in rows] == classes
+    instance = labelmaps.read(tmp_path / "masks" / "instance" / "chelsea.png")
+    assert instance[90, 60] == 3 and instance[90, 180] == 2 and instance[10, 300] == 0  # cat, cup
+    semantic = labelmaps.read(tmp_path / "masks" / "semantic" / "chelsea.png")
+    assert semantic[10, 60] == 1 and semantic[90, 60] == 0  # sky; the cat is not in this map
+    assert not labelmaps.read(tmp_path / "masks" / "semantic" / "coffee.png").any()
+    drawn = export.draw_overlays(results, tmp_path / "overlays", recorded)
+    cat = labelmaps.class_color(recorded["instance"].index("cat"))
+    assert tuple(np.asarray(Image.open(drawn[1]))[90, 40]) == cat
+
+
 def test_images_named_alike_get_their_full_names(tmp_path):
     alike = [Segmented("photo.jpg", (4, 4), Prediction()), Segmented("photo.png", (4, 4), Prediction())]
     written = outputs.write_label_maps(tmp_path, alike, ["background"])

@@ -245,7 +245,8 @@ def export_command(
         options = with_existing_files(
             results, run.formats, ExportOptions(to or output_dir, run.caption_extension,
                                                 run.sidecars_beside_images, keep_failed, prefix=run.prefix,
-                                                suffix=run.suffix),
+                                                suffix=run.suffix,
+                                                label_maps=store.run_options(key).get("label_maps")),
             store, run.overwrite, copies_in=[output_dir, to])
         kept = foreign_sidecars(results, options)
         written = export(results, run.formats, options)

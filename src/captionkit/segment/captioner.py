@@ -17,6 +17,7 @@ from captionkit.models.base import Captioner, at_full_size, full_size
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.predictions import Prediction
 from captionkit.segment.combine import add_masks
+from captionkit.segment.labelmaps import vocabularies
 from captionkit.segment.options import SegmentOptions
 
 
@@ -35,6 +36,7 @@ class SegmentingCaptioner(Captioner):
         if not segmenters:
             raise ValueError("a SegmentingCaptioner needs at least one segmenter")
         self.segmenters, self.segment_options, self.inner = list(segmenters), options, inner
+        self.label_maps = vocabularies(self.segmenters)
         self.model_id = inner.model_id if inner else "+".join(s.model_id for s in self.segmenters)
         self.device = (inner or self.segmenters[0]).device
         self.run_kind = "caption" if inner else "segment"
