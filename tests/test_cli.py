@@ -511,7 +511,7 @@ def help_at(columns: int, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("command", ["caption", "evaluate", "export", "score"])
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export", "score", "segment"])
 def test_help_is_readable_at_80_columns(command):
     from typer.main import get_command
 

@@ -117,6 +117,20 @@ def test_instances_and_a_semantic_map_get_a_label_map_each_that_export_rebuilds(
 
 
 @pytest.mark.slow
+def test_input_size_reaches_the_segmenter_and_a_bad_task_is_refused(segmented, tmp_path):
+    import sqlite3
+
+    images, _, _ = segmented
+    run("segment", images / "cat.jpg", "-o", tmp_path, "--input-size", "320", "--device", "cpu", "-q")
+    with sqlite3.connect(tmp_path / "captionkit.db") as db:
+        [(options,)] = db.execute("SELECT options FROM runs").fetchall()
+    assert [s["input_size"] for s in json.loads(options)["identity"]["segmenters"]] == [320]
+    refused = subprocess.run([*CLI, "segment", images, "-o", tmp_path, "--task", "depth"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--task 'depth'" in refused.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.ray
 def test_caption_with_segment_records_the_caption_and_the_masks_in_one_pass(blip_dir, tmp_path):
     """A big JPEG is drafted small for the captioner, which captions it as it does alone, and

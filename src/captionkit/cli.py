@@ -33,7 +33,7 @@ from captionkit.options import (
     LoadOptions,
     RunOptions,
 )
-from captionkit.segment.options import SegmentOptions
+from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 from captionkit.serve.options import ServeOptions
 from captionkit.train.options import (
     BlipOptions,
@@ -163,7 +163,7 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
 
 @command()
 def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic = None,
-            strict: Strict = False, *, options: SegmentOptions,
+            strict: Strict = False, *, options: SegmentOptions, segmenter_load: SegmenterLoadOptions,
             load_options: Annotated[LoadOptions, Select("device", "dtype")],
             run: Annotated[RunOptions, SEGMENT_RUN], engine: EngineOptions) -> None:
     """Segment images: instances as COCO instances.json, label maps, overlays; resumably."""
@@ -177,7 +177,7 @@ def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic
     names = [model, *([semantic] if semantic else [])]
     _quiet_transformers()
     recipe = ray_engine.ModelRecipe("+".join(names), load_options,
-                                    _segmenting(names, options, with_captioner=False))
+                                    _segmenting(names, options, segmenter_load, with_captioner=False))
     pipeline, executor = ray_engine.pipeline_for(recipe, GenerationOptions(), run, engine)
     summary = pipeline.run(inputs, found, executor=executor)
     ui.print_run(summary)
@@ -185,12 +185,14 @@ def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic
         raise typer.Exit(1)
 
 
-def _segmenting(names: list[str], options: SegmentOptions, with_captioner: bool = True):
+def _segmenting(names: list[str], options: SegmentOptions, load: SegmenterLoadOptions | None = None,
+                with_captioner: bool = True):
     """How the run's model (here or on Ray workers) loads the named segmenters, around the
     captioner or alone."""
     from captionkit.segment.captioner import SegmentingLoader
 
-    return SegmentingLoader(tuple(name.strip() for name in names), options, with_captioner)
+    return SegmentingLoader(tuple(name.strip() for name in names), options, with_captioner,
+                            load or SegmenterLoadOptions())
 
 
 @command()
