@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from captionkit.boxes import COLORS
 from captionkit.errors import InputError, OptionError, OutputError
 from captionkit.exporters import ExportOptions
+from captionkit.options import RunOptions
 from captionkit.predictions import Prediction, Region
 from captionkit.segment import SegmentOptions, coco, export, labelmaps, masks, metrics, outputs, overlay
 from captionkit.segment.coco import Segmented
@@ -267,6 +268,17 @@ def test_a_class_has_one_colour_in_every_overlay_and_in_the_label_maps(photo_dir
     assert export.draw_overlays(results, tmp_path / "overlays") == []  # nothing changed
     results[0].regions.append(region(rect(*coffee.shape[:2], 300, 40, 340, 80), "bowl"))
     assert len(export.draw_overlays(results, tmp_path / "overlays")) == 2  # colours move: both again
+
+
+def test_overlay_alpha_sets_the_fill_and_redraws(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)[:1]
+    photo = np.asarray(Image.open(results[0].path).convert("RGB"))
+    cup = labelmaps.class_color(1)
+    for alpha, expected in ((0.0, photo[90, 90]), (1.0, cup)):
+        [path] = export.draw_overlays(results, tmp_path, alpha=alpha)
+        assert tuple(np.asarray(Image.open(path))[90, 90]) == pytest.approx(tuple(expected), abs=3)
+    with pytest.raises(OptionError, match="--overlay-alpha 1.5: use a number from 0 to 1"):
+        RunOptions(overlay_alpha=1.5)
 
 
 # --- metrics

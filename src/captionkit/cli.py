@@ -114,6 +114,7 @@ Semantic = Annotated[str | None, typer.Option(
     rich_help_panel=MODEL, metavar="NAME")]
 SEGMENT_RUN = Select("output_dir", "recursive", "extensions", "formats", "batch_size", "workers",
                      "full_decode", "overwrite", "retry_failed", "max_pixels", "progress", "overlays",
+                     "overlay_alpha",
                      formats={"cli_default": "jsonl,coco,masks", "help": "Comma-separated: jsonl, coco "
                               "(instances.json), masks (label maps), csv."})
 Strict = Annotated[bool, typer.Option(

@@ -296,7 +296,8 @@ class Pipeline:
         if options.overlays is not None:
             from captionkit.segment.export import draw_overlays  # the [seg] extra draws the masks
 
-            summary.outputs += draw_overlays(results, options.overlays, self.captioner.label_maps)
+            summary.outputs += draw_overlays(results, options.overlays, self.captioner.label_maps,
+                                             options.overlay_alpha)
         summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
         summary.missing = sorted(result.name for result in results if result.path in written.missing)
         summary.scores, summary.passed = gate.tally(results)

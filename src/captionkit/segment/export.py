@@ -14,7 +14,7 @@ from captionkit.predictions import Prediction, Region
 from captionkit.segment.coco import Segmented
 from captionkit.segment.labelmaps import classes_by_kind
 from captionkit.segment.outputs import INSTANCES, write_instances, write_label_maps
-from captionkit.segment.overlay import draw
+from captionkit.segment.overlay import DEFAULT_ALPHA, draw
 from captionkit.store import Result
 
 MASKS_DIR = "masks"
@@ -23,12 +23,15 @@ OVERLAYS_MANIFEST = ".captionkit-overlays.json"
 
 
 def draw_overlays(results: Sequence[Result], directory: Path,
-                  label_maps: Mapping[str, Sequence[str]] | None = None) -> list[Path]:
-    """Each result's masks, boxes and labels drawn over a copy of its image (`--overlays DIR`), each
-    class in its label-map colour (see `write_masks`); a copy is drawn again when they change."""
+                  label_maps: Mapping[str, Sequence[str]] | None = None,
+                  alpha: float = DEFAULT_ALPHA) -> list[Path]:
+    """Each result's masks (filled at `alpha`), boxes and labels drawn over a copy of its image
+    (`--overlays DIR`), each class in its label-map colour (see `write_masks`); a copy is drawn
+    again when its colours or alpha change."""
     classes = classes_by_kind(_regions(results), label_maps)
-    return draw_copies(results, directory, lambda image, result: draw(image, result.as_prediction(), classes),
-                       OVERLAYS_MANIFEST, style=classes)
+    return draw_copies(results, directory,
+                       lambda image, result: draw(image, result.as_prediction(), classes, alpha),
+                       OVERLAYS_MANIFEST, style=[classes, alpha])
 
 
 def write_coco(results: Sequence[Result], options: ExportOptions) -> list[Path]:

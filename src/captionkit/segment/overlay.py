@@ -12,11 +12,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from captionkit.boxes import COLORS
+from captionkit.options import OVERLAY_ALPHA
 from captionkit.predictions import Prediction, Region
 from captionkit.segment import masks
 from captionkit.segment.labelmaps import class_color
 
-DEFAULT_ALPHA = 0.45
+DEFAULT_ALPHA = OVERLAY_ALPHA
 
 
 Classes = Mapping[str, Sequence[str]] | Sequence[str]
