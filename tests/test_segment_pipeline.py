@@ -85,6 +85,9 @@ def test_a_second_segment_run_resumes_and_export_rebuilds_the_same_files(segment
     assert json.loads((tmp_path / "instances.json").read_text()) == json.loads(
         (out / "instances.json").read_text())
     assert (tmp_path / "masks" / "cat.png").read_bytes() == (out / "masks" / "cat.png").read_bytes()
+    run("export", out, "-f", "coco", "--to", tmp_path, "--overlays", tmp_path / "overlays")
+    for name in ("cat.jpg", "coffee.jpg"):  # the run's overlays, drawn again from the store
+        assert (tmp_path / "overlays" / name).read_bytes() == (out.parent / "overlays" / name).read_bytes()
 
 
 @pytest.mark.slow

@@ -223,10 +223,10 @@ def export_command(
     *,
     run: Annotated[RunOptions, Select(
         "formats", "caption_extension", "sidecars_beside_images", "prefix", "suffix", "overwrite",
-        formats={"cli_default": "captions.txt"},
+        "overlays", "overlay_alpha", formats={"cli_default": "captions.txt"},
         overwrite={"help": "Replace caption files captionkit did not write (by hand, or edited)."})],
 ) -> None:
-    """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
+    """Rebuild captions.txt, sidecars, JSONL, CSV, COCO, label maps or overlays from a run store."""
     from captionkit.exporters import (
         ExportOptions,
         distinct_names,
@@ -253,6 +253,10 @@ def export_command(
             store, run.overwrite, copies_in=[output_dir, to])
         kept = foreign_sidecars(results, options)
         written = export(results, run.formats, options)
+        if run.overlays is not None:
+            from captionkit.segment.export import draw_overlays
+
+            written += draw_overlays(results, run.overlays, options.label_maps, run.overlay_alpha)
         done = sum(result.status == "done" for result in results)
         # Recorded so that a later run knows these caption files, prefix and all, as its own.
         model_id = model or (results[0].model_id if results else "")
