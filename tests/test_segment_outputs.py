@@ -15,9 +15,12 @@ from pycocotools.cocoeval import COCOeval
 
 from captionkit.boxes import COLORS
 from captionkit.errors import InputError, OptionError, OutputError
+from captionkit.exporters import ExportOptions
+from captionkit.options import RunOptions
 from captionkit.predictions import Prediction, Region
-from captionkit.segment import SegmentOptions, coco, labelmaps, masks, metrics, outputs, overlay
+from captionkit.segment import SegmentOptions, coco, export, labelmaps, masks, metrics, outputs, overlay
 from captionkit.segment.coco import Segmented
+from captionkit.store import Result
 
 
 def rect(height: int, width: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -156,6 +159,38 @@ def test_label_maps_are_palette_pngs_with_classes_json(segmented, tmp_path):
     assert [row["name"] for row in rows] == classes
 
 
+def test_label_map_values_are_the_recorded_class_ids_whatever_was_found():
+    recorded = {"instance": ["background", "person", "cat", "cup"], "semantic": ["__background__", "sky"]}
+    cup = region(rect(8, 8, 0, 0, 4, 4), "cup")
+    odd = region(rect(8, 8, 0, 0, 2, 2), "zebra")  # a label the record lacks
+    phrase = region(rect(8, 8, 4, 4, 8, 8), "a red cup", kind="phrase")
+    unmasked = Region(box=[0, 0, 1, 1], label="dog")
+    assert labelmaps.classes_by_kind([cup], recorded) == recorded
+    assert labelmaps.classes_by_kind([cup, odd, phrase, unmasked], recorded) == {
+        "instance": ["background", "person", "cat", "cup", "zebra"],
+        "semantic": ["__background__", "sky"], "phrase": ["background", "a red cup"]}
+    assert labelmaps.classes_by_kind([cup, odd], None) == {"instance": ["background", "cup", "zebra"]}
+
+
+def test_masks_get_a_map_per_kind_with_the_recorded_ids(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)
+    width, height = Image.open(results[1].path).size
+    results[1].regions.append(region(rect(height, width, 0, 0, width, 30), "sky", None, kind="semantic"))
+    recorded = {"instance": ["background", "person", "cup", "cat"], "semantic": ["__background__", "sky"]}
+    export.write_masks(results, ExportOptions(tmp_path, label_maps=recorded))
+    for kind, classes in recorded.items():
+        rows = json.loads((tmp_path / "masks" / kind / "classes.json").read_text())
+        assert [row["name"] for row in rows] == classes
+    instance = labelmaps.read(tmp_path / "masks" / "instance" / "chelsea.png")
+    assert instance[90, 60] == 3 and instance[90, 180] == 2 and instance[10, 300] == 0  # cat, cup
+    semantic = labelmaps.read(tmp_path / "masks" / "semantic" / "chelsea.png")
+    assert semantic[10, 60] == 1 and semantic[90, 60] == 0  # sky; the cat is not in this map
+    assert not labelmaps.read(tmp_path / "masks" / "semantic" / "coffee.png").any()
+    drawn = export.draw_overlays(results, tmp_path / "overlays", recorded)
+    cat = labelmaps.class_color(recorded["instance"].index("cat"))
+    assert tuple(np.asarray(Image.open(drawn[1]))[90, 40]) == cat
+
+
 def test_images_named_alike_get_their_full_names(tmp_path):
     alike = [Segmented("photo.jpg", (4, 4), Prediction()), Segmented("photo.png", (4, 4), Prediction())]
     written = outputs.write_label_maps(tmp_path, alike, ["background"])
@@ -205,6 +240,45 @@ def test_overlays_are_written_as_jpeg_or_png(tmp_path):
         with Image.open(path) as written:
             assert written.format == ("JPEG" if name.endswith("jpg") else "PNG")
             assert written.size == (64, 48)
+
+
+def overlay_results(photo_dir) -> list[Result]:
+    """coffee.png with a cup and chelsea.png with a cat then a cup: the cup comes second there."""
+    results = []
+    for name, labels in (("coffee", ["cup"]), ("chelsea", ["cat", "cup"])):
+        path = photo_dir / f"{name}.png"
+        width, height = Image.open(path).size
+        found = [region(rect(height, width, 40 + 120 * i, 40, 140 + 120 * i, 140), label)
+                 for i, label in enumerate(labels)]
+        results.append(Result(path=path, name=path.name, status="done", regions=found))
+    return results
+
+
+def test_a_class_has_one_colour_in_every_overlay_and_in_the_label_maps(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)
+    drawn = export.draw_overlays(results, tmp_path / "overlays")
+    export.write_masks(results, ExportOptions(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "masks" / "classes.json").read_text())
+    color = {row["name"]: tuple(row["color"]) for row in rows}
+    assert color["cup"] != color["cat"]
+    coffee, chelsea = (np.asarray(Image.open(path)) for path in drawn)
+    assert tuple(coffee[90, 40]) == color["cup"]  # the cup's outline, first in coffee.png
+    assert tuple(chelsea[90, 160]) == color["cup"]  # and second in chelsea.png
+    assert tuple(chelsea[90, 40]) == color["cat"]
+    assert export.draw_overlays(results, tmp_path / "overlays") == []  # nothing changed
+    results[0].regions.append(region(rect(*coffee.shape[:2], 300, 40, 340, 80), "bowl"))
+    assert len(export.draw_overlays(results, tmp_path / "overlays")) == 2  # colours move: both again
+
+
+def test_overlay_alpha_sets_the_fill_and_redraws(photo_dir, tmp_path):
+    results = overlay_results(photo_dir)[:1]
+    photo = np.asarray(Image.open(results[0].path).convert("RGB"))
+    cup = labelmaps.class_color(1)
+    for alpha, expected in ((0.0, photo[90, 90]), (1.0, cup)):
+        [path] = export.draw_overlays(results, tmp_path, alpha=alpha)
+        assert tuple(np.asarray(Image.open(path))[90, 90]) == pytest.approx(tuple(expected), abs=3)
+    with pytest.raises(OptionError, match="--overlay-alpha 1.5: use a number from 0 to 1"):
+        RunOptions(overlay_alpha=1.5)
 
 
 # --- metrics

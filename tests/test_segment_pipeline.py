@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,9 @@ EXAMPLES = Path(__file__).parents[1] / "examples" / "images"
 CLI = [sys.executable, "-m", "captionkit"]
 
 
-def run(*args) -> subprocess.CompletedProcess:
-    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=900)
+def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
     return done
 
@@ -58,7 +60,10 @@ def test_segment_writes_coco_label_maps_and_overlays_that_find_the_cat_and_the_c
     assert "cat" in found["cat.jpg"] and "cup" in found["coffee.jpg"]
     assert coco.loadRes(coco.dataset["annotations"])  # loads as results too
     classes = json.loads((out / "masks" / "classes.json").read_text())
-    assert classes[0]["name"] == "background" and {"cat", "cup"} <= {c["name"] for c in classes}
+    from captionkit.segment.coco import coco_ids
+
+    # YOLO's own ids, whatever the photos show: background, then COCO's 80 classes in its order
+    assert [c["name"] for c in classes] == ["background", *coco_ids()]
     from PIL import Image
 
     label_map = Image.open(out / "masks" / "cat.png")
@@ -80,6 +85,52 @@ def test_a_second_segment_run_resumes_and_export_rebuilds_the_same_files(segment
     assert json.loads((tmp_path / "instances.json").read_text()) == json.loads(
         (out / "instances.json").read_text())
     assert (tmp_path / "masks" / "cat.png").read_bytes() == (out / "masks" / "cat.png").read_bytes()
+    run("export", out, "-f", "coco", "--to", tmp_path, "--overlays", tmp_path / "overlays")
+    for name in ("cat.jpg", "coffee.jpg"):  # the run's overlays, drawn again from the store
+        assert (tmp_path / "overlays" / name).read_bytes() == (out.parent / "overlays" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_instances_and_a_semantic_map_get_a_label_map_each_that_export_rebuilds(segmented, tmp_path):
+    import torch
+    import torchvision
+
+    images, _, _ = segmented
+    weights = torchvision.models.get_model_weights("lraspp_mobilenet_v3_large").DEFAULT
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / Path(weights.url).name
+    checkpoint.parent.mkdir(parents=True)
+    torch.manual_seed(0)  # random weights where the torch hub cache keeps the real ones
+    torch.save(torchvision.models.get_model("lraspp_mobilenet_v3_large", weights=None,
+                                            weights_backbone=None, num_classes=21).state_dict(), checkpoint)
+    out = tmp_path / "out"
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    run("segment", images, "-o", out, "--semantic", "lraspp-mobilenet", "--device", "cpu", "-q", env=env)
+    names = {kind: [c["name"] for c in json.loads((out / "masks" / kind / "classes.json").read_text())]
+             for kind in ("instance", "semantic")}
+    assert names["semantic"] == weights.meta["categories"] and len(names["instance"]) == 81
+    run("export", out, "-f", "masks", "--to", tmp_path / "again")
+    for kind in ("instance", "semantic"):
+        for name in ("classes.json", "cat.png", "coffee.png"):
+            assert (tmp_path / "again" / "masks" / kind / name).read_bytes() == (
+                out / "masks" / kind / name).read_bytes()
+    run("evaluate", "--task", "segmentation", "--predictions", out / "masks" / "semantic",
+        "--references", out / "masks" / "semantic", "-o", tmp_path / "scores")
+    scores = json.loads((tmp_path / "scores" / "metrics.json").read_text())["semantic"]
+    assert scores["pixel_accuracy"] == 1.0 and scores["miou"] == 1.0
+
+
+@pytest.mark.slow
+def test_input_size_reaches_the_segmenter_and_a_bad_task_is_refused(segmented, tmp_path):
+    import sqlite3
+
+    images, _, _ = segmented
+    run("segment", images / "cat.jpg", "-o", tmp_path, "--input-size", "320", "--device", "cpu", "-q")
+    with sqlite3.connect(tmp_path / "captionkit.db") as db:
+        [(options,)] = db.execute("SELECT options FROM runs").fetchall()
+    assert [s["input_size"] for s in json.loads(options)["identity"]["segmenters"]] == [320]
+    refused = subprocess.run([*CLI, "segment", images, "-o", tmp_path, "--task", "depth"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--task 'depth'" in refused.stderr
 
 
 @pytest.mark.slow

@@ -13,8 +13,12 @@ import torchvision
 from PIL import Image
 
 from captionkit.errors import ModelUnavailableError, OptionError
-from captionkit.segment import SegmentOptions, load_segmenter, masks
+from captionkit.exporters import ExportOptions
+from captionkit.options import GenerationOptions
+from captionkit.segment import SegmentOptions, export, labelmaps, load_segmenter, masks
 from captionkit.segment import torchvision_models as tvm
+from captionkit.segment.captioner import SegmentingCaptioner
+from captionkit.store import Result
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 SIDE = 160  # input size: small, so the full-size architectures run fast
@@ -143,6 +147,24 @@ def test_classes_filter_keeps_only_those_classes(hub_dir, images):
     assert [r.label for r in segmenter.segment(images[0], SegmentOptions(classes=(kept,))).regions] == [kept]
     with pytest.raises(OptionError, match="--classes plane: lraspp-mobilenet has no such class"):
         segmenter.segment(images[0], SegmentOptions(classes=("plane",)))
+
+
+def test_label_maps_hold_each_segmenters_own_class_ids(hub_dir, images, tmp_path):
+    instance = load_segmenter("maskrcnn", device="cpu", input_size=SIDE)
+    semantic = load_segmenter("lraspp-mobilenet", device="cpu", input_size=SIDE)
+    both = SegmentingCaptioner([instance, semantic], SegmentOptions(threshold=0.0))
+    voc = torchvision.models.get_model_weights("lraspp_mobilenet_v3_large").DEFAULT.meta["categories"]
+    assert both.label_maps == {"instance": ["background", *instance.output_classes], "semantic": voc}
+    assert len(both.label_maps["instance"]) == 81 and "N/A" not in both.label_maps["instance"]
+    image = tmp_path / "cat.png"
+    images[0].save(image)
+    [prediction] = both.caption([images[0]], GenerationOptions())
+    result = Result(path=image, name=image.name, status="done", regions=prediction.regions)
+    export.write_masks([result], ExportOptions(tmp_path / "out", label_maps=both.label_maps))
+    alone = semantic.segment(images[0]).regions
+    stored = labelmaps.read(tmp_path / "out" / "masks" / "semantic" / "cat.png")
+    assert np.array_equal(stored, masks.label_map(alone, images[0].size, voc))  # VOC's own ids
+    assert (tmp_path / "out" / "masks" / "instance" / "classes.json").is_file()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from PIL import Image
 
 from captionkit.errors import ImageError, ModelNotFoundError, OptionError
 from captionkit.predictions import Prediction
-from captionkit.segment import DEFAULT, SEGMENTERS, SegmentOptions, load_segmenter, masks
+from captionkit.segment import DEFAULT, SEGMENTERS, SegmentOptions, coco, labelmaps, load_segmenter, masks
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "images"
 SRC = Path(__file__).parent.parent / "src"
@@ -41,6 +41,10 @@ def found(yolo, examples) -> dict[str, Prediction]:
 def test_the_default_is_the_shipped_gpl_model(yolo):
     assert DEFAULT == "yolov5s-seg" and SEGMENTERS[DEFAULT].license == "GPL-3.0"
     assert yolo.model_id == "yolov5s-seg" and yolo.kind == "instance"
+
+
+def test_its_label_maps_are_background_then_cocos_80_classes(yolo):
+    assert labelmaps.vocabularies([yolo]) == {"instance": ["background", *coco.coco_ids()]}
     assert len(yolo.classes) == 80 and yolo.classes[0] == "person" and yolo.input_size == 640
     assert yolo.label_map_classes[:2] == ["background", "person"]
 

@@ -51,11 +51,11 @@ class Model:
     def _segmenting(self, name: str) -> Captioner:
         """This captioner with the segmenter `name`, loaded once."""
         from captionkit.segment.captioner import segmenting
-        from captionkit.segment.options import SegmentOptions
+        from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
         if name not in self._segmenters:
-            self._segmenters[name] = segmenting([name], SegmentOptions(), self.captioner,
-                                                device=str(self.captioner.device))
+            load = SegmenterLoadOptions(device=str(self.captioner.device))
+            self._segmenters[name] = segmenting([name], SegmentOptions(), self.captioner, load)
         return self._segmenters[name]
 
     def caption(self, images: ImageLike | Sequence[ImageLike], **generation) -> str | list[str]:

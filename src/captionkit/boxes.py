@@ -35,9 +35,11 @@ def draw_boxes(results: Sequence[Result], directory: Path) -> list[Path]:
 
 
 def draw_copies(results: Sequence[Result], directory: Path,
-                render: Callable[[Image.Image, Result], Image.Image], manifest_name: str) -> list[Path]:
+                render: Callable[[Image.Image, Result], Image.Image], manifest_name: str,
+                style: object = None) -> list[Path]:
     """Render each done result on a copy of its image under `directory`; returns the copies drawn
-    now. A copy that already shows the same image and regions is left as it is."""
+    now. A copy that already shows the same image and regions in the same `style` (JSON: what
+    else `render` reads, such as colours) is left as it is."""
     manifest = directory / manifest_name
     drawn = _read_manifest(manifest)
     written = []
@@ -50,7 +52,8 @@ def draw_copies(results: Sequence[Result], directory: Path,
                 raise OutputError(f"{target}: the annotated copy would replace the image itself; "
                                   "pick a folder outside the inputs")
             shown = [result.caption, regions_to_json(result.regions), result.extras.get("entities")]
-            digest = sources.content_hash(json.dumps([result.hash, shown], sort_keys=True).encode())
+            drawing = [result.hash, shown] if style is None else [result.hash, shown, style]
+            digest = sources.content_hash(json.dumps(drawing, sort_keys=True).encode())
             if drawn.get(result.name) == digest and target.exists():
                 continue
             try:

@@ -33,7 +33,7 @@ from captionkit.options import (
     LoadOptions,
     RunOptions,
 )
-from captionkit.segment.options import SegmentOptions
+from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 from captionkit.serve.options import ServeOptions
 from captionkit.train.options import (
     BlipOptions,
@@ -114,6 +114,7 @@ Semantic = Annotated[str | None, typer.Option(
     rich_help_panel=MODEL, metavar="NAME")]
 SEGMENT_RUN = Select("output_dir", "recursive", "extensions", "formats", "batch_size", "workers",
                      "full_decode", "overwrite", "retry_failed", "max_pixels", "progress", "overlays",
+                     "overlay_alpha",
                      formats={"cli_default": "jsonl,coco,masks", "help": "Comma-separated: jsonl, coco "
                               "(instances.json), masks (label maps), csv."})
 Strict = Annotated[bool, typer.Option(
@@ -164,7 +165,7 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
 
 @command()
 def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic = None,
-            strict: Strict = False, *, options: SegmentOptions,
+            strict: Strict = False, *, options: SegmentOptions, segmenter_load: SegmenterLoadOptions,
             load_options: Annotated[LoadOptions, Select("device", "dtype")],
             run: Annotated[RunOptions, SEGMENT_RUN], engine: EngineOptions) -> None:
     """Segment images: instances as COCO instances.json, label maps, overlays; resumably."""
@@ -178,7 +179,7 @@ def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic
     names = [model, *([semantic] if semantic else [])]
     _quiet_transformers()
     recipe = ray_engine.ModelRecipe("+".join(names), load_options,
-                                    _segmenting(names, options, with_captioner=False))
+                                    _segmenting(names, options, segmenter_load, with_captioner=False))
     pipeline, executor = ray_engine.pipeline_for(recipe, GenerationOptions(), run, engine)
     summary = pipeline.run(inputs, found, executor=executor)
     ui.print_run(summary)
@@ -186,23 +187,27 @@ def segment(inputs: Inputs, model: Segmenter = "yolov5s-seg", semantic: Semantic
         raise typer.Exit(1)
 
 
-def _segmenting(names: list[str], options: SegmentOptions, with_captioner: bool = True):
+def _segmenting(names: list[str], options: SegmentOptions, load: SegmenterLoadOptions | None = None,
+                with_captioner: bool = True):
     """How the run's model (here or on Ray workers) loads the named segmenters, around the
     captioner or alone."""
     from captionkit.segment.captioner import SegmentingLoader
 
-    return SegmentingLoader(tuple(name.strip() for name in names), options, with_captioner)
+    return SegmentingLoader(tuple(name.strip() for name in names), options, with_captioner,
+                            load or SegmenterLoadOptions())
 
 
 @command()
 def models() -> None:
-    """List the known models: aliases, Hub ids, size, license and memory needs."""
+    """List the known captioners and segmenters: aliases, Hub ids, size, license and memory needs."""
     from captionkit import hub
     from captionkit.models import FAMILIES, MODELS
+    from captionkit.segment.registry import DEFAULT, SEGMENTERS
 
     cached = {spec.alias: "built-in" if spec.source == "built-in" else
               "yes" if hub.cached_snapshot(spec.source) else "no" for spec in MODELS.values()}
     ui.print_models(MODELS.values(), FAMILIES, cached)
+    ui.print_segmenters(SEGMENTERS.values(), DEFAULT)
 
 
 @command("export")
@@ -219,10 +224,10 @@ def export_command(
     *,
     run: Annotated[RunOptions, Select(
         "formats", "caption_extension", "sidecars_beside_images", "prefix", "suffix", "overwrite",
-        formats={"cli_default": "captions.txt"},
+        "overlays", "overlay_alpha", formats={"cli_default": "captions.txt"},
         overwrite={"help": "Replace caption files captionkit did not write (by hand, or edited)."})],
 ) -> None:
-    """Rebuild captions.txt, sidecars, JSONL or CSV from a run store."""
+    """Rebuild captions.txt, sidecars, JSONL, CSV, COCO, label maps or overlays from a run store."""
     from captionkit.exporters import (
         ExportOptions,
         distinct_names,
@@ -244,10 +249,15 @@ def export_command(
         options = with_existing_files(
             results, run.formats, ExportOptions(to or output_dir, run.caption_extension,
                                                 run.sidecars_beside_images, keep_failed, prefix=run.prefix,
-                                                suffix=run.suffix),
+                                                suffix=run.suffix,
+                                                label_maps=store.run_options(key).get("label_maps")),
             store, run.overwrite, copies_in=[output_dir, to])
         kept = foreign_sidecars(results, options)
         written = export(results, run.formats, options)
+        if run.overlays is not None:
+            from captionkit.segment.export import draw_overlays
+
+            written += draw_overlays(results, run.overlays, options.label_maps, run.overlay_alpha)
         done = sum(result.status == "done" for result in results)
         # Recorded so that a later run knows these caption files, prefix and all, as its own.
         model_id = model or (results[0].model_id if results else "")

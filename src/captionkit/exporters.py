@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath
 
@@ -40,6 +40,9 @@ class ExportOptions:
     suffix: str = ""
     parquet_rows: int = 100_000
     """Rows per Parquet file (`captions-00000.parquet`, ...): big runs write several."""
+    label_maps: Mapping[str, Sequence[str]] | None = None
+    """The segmenters' label-map classes by region kind, as the run recorded them
+    (`Captioner.label_maps`); None: the labels found (`segment.labelmaps.classes_by_kind`)."""
 
     def __post_init__(self) -> None:
         if self.parquet_rows < 1:

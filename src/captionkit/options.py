@@ -24,6 +24,8 @@ DETAIL_LEVELS = ("brief", "detailed", "more-detailed")
 QUANTIZE_MODES = ("int8",)
 DEFAULT_MAX_PIXELS = 100_000_000
 """`sources.DEFAULT_MAX_PIXELS`, here so that reading options needs no image library."""
+OVERLAY_ALPHA = 0.45
+"""How opaque an overlay's mask fill is by default (`segment.overlay`)."""
 
 INPUTS, MODEL, GENERATION, OUTPUTS, GATE, REMOTE, RESUME, SEGMENTATION, ENGINE = PANELS  # in order
 
@@ -247,6 +249,8 @@ class RunOptions:
     overlays: Path | None = flag(None, "Write copies of the images with their masks, boxes and labels "
                                  "drawn here (with --segment, or captionkit segment).", panel=OUTPUTS,
                                  metavar="DIR")
+    overlay_alpha: float = flag(OVERLAY_ALPHA, "How opaque the overlays' mask fill is, 0 (outlines "
+                                "only) to 1.", panel=OUTPUTS, min=0, max=1)
     prefix: str = flag("", "Text before every exported caption, as written: a LoRA trigger word such as "
                        "'ohwx, '. The store keeps the model's caption.", panel=OUTPUTS)
     suffix: str = flag("", "Text after every exported caption, as written.", panel=OUTPUTS)
@@ -256,6 +260,8 @@ class RunOptions:
         for name in ("draw_boxes", "overlays"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        if not 0 <= self.overlay_alpha <= 1:
+            raise OptionError(f"--overlay-alpha {self.overlay_alpha}: use a number from 0 to 1")
         from captionkit import sources
 
         # checked now, before a model loads: --ext, and a caption extension that would overwrite images

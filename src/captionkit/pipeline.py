@@ -216,8 +216,11 @@ class Pipeline:
     def _recorded_options(self, inputs: Sequence[str]) -> dict:
         identity = run_identity(self.captioner, self.generation, self.scorer, self.options.full_decode,
                                 self.options.gpu_jpeg)
-        return {"generation": asdict(self.generation), "inputs": list(inputs), "identity": identity,
-                "prefix": self.options.prefix, "suffix": self.options.suffix}
+        recorded = {"generation": asdict(self.generation), "inputs": list(inputs), "identity": identity,
+                    "prefix": self.options.prefix, "suffix": self.options.suffix}
+        if self.captioner.label_maps is not None:
+            recorded["label_maps"] = self.captioner.label_maps  # for `captionkit export`
+        return recorded
 
     def _pending(self, refs: list[sources.ImageRef], store: Store, summary: RunSummary) -> list[WorkItem]:
         """The images this run still has to caption; done and failed ones are skipped."""
@@ -279,8 +282,9 @@ class Pipeline:
         results = distinct_names(list(store.results(self.key)))
         store.update_extras(gate.mark(results, options.gate.min_score), self.key)
         gate.bring_back(results, options.gate, options.export_options())
-        written = with_existing_files(results, options.export_formats(), options.export_options(),
-                                      store, options.overwrite, found=[ref.path for ref in plan.found.refs],
+        exporting = replace(options.export_options(), label_maps=self.captioner.label_maps)
+        written = with_existing_files(results, options.export_formats(), exporting, store, options.overwrite,
+                                      found=[ref.path for ref in plan.found.refs],
                                       copies_in=[options.output_dir, options.gate.failed_dir])
         summary.kept = foreign_sidecars(results, written)
         if self.prompts:
@@ -292,7 +296,8 @@ class Pipeline:
         if options.overlays is not None:
             from captionkit.segment.export import draw_overlays  # the [seg] extra draws the masks
 
-            summary.outputs += draw_overlays(results, options.overlays)
+            summary.outputs += draw_overlays(results, options.overlays, self.captioner.label_maps,
+                                             options.overlay_alpha)
         summary.set_aside = gate.place(results, options.gate, replace(written, ours=None))
         summary.missing = sorted(result.name for result in results if result.path in written.missing)
         summary.scores, summary.passed = gate.tally(results)

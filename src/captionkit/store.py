@@ -207,6 +207,12 @@ class Store:
                 return key
         return None
 
+    def run_options(self, options_key: str) -> dict:
+        """What the latest captioning run of an option set recorded of its options (`start_run`)."""
+        row = self.db.execute("SELECT options FROM runs WHERE options_key = ? AND kind IN "
+                              "('caption', 'segment') ORDER BY id DESC LIMIT 1", (options_key,)).fetchone()
+        return json.loads(row[0] or "{}") if row is not None else {}
+
     def run_models(self) -> set[str]:
         """The model ids of the captioning runs recorded here."""
         return {model_id for model_id, _ in self._captioning_runs()}

@@ -17,6 +17,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from captionkit.models import ModelSpec
     from captionkit.pipeline import RunSummary
+    from captionkit.segment import SegmenterSpec
 
 # No markup unless a line asks for it: paths, names and reasons may hold `[...]` (`a [1].jpg`).
 err = Console(stderr=True, markup=False)
@@ -145,23 +146,16 @@ def print_scores(scores: list[float], min_score: float | None, passed: int) -> N
 
 
 def print_models(specs: Iterable[ModelSpec], families: Iterable[str], cached: Mapping[str, str]) -> None:
-    """The known models as one table when it fits the terminal; narrower, each model's details go
-    under its source, so that aliases and Hub ids are never cut."""
+    """The known captioners (see `_print_fitting`), then the families whose checkpoints work by Hub
+    id or folder."""
     specs = list(specs)
     wide = Table("alias", "source", "family", "params", "license", "memory", "cached")
     for spec in specs:
         wide.add_row(spec.alias, spec.source, spec.family, spec.params, spec.license, spec.memory,
                      cached[spec.alias])
-    if _fits(wide):
-        out.print(wide)
-    else:
-        narrow = Table("alias", "source and details")
-        narrow.columns[0].no_wrap = True
-        for spec in specs:
-            details = (f"{spec.family}, {spec.params} parameters, {spec.license}, {spec.memory}, "
-                       f"cached: {cached[spec.alias]}")
-            narrow.add_row(spec.alias, Text.assemble(spec.source, "\n", (details, "dim")))
-        out.print(narrow)
+    _print_fitting(wide, [(spec.alias, spec.source, f"{spec.family}, {spec.params} parameters, "
+                           f"{spec.license}, {spec.memory}, cached: {cached[spec.alias]}")
+                          for spec in specs])
     listing = Table("family (read from config.json)", "aliases")
     listing.columns[0].no_wrap = True
     for family in families:
@@ -171,6 +165,31 @@ def print_models(specs: Iterable[ModelSpec], families: Iterable[str], cached: Ma
               "./checkpoint; any other image-text-to-text checkpoint runs as a chat VLM")
     out.print("Remote endpoints: --model openai:MODEL --api-base URL (OpenAI-compatible servers) or "
               "--model hf-api:ORG/NAME (Hugging Face Inference API)")
+
+
+def print_segmenters(specs: Iterable[SegmenterSpec], default: str) -> None:
+    """The known segmenters (`captionkit segment --model`, `caption --segment`) with their licences."""
+    specs = list(specs)
+    wide = Table("segmenter", "source", "kind", "params", "license", "published quality")
+    for spec in specs:
+        wide.add_row(spec.alias, spec.source, spec.kind, spec.params, spec.license, spec.metrics)
+    _print_fitting(wide, [(spec.alias, spec.source, f"{spec.kind}, {spec.params} parameters, "
+                           f"{spec.license}; {spec.metrics}") for spec in specs])
+    out.print(f"Segmenters: {default} is the default of `captionkit segment`. Any transformers "
+              "instance, panoptic, semantic or SAM checkpoint works too, by Hub id or folder")
+
+
+def _print_fitting(wide: Table, rows: list[tuple[str, str, str]]) -> None:
+    """`wide` when it fits the terminal; narrower, each (name, source, details) row puts its
+    details under its source, so that names and Hub ids are never cut."""
+    if _fits(wide):
+        out.print(wide)
+        return
+    narrow = Table(wide.columns[0].header, "source and details")
+    narrow.columns[0].no_wrap = True
+    for name, source, details in rows:
+        narrow.add_row(name, Text.assemble(source, "\n", (details, "dim")))
+    out.print(narrow)
 
 
 def _fits(table: Table) -> bool:

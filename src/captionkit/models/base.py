@@ -48,6 +48,9 @@ class Captioner:
     regions_at_full_size: bool = False
     """True when its regions are already in the pixels of the file an image was decoded from
     (`sources.FULL_SIZE`), not of the smaller image it was given (a JPEG draft)."""
+    label_maps: dict[str, list[str]] | None = None
+    """For segmenters: each region kind's label-map classes (`segment.labelmaps.vocabularies`),
+    recorded with the run so that `captionkit export` writes the same label maps."""
 
     def caption(self, images: list[Image.Image], options: GenerationOptions,
                 prompts: list[str | None] | None = None) -> list[Prediction]:
@@ -77,7 +80,7 @@ class CaptionerWrapper(Captioner):
 
 DECLARED = frozenset({"model_id", "input_size", "device", "preferred_batch_size", "generates",
                        "grounded", "variant", "fingerprint", "run_kind", "preprocess",
-                      "decodes_again", "regions_at_full_size"})
+                      "decodes_again", "regions_at_full_size", "label_maps"})
 """The attributes every Captioner declares (see the class body), which wrappers pass on."""
 
 

@@ -8,7 +8,7 @@ then plans, executes, resumes and exports segmentation exactly as it does captio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -17,7 +17,8 @@ from captionkit.models.base import Captioner, at_full_size, full_size
 from captionkit.options import GenerationOptions, LoadOptions
 from captionkit.predictions import Prediction
 from captionkit.segment.combine import add_masks
-from captionkit.segment.options import SegmentOptions
+from captionkit.segment.labelmaps import vocabularies
+from captionkit.segment.options import SegmenterLoadOptions, SegmentOptions
 
 
 class SegmentingCaptioner(Captioner):
@@ -35,6 +36,7 @@ class SegmentingCaptioner(Captioner):
         if not segmenters:
             raise ValueError("a SegmentingCaptioner needs at least one segmenter")
         self.segmenters, self.segment_options, self.inner = list(segmenters), options, inner
+        self.label_maps = vocabularies(self.segmenters)
         self.model_id = inner.model_id if inner else "+".join(s.model_id for s in self.segmenters)
         self.device = (inner or self.segmenters[0]).device
         self.run_kind = "caption" if inner else "segment"
@@ -64,25 +66,29 @@ class SegmentingCaptioner(Captioner):
 
 
 def segmenting(segmenters: Sequence[str], options: SegmentOptions, inner: Captioner | None = None,
-               device: str = "auto", dtype: str = "auto") -> SegmentingCaptioner:
+               load: SegmenterLoadOptions | None = None) -> SegmentingCaptioner:
     """Load the named segmenters around `inner` (or alone)."""
     from captionkit.segment.registry import load_segmenter
 
-    return SegmentingCaptioner([load_segmenter(name, device=device, dtype=dtype) for name in segmenters],
-                               options, inner)
+    load = load or SegmenterLoadOptions()
+    return SegmentingCaptioner([load_segmenter(name, load.device, load.dtype, load.input_size, load.task)
+                                for name in segmenters], options, inner)
 
 
 @dataclass(frozen=True)
 class SegmentingLoader:
     """Loads the segmenters (around the captioner `--model` names, or alone) where the model runs:
-    a Ray worker calls it with the recipe's name and load options."""
+    a Ray worker calls it with the recipe's name and load options, whose device and dtype the
+    segmenters take too."""
 
     segmenters: tuple[str, ...]
     options: SegmentOptions
     with_captioner: bool = True
+    load: SegmenterLoadOptions = SegmenterLoadOptions()
 
     def __call__(self, name: str, load: LoadOptions) -> SegmentingCaptioner:
         from captionkit.models import load as load_captioner
 
         inner = load_captioner(name, load) if self.with_captioner else None
-        return segmenting(self.segmenters, self.options, inner, load.device, load.dtype)
+        return segmenting(self.segmenters, self.options, inner,
+                          replace(self.load, device=load.device, dtype=load.dtype))

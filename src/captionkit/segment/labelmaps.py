@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,35 @@ def class_color(index: int) -> tuple[int, int, int]:
     classes never look alike."""
     red, green, blue = colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.7, 0.95)
     return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def vocabularies(segmenters: Iterable) -> dict[str, list[str]]:
+    """Each region kind's label-map classes from the segmenters that make it: their own
+    `label_map_classes` (VOC or ADE ids, COCO's 80 classes after background), in order; two of one
+    kind share a list, the second's new classes after the first's. Promptable ones add none."""
+    found: dict[str, list[str]] = {}
+    for segmenter in segmenters:
+        if segmenter.kind != "promptable":
+            classes = found.setdefault(segmenter.kind, [])
+            classes += [name for name in segmenter.label_map_classes if name not in classes]
+    return found
+
+
+def classes_by_kind(regions: Iterable[Region],
+                    recorded: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """Pixel value i of each kind's label map, for these masked regions and the run's recorded
+    `vocabularies`: a recorded kind keeps its classes, any label found that they lack appended; a
+    kind nothing recorded (SAM's phrases, runs recorded without them) has background, then its
+    labels sorted."""
+    found: dict[str, set[str]] = {}
+    for region in regions:
+        if region.mask is not None:
+            found.setdefault(region.kind, set()).add(region.label)
+    maps = {kind: list(classes) for kind, classes in (recorded or {}).items()}
+    for kind, labels in sorted(found.items()):
+        classes = maps.setdefault(kind, ["background"])
+        classes += sorted(labels - set(classes))
+    return maps
 
 
 def palette(classes: Sequence[str]) -> list[int]:

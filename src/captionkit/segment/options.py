@@ -57,18 +57,19 @@ class SegmentOptions:
 
 @dataclass(frozen=True)
 class SegmenterLoadOptions:
-    """Where and how a segmenter runs."""
+    """Where and how a segmenter runs. `--device` and `--dtype` are the captioner's flags
+    (`LoadOptions`), passed on."""
 
     device: str = "auto"
     """auto (the first GPU, else the CPU), cpu, cuda, cuda:N or mps."""
     dtype: str = "auto"
     """auto (bfloat16 or float16 autocast on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
-    input_size: int | None = None
-    """The short side images are resized to before the model sees them (masks stay at the image's
-    own size); unset: the model's own (640 YOLO, 800 Mask R-CNN, 520 DeepLab/FCN/LR-ASPP)."""
-    task: str | None = None
-    """Universal transformers models (Mask2Former, OneFormer, DETR): instance, panoptic or semantic;
-    unset: read from the checkpoint's name, else panoptic."""
+    input_size: int | None = flag(None, "Short side segmenters resize images to (masks stay at the "
+                                  "image's size; default: the model's own, 640 YOLO, 800 Mask R-CNN, "
+                                  "520 DeepLab/FCN/LR-ASPP).", panel=SEGMENTATION, metavar="N")
+    task: str | None = flag(None, "Task of universal transformers segmenters (Mask2Former, OneFormer, "
+                            "DETR): instance, panoptic or semantic (default: from the checkpoint's "
+                            "name, else panoptic).", panel=SEGMENTATION, metavar="TASK")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

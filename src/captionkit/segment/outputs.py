@@ -12,7 +12,7 @@ from PIL import Image
 from captionkit.exporters import atomic_output, atomic_write
 from captionkit.segment import coco, labelmaps
 from captionkit.segment.coco import Segmented
-from captionkit.segment.overlay import DEFAULT_ALPHA, draw
+from captionkit.segment.overlay import DEFAULT_ALPHA, Classes, draw
 
 INSTANCES = "instances.json"
 CLASSES = "classes.json"
@@ -59,10 +59,11 @@ def write_label_maps(directory: Path, images: Sequence[Segmented], classes: Sequ
     return written
 
 
-def write_overlay(image: Image.Image, prediction, path: Path, classes: Sequence[str] = (),
+def write_overlay(image: Image.Image, prediction, path: Path, classes: Classes = (),
                   alpha: float = DEFAULT_ALPHA) -> Path:
     """The overlay of one image (JPEG or PNG by `path`'s suffix); pass the label maps' `classes`
-    (`Segmenter.label_map_classes`) and each class has the same colour in both."""
+    (`Segmenter.label_map_classes`, or `labelmaps.vocabularies` of several) and each class has the
+    same colour in both."""
     drawn = draw(image, prediction, classes, alpha)
     save_image(drawn, path, **({"quality": 90} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
     return path

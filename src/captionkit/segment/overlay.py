@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from captionkit.boxes import COLORS
+from captionkit.options import OVERLAY_ALPHA
 from captionkit.predictions import Prediction, Region
 from captionkit.segment import masks
 from captionkit.segment.labelmaps import class_color
 
-DEFAULT_ALPHA = 0.45
+DEFAULT_ALPHA = OVERLAY_ALPHA
 
 
-def colors(regions: Sequence[Region], classes: Sequence[str]) -> list[tuple[int, int, int]]:
-    """Each region's colour: a class keeps its colour in every image (its index in `classes`, else
-    the order labels first appear); grounded phrases take `--draw-boxes`' colours, in caption order."""
-    index = {name: i for i, name in enumerate(classes)}
+Classes = Mapping[str, Sequence[str]] | Sequence[str]
+"""Label-map classes by region kind (`labelmaps.classes_by_kind`), or one list for every kind."""
+
+
+def colors(regions: Sequence[Region], classes: Classes) -> list[tuple[int, int, int]]:
+    """Each region's colour: a class keeps its colour in every image (its index in its kind's
+    `classes`, else the order labels first appear); grounded phrases take `--draw-boxes`' colours,
+    in caption order."""
+    indices: dict[str, dict[str, int]] = {}
     out = []
     phrases = 0
     for region in regions:
@@ -30,12 +36,16 @@ def colors(regions: Sequence[Region], classes: Sequence[str]) -> list[tuple[int,
             hex_color = COLORS[phrases % len(COLORS)]
             out.append(tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5)))
             phrases += 1
-        else:
-            out.append(class_color(index.setdefault(region.label, len(index))))
+            continue
+        if region.kind not in indices:
+            names = classes.get(region.kind, ()) if isinstance(classes, Mapping) else classes
+            indices[region.kind] = {name: i for i, name in enumerate(names)}
+        index = indices[region.kind]
+        out.append(class_color(index.setdefault(region.label, len(index))))
     return out
 
 
-def draw(image: Image.Image, prediction: Prediction, classes: Sequence[str] = (),
+def draw(image: Image.Image, prediction: Prediction, classes: Classes = (),
          alpha: float = DEFAULT_ALPHA) -> Image.Image:
     """A copy of `image` with `prediction`'s regions drawn (boxes are drawn for regions without
     masks), a legend, and the caption below when there is one."""
@@ -81,15 +91,15 @@ def _labels(draw: ImageDraw.ImageDraw, regions: Sequence[Region], palette: list,
 
 def _legend(draw: ImageDraw.ImageDraw, regions: Sequence[Region], palette: list, font, line: int,
             size: tuple[int, int]) -> None:
-    """A swatch and a name for every label shown, top right."""
-    entries = dict(zip((r.label for r in regions), palette, strict=True))
+    """A swatch and a name for every label shown in each of its colours, top right."""
+    entries = dict.fromkeys(zip((r.label for r in regions), palette, strict=True))
     if not entries:
         return
     height = font.size + 2 * line
-    width = max(draw.textlength(name, font=font) for name in entries) + height + 3 * line
+    width = max(draw.textlength(name, font=font) for name, _ in entries) + height + 3 * line
     left = size[0] - width - line
     draw.rectangle((left, line, size[0] - line, line + height * len(entries)), fill=(255, 255, 255))
-    for row, (name, color) in enumerate(entries.items()):
+    for row, (name, color) in enumerate(entries):
         top = line + row * height
         draw.rectangle((left + line, top + line, left + height - line, top + height - line), fill=color)
         draw.text((left + height + line, top + line), name, fill="black", font=font)
