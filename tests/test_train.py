@@ -488,11 +488,15 @@ def test_a_csv_file_gets_a_carved_validation_split(tmp_path):
     names = [f"photo{i}.png" for i in range(10)]
     _images(tmp_path / "pics", names)
     rows = "".join(f"{n},a photo of thing {i}\n" for i, n in enumerate(names))
-    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n")
+    # line 12 names a missing image; line 13 names a missing image whose name ends another's
+    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n"
+                                           "hoto1.png,another missing photo\n")
     loaded = load_splits(TrainOptions(dataset="file", captions=tmp_path / "captions.csv",
                                       root=tmp_path / "pics", val_fraction=0.2))
     assert (len(loaded.train), len(loaded.val), loaded.test) == (8, 2, [])
-    assert any("ghost.png: image missing" in p for p in loaded.problems)
+    csv_file, pics = tmp_path / "captions.csv", tmp_path / "pics"
+    assert f"{csv_file}:12: image {pics / 'ghost.png'} missing" in loaded.problems
+    assert f"{csv_file}:13: image {pics / 'hoto1.png'} missing" in loaded.problems
 
 
 def test_fine_tuned_encoder_is_saved_and_served(scenes, tmp_path):
