@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,23 @@ def test_features_are_cached_once(trained, scenes, tmp_path, monkeypatch):
     monkeypatch.setattr(encoders.EfficientNetEncoder, "forward", lambda *a: pytest.fail("encoder ran"))
     result = train(tiny_options(scenes.train, tmp_path / "again", epochs=1, cache_dir=cache), TINY)
     assert result.history[0]["train_loss"] > 0
+
+
+def test_progress_bar_shows_loss_speed_and_eta(trained, scenes, tmp_path, capsys, monkeypatch):
+    """With progress on, each epoch ends with its bar on stderr: batches, running loss, img/s, ETA."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds a bar that does not fit 80 columns
+    options = tiny_options(scenes.train, tmp_path / "shown", epochs=1, progress=True,
+                           cache_dir=trained.output / "cache")
+    result = train(options, TINY)
+    captured = capsys.readouterr()
+    bar = next(line for line in captured.err.splitlines() if line.startswith("epoch 1/1"))
+    assert re.search(r" (\d+)/\1 ", bar), bar  # every batch done
+    assert re.search(r" loss \d+\.\d{3} ", bar) and re.search(r" \d+\.\d img/s ", bar), bar
+    assert re.search(r" eta \d+:\d\d:\d\d$", bar.rstrip()), bar
+    # the bar's mean over batches, metrics.csv's over images: near, not equal
+    assert float(bar.split(" loss ")[1].split()[0]) == pytest.approx(result.history[0]["train_loss"],
+                                                                     abs=0.2)
+    assert "epoch" not in captured.out
 
 
 def test_trained_model_loads_by_path_and_captions(trained, scenes):
