@@ -253,6 +253,21 @@ def test_progress_bar_shows_loss_speed_and_eta(trained, scenes, tmp_path, capsys
     assert "epoch" not in captured.out
 
 
+def test_patience_stops_a_real_run_on_bleu(trained, scenes, tmp_path):
+    """A rate too small to change a caption leaves BLEU-4 flat: --patience 1 ends the run after
+    epoch 2, whose checkpoint is last/ while best/ stays at epoch 1."""
+    options = tiny_options(scenes.train, tmp_path / "flat", epochs=5, learning_rate=1e-9, patience=1,
+                           monitor="BLEU-4", cache_dir=trained.output / "cache")
+    result = train(options, TINY)
+    assert result.stopped_early and [row["epoch"] for row in result.history] == [1, 2]
+    assert result.best_epoch == 1 and result.best_score == result.history[0]["BLEU-4"]
+    assert [row["improved"] for row in result.history] == [True, False]
+    with open(result.output / "metrics.csv", newline="") as file:
+        assert [r["epoch"] for r in csv.DictReader(file)] == ["1", "2"]
+    assert json.loads((result.best / "training.json").read_text())["epoch"] == 1
+    assert json.loads((result.last / "training.json").read_text())["epoch"] == 2
+
+
 def test_trained_model_loads_by_path_and_captions(trained, scenes):
     import captionkit
 
