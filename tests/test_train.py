@@ -20,7 +20,7 @@ from PIL import Image
 
 import captionkit
 from captionkit import flags
-from captionkit.errors import ModelUnavailableError, OptionError
+from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
 from captionkit.options import GenerationOptions
 from captionkit.train import (
     BlipOptions,
@@ -281,6 +281,14 @@ def test_trained_model_loads_by_path_and_captions(trained, scenes):
     assert len(predictions[0].extras["candidates"]) == 3
     with pytest.raises(OptionError, match="--prompt"):
         model.caption(image, prompt="a photo of")
+
+
+def test_the_run_folder_points_to_its_checkpoint(trained):
+    import captionkit
+
+    with pytest.raises(ModelNotFoundError, match="a training run's folder, not a checkpoint; pass its "
+                       f"best checkpoint, {re.escape(str(trained.best))}"):
+        captionkit.load(str(trained.output), device="cpu")
 
 
 def test_a_trained_checkpoint_refuses_quantization(trained):
