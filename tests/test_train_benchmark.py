@@ -33,3 +33,18 @@ def test_train_benchmark_quick(tmp_path):
     assert training["uncached_epoch_seconds"] > training["epoch_seconds"]
     assert {p.name for p in (tmp_path / "curves").iterdir()} == {"train_cnn_lstm.png", "train_clipcap.png"}
     assert "| cnn-lstm (beams 1) |" in done.stdout
+
+
+@pytest.mark.slow  # a tiny BLIP trained one epoch in a subprocess
+def test_train_benchmark_blip_records_speed_only(tmp_path):
+    """`--only blip` trains BLIP-base's architecture with random weights: a speed, and no scores."""
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--only", "blip", "--epochs", "1",
+                           "--work", str(tmp_path / "work"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    blip = json.loads(out.read_text())["architectures"]["blip"]
+    assert blip["scores"] == {} and blip["weights"] == "random (speed only)"
+    assert blip["training"]["epochs_run"] == 1 and blip["training"]["images_per_s"] > 0
+    assert "| blip" not in done.stdout

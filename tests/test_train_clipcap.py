@@ -102,3 +102,36 @@ def test_resume_restores_mapper_and_lm(mlp_run, scenes, gpt2):
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.history[2]["step"] == 3 * result.history[0]["step"]
     assert result.history[2]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_gguf_lm_trains_and_saves_as_a_plain_checkpoint(scenes, tmp_path):
+    """`--lm model.gguf` (SmolLM2's route): the Q4_1 blocks load dequantized to float32, and the saved
+    checkpoint holds them as a plain transformers LM that captionkit serves by path."""
+    import json
+
+    import tiny
+    from transformers import AutoTokenizer
+
+    import captionkit
+
+    gguf = pytest.importorskip("gguf")  # transformers reads GGUF files through it
+    path = tiny.build_llama_gguf(tmp_path / "tiny-llama.gguf")
+    result = train(options(scenes, tmp_path / "run", epochs=1),
+                   ClipCapOptions(lm=str(path), image_size=64, mapping="transformer", prefix_length=4,
+                                  mapper_layers=1, max_length=16, warmup_steps=0))
+    lm = result.best / "lm"
+    config = json.loads((lm / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    saved = load_file(str(lm / "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    embedding, up = tensors["token_embd.weight"], tensors["blk.1.ffn_up.weight"]
+    assert up.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    # the LM is frozen under a transformer mapper: what was saved is what the file held
+    assert torch.equal(saved["model.embed_tokens.weight"], torch.from_numpy(embedding.data.copy()))
+    assert saved["model.layers.1.mlp.up_proj.weight"].dtype == torch.float32
+    assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"],
+                       torch.from_numpy(gguf.quants.dequantize(up.data, up.tensor_type)))
+    text = "two red circles left of a blue square"
+    assert AutoTokenizer.from_pretrained(lm)(text).input_ids == tiny.bpe_tokenizer()(text).input_ids
+    model = captionkit.load(str(result.best), device="cpu")
+    assert isinstance(model.caption(str(next(scenes.test.glob("*.png"))), max_new_tokens=6), str)

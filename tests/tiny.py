@@ -576,3 +576,58 @@ def build_clip(directory: Path) -> Path:
     model.save_pretrained(directory)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+def build_llama_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama in one GGUF file, laid out as llama.cpp writes SmolLM2: `bpe_tokenizer()`'s
+    vocabulary as a "gpt2" tokenizer, the embedding in F32, the blocks' matrices in Q4_1."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    tokenizer = bpe_tokenizer()
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    hidden, ffn, layers, heads = 32, 64, 2, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_token_types([gguf.TokenType.CONTROL if i == tokenizer.eos_token_id else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_bos_token_id(tokenizer.eos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    rng = np.random.default_rng(seed)
+
+    def q4_1(name: str, rows: int, cols: int) -> None:
+        values = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        quantized = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_1)
+        writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((len(tokens), hidden)) * 0.05)
+                      .astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for block in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{block}.{norm}.weight", np.ones(hidden, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            q4_1(f"blk.{block}.{name}.weight", hidden, hidden)
+        q4_1(f"blk.{block}.ffn_gate.weight", ffn, hidden)
+        q4_1(f"blk.{block}.ffn_up.weight", ffn, hidden)
+        q4_1(f"blk.{block}.ffn_down.weight", hidden, ffn)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

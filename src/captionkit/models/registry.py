@@ -131,6 +131,9 @@ def detect_family(path: Path) -> str:
     """The family of a checkpoint directory, read from its config.json."""
     config_file = path / "config.json"
     if not config_file.is_file():
+        if (path / "best" / "config.json").is_file():  # the output folder of `captionkit train`
+            raise ModelNotFoundError(f"{path}: a training run's folder, not a checkpoint; pass its "
+                                     f"best checkpoint, {path / 'best'} (or last/)")
         raise ModelNotFoundError(f"{path}: no config.json, so this is not a transformers checkpoint")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type", "")

@@ -122,8 +122,9 @@ def load_lm(name: str):
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise ModelUnavailableError(f"--lm {name}: cannot load a causal language model from it "
                                     f"({error})") from error
-    if gguf:
-        lm.hf_quantizer = None  # dequantized to float32 on load: it saves as a plain checkpoint
+    if gguf:  # dequantized to float32 on load: it saves as a plain checkpoint, naming no GGUF file
+        lm.hf_quantizer = None
+        del lm.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm, tokenizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ def _examples(refs: References, options: TrainOptions, problems: list[str]) -> l
         if not path.is_file():
             lone_sidecar = refs.fmt == "sidecars" and where.suffix == ".txt"
             problems.append(f"{where}: no image {path.name}.* beside this caption file" if lone_sidecar
-                            else f"{path}: image missing (named in {where})")
+                            else f"{_line(where, path.name, whole=True)}: image {path} missing")
             continue
         kept = []
         for caption in refs.captions[name]:
@@ -135,13 +136,15 @@ def _source(refs: References, image: Path) -> Path:
     return Path(refs.source or image)
 
 
-def _line(source: Path, caption: str) -> str:
-    """`file:line` of the first line holding `caption` (readers keep captions, not line numbers)."""
-    needle = caption.strip()[:80]
+def _line(source: Path, text: str, whole: bool = False) -> str:
+    """`file:line` of the first line holding `text` (readers keep captions and names, not line
+    numbers); `whole` matches only where no name character touches it, so `1.png` skips `11.png`."""
+    needle = re.escape(text.strip()[:80])
+    pattern = re.compile(rf"(?<![\w.-]){needle}(?![\w.-])" if whole else needle)
     try:
         with open(source, encoding="utf-8-sig", errors="replace") as file:
             for number, line in enumerate(file, start=1):
-                if needle and needle in line:
+                if needle and pattern.search(line):
                     return f"{source}:{number}"
     except OSError:
         pass
