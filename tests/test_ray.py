@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -41,7 +42,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 TESTS = Path(__file__).resolve().parent
 GEN = GenerationOptions(max_new_tokens=6)
 FP32 = LoadOptions(device="cpu", dtype="float32")
-FORMATS = ("captions.txt", "txt", "jsonl", "csv", "parquet")
+FORMATS = ("captions.txt", "txt", "jsonl", "csv", "parquet", "webdataset")
 TWO_REPLICAS = EngineOptions(engine="ray", ray_workers=2, cpus_per_worker=1)
 ONE_REPLICA = EngineOptions(engine="ray", ray_workers=1, cpus_per_worker=1)
 
@@ -179,9 +180,19 @@ def outputs(folder: Path) -> dict[str, object]:
             import pyarrow.parquet as pq
 
             found[name] = pq.read_table(path).drop_columns(["seconds"]).to_pylist()
+        elif path.suffix == ".tar":
+            found[name] = _shard_members(path)
         else:
             found[name] = path.read_bytes()
     return found
+
+
+def _shard_members(path: Path) -> list[tuple[str, object]]:
+    """A caption shard's members in order, its JSON records without their seconds."""
+    with tarfile.open(path) as tar:
+        members = [(name, tar.extractfile(name).read()) for name in tar.getnames()]
+    return [(name, {k: v for k, v in json.loads(data).items() if k != "seconds"}
+             if name.endswith(".json") else data) for name, data in members]
 
 
 def recorded_paths(output_dir: Path) -> list[str]:

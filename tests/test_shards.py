@@ -17,7 +17,7 @@ from captionkit.exporters import ExportOptions, export, parse_formats
 from captionkit.options import GenerationOptions
 from captionkit.pipeline import Pipeline, RunOptions
 from captionkit.predictions import Region
-from captionkit.store import Result, unchanged_row
+from captionkit.store import DB_NAME, Result, Store, unchanged_row
 
 GEN = GenerationOptions(max_new_tokens=6)
 
@@ -131,6 +131,42 @@ def test_shards_caption_like_files_and_export_under_their_member_names(blip_fp32
         line.split(": ", 1) for line in lines)["00001.tar/000010002.jpg"]
     again = Pipeline(blip_fp32, GEN, options).run([f"{shard_dir}/*.tar"])
     assert (again.done, again.skipped) == (0, 8)
+
+
+def test_captions_are_written_back_as_shards_a_reader_joins_by_key(blip_fp32, shard_dir, tmp_path):
+    """A caption shard per input shard, `{key}.txt` and `{key}.json` in the input's order; a
+    member that fails is left out, and exporting again gives the same bytes."""
+    broken = tmp_path / "in" / "00003.tar"
+    broken.parent.mkdir()
+    good = sources.read_bytes(shard_dir / "00000.tar" / "000000000.jpg")
+    with tarfile.open(broken, "w") as tar:
+        for name, data in (("000030000.jpg", good), ("000030001.jpg", b"not a jpeg")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    options = RunOptions(output_dir=out, progress=False, formats=("jsonl", "webdataset"))
+    summary = Pipeline(blip_fp32, GEN, options).run([f"{shard_dir}/{{00000..00002}}.tar", str(broken)])
+    assert summary.done == 9 and [name for name, _ in summary.failed] == ["00003.tar/000030001.jpg"]
+    captions = {record["image"]: record for record in map(json.loads, (out / "captions.jsonl").open())}
+    shards = sorted((out / "webdataset").iterdir())
+    assert [shard.name for shard in shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+    members = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            names = members[shard.name] = tar.getnames()
+            texts = {name: tar.extractfile(name).read().decode() for name in names}
+        keys = [name.removesuffix(".txt") for name in names[::2]]
+        assert names == [f"{key}{extension}" for key in keys for extension in (".txt", ".json")]
+        assert keys == sorted(keys), "the input shard's order"
+        for key in keys:
+            record = captions[f"{shard.name}/{key}.jpg"]
+            assert texts[f"{key}.txt"] == record["caption"] and json.loads(texts[f"{key}.json"]) == record
+    assert len(captions) == 10 and members["00003.tar"] == ["000030000.txt", "000030000.json"]
+    before = {shard: shard.read_bytes() for shard in shards}
+    store = Store(out / DB_NAME)
+    export(list(store.results(store.latest_options_key())), ["webdataset"], ExportOptions(out))
+    assert {shard: shard.read_bytes() for shard in shards} == before
 
 
 def test_a_rewritten_shard_is_captioned_again(shard_dir, tmp_path):

@@ -333,7 +333,8 @@ def _write_caption_file(result: Result, options: ExportOptions, path: Path, exis
     return True
 
 
-def _record(result: Result, options: ExportOptions) -> dict:
+def record_of(result: Result, options: ExportOptions) -> dict:
+    """What the record formats (JSONL, CSV, Parquet, webdataset) say of one result."""
     record = {"image": result.name, "path": exact_text(result.path), "status": result.status,
               "caption": options.decorate(result.caption), "model": result.model_id, "hash": result.hash,
               "seconds": result.seconds, "error": result.error}
@@ -346,7 +347,7 @@ def _record(result: Result, options: ExportOptions) -> dict:
 def write_jsonl(results: Sequence[Result], options: ExportOptions,
                 name: str = "captions.jsonl") -> list[Path]:
     """Every field of every result, failures included, one JSON object per line."""
-    lines = [json.dumps(_record(r, options), ensure_ascii=False, default=str) + "\n" for r in results]
+    lines = [json.dumps(record_of(r, options), ensure_ascii=False, default=str) + "\n" for r in results]
     path = options.output_dir / name
     atomic_write(path, "".join(lines).encode("utf-8", "replace").decode("utf-8"))
     return [path]
@@ -358,7 +359,7 @@ CSV_COLUMNS = ["image", "caption", "status", "error", "model", "hash", "seconds"
 def write_csv(results: Sequence[Result], options: ExportOptions,
               name: str = "captions.csv") -> list[Path]:
     """A spreadsheet-friendly table; extras that are plain numbers get their own columns."""
-    records = [_record(r, options) for r in results]
+    records = [record_of(r, options) for r in results]
     extra_columns = sorted({key for record in records for key, value in record.items()
                             if key not in CSV_COLUMNS and isinstance(value, int | float | str)})
     buffer = io.StringIO()
@@ -387,7 +388,7 @@ def write_parquet(results: Sequence[Result], options: ExportOptions) -> list[Pat
     except ImportError:
         raise OptionError("--format parquet needs pyarrow: pip install 'captionkit[ray]' "
                           "(or pip install pyarrow)") from None
-    records = [_record(r, options) for r in results]
+    records = [record_of(r, options) for r in results]
     extras = sorted({key for record in records for key in record if key not in PARQUET_COLUMNS})
     types = {**PARQUET_COLUMNS, **{key: _parquet_type([r.get(key) for r in records]) for key in extras}}
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in types.items()])
@@ -449,6 +450,7 @@ EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]] | s
     "jsonl": write_jsonl,
     "csv": write_csv,
     "parquet": write_parquet,
+    "webdataset": "captionkit.webdataset:write_shards",
     # the segmentation formats, imported when asked for (they need the [seg] extra)
     "coco": "captionkit.segment.export:write_coco",
     "masks": "captionkit.segment.export:write_masks",

@@ -217,7 +217,8 @@ class RunOptions:
                                               panel=INPUTS, cli_type=str, parse=_comma_list,
                                               metavar="LIST")
     formats: tuple[str, ...] = flag(("captions.txt", "jsonl"), "Comma-separated: captions.txt, txt "
-                                    "(a caption file per image), jsonl, csv, or all.", "--format", "-f",
+                                    "(a caption file per image), jsonl, csv, parquet, webdataset, coco, "
+                                    "masks, or all.", "--format", "-f",
                                     panel=OUTPUTS, cli_type=str, cli_default="captions.txt,jsonl",
                                     parse=_formats, metavar="LIST")
     caption_extension: str = flag(".txt", "Extension of per-image caption files.", panel=OUTPUTS,
