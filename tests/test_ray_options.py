@@ -152,14 +152,22 @@ def test_replicas_are_sized_to_the_live_nodes(monkeypatch, ray, nodes, options, 
     assert ray_engine._worker_resources(EngineOptions(engine="ray", **options)) == sized
 
 
-@pytest.mark.parametrize("options", [
-    {"gpus_per_worker": 1}, {"gpus_per_worker": 1, "ray_workers": 2}, {"cpus_per_worker": 3},
-    {"cpus_per_worker": 3, "ray_workers": 1}])
+@pytest.mark.parametrize("options", [{"gpus_per_worker": 1}, {"cpus_per_worker": 3}])
 def test_a_replica_that_no_node_holds_is_refused(monkeypatch, ray, options):
     on_cluster(monkeypatch, ray, {"CPU": 2.0}, {"CPU": 2.0})
     with pytest.raises(OptionError, match=r"and this Ray cluster has 0 GPUs and 4 CPUs: lower "
-                                          "--gpus-per-worker or --cpus-per-worker$"):
+                                          "--gpus-per-worker or --cpus-per-worker, or give --ray-workers"):
         ray_engine._worker_resources(EngineOptions(engine="ray", **options))
+
+
+@pytest.mark.parametrize(("options", "sized"), [
+    ({"gpus_per_worker": 1, "ray_workers": 2}, (2, 1.0, 8.0)),
+    ({"cpus_per_worker": 3, "ray_workers": 1}, (1, 0.0, 3.0))])
+def test_ray_workers_wait_for_nodes_an_autoscaler_adds(monkeypatch, ray, capsys, options, sized):
+    """An autoscaling cluster (KubeRay with no GPU node yet) holds no replica when the run starts."""
+    on_cluster(monkeypatch, ray, {"CPU": 2.0}, {"CPU": 2.0})
+    assert ray_engine._worker_resources(EngineOptions(engine="ray", **options)) == sized
+    assert "yet: waiting for nodes an autoscaler adds" in capsys.readouterr().err
 
 
 def test_a_gpu_replica_needs_its_cpus_on_its_gpu_node(monkeypatch, ray):

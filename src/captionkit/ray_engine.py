@@ -84,7 +84,8 @@ def connect(engine: EngineOptions) -> bool:
 def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
     """(replicas, GPUs each, CPUs each) for the cluster this process is connected to: as many
     replicas as its nodes hold, or --ray-workers (those that do not fit yet wait for nodes an
-    autoscaler adds); an OptionError when not one fits, which Ray would wait for without end."""
+    autoscaler adds). When no node holds one, Ray would wait without end: that is an OptionError,
+    unless --ray-workers says nodes are coming, which is then said once on stderr."""
     cluster = require().cluster_resources()
     gpus = engine.gpus_per_worker
     if gpus is None:
@@ -92,9 +93,14 @@ def _worker_resources(engine: EngineOptions) -> tuple[int, float, float]:
     cpus = engine.cpus_per_worker or _default_cpus(gpus)
     fits = sum(_replicas_on(node, gpus, cpus) for node in _nodes())
     if fits < 1:
-        raise OptionError(f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs on one node and this Ray "
-                          f"cluster has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} "
-                          "CPUs: lower --gpus-per-worker or --cpus-per-worker")
+        shortage = (f"a replica needs {gpus:g} GPUs and {cpus:g} CPUs on one node and this Ray cluster "
+                    f"has {cluster.get('GPU', 0):g} GPUs and {cluster.get('CPU', 0):g} CPUs")
+        if engine.ray_workers is None:
+            raise OptionError(f"{shortage}: lower --gpus-per-worker or --cpus-per-worker, or give "
+                              "--ray-workers N to wait for nodes an autoscaler adds")
+        from captionkit import ui
+
+        ui.err.print(f"{shortage} yet: waiting for nodes an autoscaler adds (Ctrl-C stops)")
     return engine.ray_workers or fits, gpus, cpus
 
 
@@ -116,7 +122,7 @@ def _default_cpus(gpus: float) -> float:
     what the leanest GPU node has per GPU; 4 for a CPU replica, at most the biggest node's."""
     nodes = _nodes()
     if gpus:
-        per_gpu = min((node.get("CPU", 0) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
+        per_gpu = min((node.get("CPU", 0) / node["GPU"] for node in nodes if node.get("GPU")), default=8)
         return float(max(1, min(8, math.floor(per_gpu * gpus))))
     return float(max(1, min(4, max((node.get("CPU", 0) for node in nodes), default=1))))
 
