@@ -10,11 +10,12 @@ from PIL import Image
 
 from captionkit.boxes import draw_copies
 from captionkit.exporters import ExportOptions, relative_path
+from captionkit.options import OVERLAY_ALPHA
 from captionkit.predictions import Prediction, Region
 from captionkit.segment.coco import Segmented
 from captionkit.segment.labelmaps import classes_by_kind
 from captionkit.segment.outputs import INSTANCES, write_instances, write_label_maps
-from captionkit.segment.overlay import DEFAULT_ALPHA, draw
+from captionkit.segment.overlay import draw
 from captionkit.store import Result
 
 MASKS_DIR = "masks"
@@ -24,7 +25,7 @@ OVERLAYS_MANIFEST = ".captionkit-overlays.json"
 
 def draw_overlays(results: Sequence[Result], directory: Path,
                   label_maps: Mapping[str, Sequence[str]] | None = None,
-                  alpha: float = DEFAULT_ALPHA) -> list[Path]:
+                  alpha: float = OVERLAY_ALPHA) -> list[Path]:
     """Each result's masks (filled at `alpha`), boxes and labels drawn over a copy of its image
     (`--overlays DIR`), each class in its label-map colour (see `write_masks`); a copy is drawn
     again when its colours or alpha change."""

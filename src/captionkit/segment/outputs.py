@@ -10,9 +10,10 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from captionkit.exporters import atomic_output, atomic_write
+from captionkit.options import OVERLAY_ALPHA
 from captionkit.segment import coco, labelmaps
 from captionkit.segment.coco import Segmented
-from captionkit.segment.overlay import DEFAULT_ALPHA, Classes, draw
+from captionkit.segment.overlay import Classes, draw
 
 INSTANCES = "instances.json"
 CLASSES = "classes.json"
@@ -60,7 +61,7 @@ def write_label_maps(directory: Path, images: Sequence[Segmented], classes: Sequ
 
 
 def write_overlay(image: Image.Image, prediction, path: Path, classes: Classes = (),
-                  alpha: float = DEFAULT_ALPHA) -> Path:
+                  alpha: float = OVERLAY_ALPHA) -> Path:
     """The overlay of one image (JPEG or PNG by `path`'s suffix); pass the label maps' `classes`
     (`Segmenter.label_map_classes`, or `labelmaps.vocabularies` of several) and each class has the
     same colour in both."""

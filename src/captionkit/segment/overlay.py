@@ -17,9 +17,6 @@ from captionkit.predictions import Prediction, Region
 from captionkit.segment import masks
 from captionkit.segment.labelmaps import class_color
 
-DEFAULT_ALPHA = OVERLAY_ALPHA
-
-
 Classes = Mapping[str, Sequence[str]] | Sequence[str]
 """Label-map classes by region kind (`labelmaps.classes_by_kind`), or one list for every kind."""
 
@@ -46,7 +43,7 @@ def colors(regions: Sequence[Region], classes: Classes) -> list[tuple[int, int, 
 
 
 def draw(image: Image.Image, prediction: Prediction, classes: Classes = (),
-         alpha: float = DEFAULT_ALPHA) -> Image.Image:
+         alpha: float = OVERLAY_ALPHA) -> Image.Image:
     """A copy of `image` with `prediction`'s regions drawn (boxes are drawn for regions without
     masks), a legend, and the caption below when there is one."""
     regions = prediction.regions
