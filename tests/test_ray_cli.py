@@ -19,7 +19,7 @@ def caption(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three runs, two of them starting Ray: minutes on a busy machine
+@pytest.mark.timeout(1200)  # two runs, one starting Ray: minutes on a busy machine
 def test_the_ray_engine_writes_what_the_local_engine_writes(blip_dir, photo_dir, tmp_path):
     common = ["--model", blip_dir, "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "5",
               "-q", "-f", "captions.txt,csv"]
@@ -29,6 +29,5 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(blip_dir, photo_dir,
     assert "8 captioned" in on_ray.stderr
     local, ray = tmp_path / "local", tmp_path / "ray"
     assert (ray / "captions.txt").read_text() == (local / "captions.txt").read_text()
-    again = caption(photo_dir, "-o", tmp_path / "ray", *common, "--engine", "ray", "--ray-workers", "1",
-                    "--cpus-per-worker", "1", "--local-cpus", "2")
-    assert "0 captioned, 8 already done" in again.stderr
+    assert (ray / "captions.csv").read_text().count("\n") == (local / "captions.csv").read_text().count("\n")
+    # resuming on Ray: tests/test_ray.py::test_a_killed_driver_resumes_from_the_store
