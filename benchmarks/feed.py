@@ -7,6 +7,10 @@
               threads  `sources.decode`, then `FixedSize` per image and the batch stacked (what the
                        decoding threads and the stacking thread run now);
               nvjpeg   with --device cuda: `FixedSize.from_jpeg`, decoded and resized on the GPU.
+            Beside them, the JPEG decoders this machine has, each decoding to at least the
+            model's side (Pillow's draft as captionkit does, with libjpeg's fastest IDCT, OpenCV's
+            reduced decode, simplejpeg when installed; torchvision's full decode): the fastest
+            decode alone, over today's whole path, is the most any feeding change gives per core.
             Two sets: 12 MP JPEGs (the throughput harness's) and 0.3-1 MP photos (scikit-image's and
             scikit-learn's photos enlarged, with film grain). The processor's output is the
             reference: the largest difference from it, on the same decoded image and on a full
@@ -29,14 +33,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -147,9 +154,13 @@ def files(args: argparse.Namespace) -> dict:
         "torch_threads": 1, "sets": {name: _describe(paths) for name, paths in sets.items()}}}
     for set_name, paths in sets.items():
         result[set_name] = _timed_ways(ways, names, paths, args.runs)
+        result[set_name]["decoders"] = _timed_decoders(paths, args.size, args.runs,
+                                                       result[set_name]["today"])
     for set_name in sets:
         for name, row in result[set_name].items():
-            if name == "decode":
+            if name == "decoders":
+                _print_decoders(set_name, row)
+            if name in ("decode", "decoders"):
                 continue
             after = (f"after the decode {row['preprocess_ms_per_image']:.2f} ms/image "
                      f"({row['preprocessing_vs_today']:.2f}x today)" if "preprocess_ms_per_image" in row
@@ -190,6 +201,73 @@ def _timed_ways(ways: Ways, names: list[str], paths: list[Path], runs: int) -> d
             row["preprocessing_vs_today"] = (today["preprocess_ms_per_image"]
                                              / row["preprocess_ms_per_image"])
     return rows
+
+
+def decoders(side: int) -> dict[str, Callable[[bytes], object]]:
+    """JPEG decoders giving at least `side` pixels on the short side, by name."""
+    import cv2
+    from torchvision.io import decode_jpeg
+
+    found = {"pillow_draft": lambda data: sources.decode(data, "-", side),
+             "pillow_draft_fastest_idct": lambda data: _fastest_draft(data, side),
+             "opencv_reduced": lambda data: _opencv_reduced(cv2, data, side),
+             "torchvision_full": lambda data: decode_jpeg(torch.frombuffer(bytearray(data),
+                                                                            dtype=torch.uint8))}
+    try:
+        import simplejpeg
+
+        found["simplejpeg"] = lambda data: simplejpeg.decode_jpeg(data, min_width=side, min_height=side)
+    except ImportError:
+        pass
+    return found
+
+
+def _fastest_draft(data: bytes, side: int) -> Image.Image:
+    """Pillow's draft with the flag libjpeg reads as fastest IDCT and plain chroma upsampling."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (side, side))
+    image.decoderconfig = (image.decoderconfig[0], 1)
+    image.load()
+    return image
+
+
+def _opencv_reduced(cv2, data: bytes, side: int):
+    """OpenCV's decode at 1/2, 1/4 or 1/8 scale, the largest keeping the short side >= `side`."""
+    shrink = min(Image.open(io.BytesIO(data)).size) // side
+    scale = max(s for s in (1, 2, 4, 8) if s <= max(1, shrink))
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags[scale])
+
+
+def _timed_decoders(paths: list[Path], side: int, runs: int, today: dict) -> dict:
+    """Each decoder's median images/s per core on `paths` (runs interleaved, one OpenCV thread),
+    and the fastest one's rate over today's whole path."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    data = [path.read_bytes() for path in paths]
+    ways = decoders(side)
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for run in range(runs + 1):  # the first run warms up
+        for name, decode in ways.items():
+            started = time.thread_time()
+            for one in data:
+                decode(one)
+            if run:
+                rates[name].append(len(data) / (time.thread_time() - started))
+    rows: dict = {name: common.median(values) for name, values in rates.items()}
+    fastest = max(rows, key=rows.get)
+    rows["fastest"] = fastest
+    rows["fastest_decode_alone_vs_today"] = rows[fastest] / today["images_per_second_per_core"]
+    return rows
+
+
+def _print_decoders(set_name: str, rows: dict) -> None:
+    rates = ", ".join(f"{name} {rate:.1f}" for name, rate in rows.items() if isinstance(rate, float)
+                      and name != "fastest_decode_alone_vs_today")
+    print(f"{set_name:7s} decoders (images/s per core): {rates}; the fastest alone is "
+          f"{rows['fastest_decode_alone_vs_today']:.2f}x today's whole path")
 
 
 def _describe(paths: list[Path]) -> dict:

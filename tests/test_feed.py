@@ -33,7 +33,12 @@ def test_files_quick_makes_the_processors_inputs_per_core(tmp_path):
     assert result["settings"]["sets"]["12mp"]["megapixels_min"] == 12.0
     for image_set in ("12mp", "photos"):
         rows = result[image_set]
+        decoders = rows.pop("decoders")
         assert set(rows) == {"decode", "today", "threads"}, "nvjpeg only with --device cuda"
+        assert {"pillow_draft", "pillow_draft_fastest_idct", "opencv_reduced",
+                "torchvision_full"} <= set(decoders)
+        assert decoders["fastest_decode_alone_vs_today"] == pytest.approx(
+            decoders[decoders["fastest"]] / rows["today"]["images_per_second_per_core"])
         assert all(row["images_per_second_per_core"] > 0 and row["images_per_second_wall"] > 0
                    for row in rows.values())
         for name in ("today", "threads"):
