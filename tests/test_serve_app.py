@@ -355,6 +355,42 @@ def _screenshot(browser, shot: Path, size: tuple[int, int]) -> None:
         shutil.copy(shot, REPO / os.environ["CAPTIONKIT_SCREENSHOTS"] / shot.name)
 
 
+DROP = """
+const [name, encoded] = arguments;
+const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+const files = new DataTransfer();
+files.items.add(new File([bytes], name, {type: "image/jpeg"}));
+const drop = document.getElementById("drop");
+drop.dispatchEvent(new DragEvent("dragover", {dataTransfer: files, bubbles: true, cancelable: true}));
+const over = drop.classList.contains("over");
+const handled = !drop.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true,
+                                                            cancelable: true}));
+return [over, handled, drop.classList.contains("over")];
+"""
+"""Drops a file on the page as a browser does when one is dragged from the desktop: a DataTransfer
+holding a File (Selenium cannot drag from outside the page), through the page's own handlers."""
+
+
+def test_a_photo_dropped_on_the_page_is_captioned(page_server, browser, photos, blip_fp32, tmp_path):
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photos[1].save(tmp_path / "dropped.jpg", quality=90)
+    browser.get(page_server)
+    wait = WebDriverWait(browser, 180)
+    wait.until(lambda d: "tiny-blip" in d.find_element(By.ID, "model").text)
+    encoded = base64.b64encode((tmp_path / "dropped.jpg").read_bytes()).decode()
+    over, handled, still_over = browser.execute_script(DROP, "dropped.jpg", encoded)
+    assert (over, handled, still_over) == (True, True, False), "dragover marks the zone, drop is taken"
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".caption.done"))
+    (card,) = browser.find_elements(By.CSS_SELECTOR, ".card")
+    expected = _caption_of(blip_fp32, tmp_path / "dropped.jpg")
+    assert card.find_element(By.CSS_SELECTOR, ".caption").text == expected
+    assert "dropped.jpg" in card.text
+
+
 def test_the_page_asks_for_the_key_when_the_server_has_one(blip_fp32, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
