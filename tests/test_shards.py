@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from forked_cli import captionkit
 from PIL import Image
 
 from captionkit import sources
@@ -148,6 +149,7 @@ def test_captions_are_written_back_as_shards_a_reader_joins_by_key(blip_fp32, sh
     options = RunOptions(output_dir=out, progress=False, formats=("jsonl", "webdataset"))
     summary = Pipeline(blip_fp32, GEN, options).run([f"{shard_dir}/{{00000..00002}}.tar", str(broken)])
     assert summary.done == 9 and [name for name, _ in summary.failed] == ["00003.tar/000030001.jpg"]
+    assert summary.unwritten == []
     captions = {record["image"]: record for record in map(json.loads, (out / "captions.jsonl").open())}
     shards = sorted((out / "webdataset").iterdir())
     assert [shard.name for shard in shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
@@ -167,6 +169,18 @@ def test_captions_are_written_back_as_shards_a_reader_joins_by_key(blip_fp32, sh
     store = Store(out / DB_NAME)
     export(list(store.results(store.latest_options_key())), ["webdataset"], ExportOptions(out))
     assert {shard: shard.read_bytes() for shard in shards} == before
+
+
+def test_webdataset_says_why_it_wrote_nothing_for_plain_files(blip_dir, photo_dir, tmp_path):
+    """Asked for caption shards of images that came from no shard, the run and `export` say so."""
+    out = tmp_path / "out"
+    run = captionkit("caption", photo_dir, "--model", blip_dir, "-o", out, "--dtype", "float32",
+                     "--max-new-tokens", "3", "-q", "-f", "jsonl,webdataset")
+    said = "webdataset: nothing written, since no captioned image came from a tar shard"
+    assert said in run.stderr and not (out / "webdataset").exists()
+    assert said in captionkit("export", out, "-f", "webdataset").stderr
+    assert said not in captionkit("export", out, "-f", "jsonl").stderr
+    assert json.loads((out / "captions.jsonl").read_text().splitlines()[0])["caption"]
 
 
 def test_a_rewritten_shard_is_captioned_again(shard_dir, tmp_path):

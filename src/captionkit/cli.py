@@ -233,6 +233,7 @@ def export_command(
         distinct_names,
         export,
         foreign_sidecars,
+        nothing_to_write,
         with_existing_files,
     )
     from captionkit.store import DB_NAME, Store
@@ -268,6 +269,7 @@ def export_command(
         store.close()
     ui.err.print(f"exported {ui.counted(done, 'caption')} to {ui.counted(len(written), 'file')}")
     ui.print_written(written)
+    ui.print_unwritten(nothing_to_write(results, run.formats))
     ui.print_missing(sorted(result.name for result in results if result.path in options.missing))
     ui.print_kept(kept)
 

@@ -16,7 +16,7 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.predictions import regions_to_json
-from captionkit.sources import IMAGE_EXTENSIONS, exact_text, image_exists, printable
+from captionkit.sources import IMAGE_EXTENSIONS, exact_text, image_exists, printable, shard_of
 from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
 
@@ -485,6 +485,16 @@ def parse_formats(spec: str) -> list[str]:
     if unknown or not names:
         raise OptionError(f"--format {spec!r}: choose from {', '.join(EXPORTERS)} or all")
     return names
+
+
+def nothing_to_write(results: Sequence[Result], formats: Sequence[str]) -> list[str]:
+    """Why a format asked for writes no file for these results, one line per such format: the
+    webdataset format answers tar shards, so captions of plain files give it nothing."""
+    done = [result for result in results if result.status == "done"]
+    if "webdataset" in formats and done and not any(shard_of(r.path) for r in done):
+        return ["webdataset: nothing written, since no captioned image came from a tar shard "
+                "(it writes a caption shard per input shard)"]
+    return []
 
 
 def export(results: Sequence[Result], formats: Sequence[str], options: ExportOptions) -> list[Path]:

@@ -34,6 +34,7 @@ from captionkit.exporters import (
     export,
     foreign_sidecars,
     make_output_dir,
+    nothing_to_write,
     with_existing_files,
 )
 from captionkit.keys import resume_key
@@ -76,6 +77,8 @@ class RunSummary:
     """Existing caption files captionkit did not write, left as they were (`--overwrite` replaces them)."""
     unmatched_prompts: list[str] = field(default_factory=list)
     """`--prompt-file` images that are not among the inputs (a typo, another folder): nobody asked them."""
+    unwritten: list[str] = field(default_factory=list)
+    """Formats asked for that had nothing to write, each with why (`exporters.nothing_to_write`)."""
 
     @property
     def images_per_second(self) -> float:
@@ -291,6 +294,7 @@ class Pipeline:
             found = {str(ref.path) for ref in plan.found.refs} | {p.path for p in plan.found.problems}
             summary.unmatched_prompts = sorted(set(self.prompts) - found)
         summary.outputs = export(results, options.export_formats(), written)
+        summary.unwritten = nothing_to_write(results, options.export_formats())
         if options.draw_boxes is not None:
             summary.outputs += boxes.draw_boxes(results, options.draw_boxes)
         if options.overlays is not None:

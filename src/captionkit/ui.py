@@ -99,6 +99,7 @@ def print_run(summary: RunSummary) -> None:
         err.print(f"  {counted(len(summary.unmatched_prompts), '--prompt-file row')} named no input "
                   f"image, such as {summary.unmatched_prompts[0]}", highlight=False)
     print_written(summary.outputs)
+    print_unwritten(summary.unwritten)
     if getattr(summary, "scores", None):
         print_scores(summary.scores, summary.min_score, summary.passed)
 
@@ -119,6 +120,12 @@ def print_written(paths: Sequence[Path], shown: int = 5) -> None:
         err.print(f"  wrote {printable(path)}")
     if len(paths) > shown:
         err.print(f"  ... and {len(paths) - shown} more files")
+
+
+def print_unwritten(notes: Sequence[str]) -> None:
+    """`  FORMAT: nothing written, since ...` for each format asked for that had nothing to write."""
+    for note in notes:
+        err.print(f"  {note}", highlight=False)
 
 
 def print_missing(missing: list[str]) -> None:
