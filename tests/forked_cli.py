@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Zygote:
 
     def __init__(self) -> None:
         self.env = dict(os.environ)
+        self.lock = threading.Lock()
         self.process = subprocess.Popen([sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                         env=self.env)
@@ -37,15 +39,16 @@ class Zygote:
             timeout: float) -> int:
         """The exit status of `captionkit ARGS` run by a forked child."""
         request = {"args": args, "cwd": cwd, "stdin": stdin, "stdout": stdout, "stderr": stderr}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        pid = json.loads(self._answer(60))["pid"]
-        try:
-            return json.loads(self._answer(timeout))["returncode"]
-        except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
-            self._answer(60)
-            raise
+        with self.lock:  # one command at a time: the answers come back in order
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = json.loads(self._answer(60))["pid"]
+            try:
+                return json.loads(self._answer(timeout))["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(60)
+                raise
 
     def _answer(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
