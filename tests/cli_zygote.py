@@ -45,9 +45,10 @@ def become(request: dict) -> None:
         opened = os.open(path, flags)
         os.dup2(opened, fd)
         os.close(opened)
-    sys.stdin = sys.__stdin__ = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # noqa: SIM115
-    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    # new streams on the new files, encoded as the interpreter encodes its own in this environment
+    sys.stdin = sys.__stdin__ = _stream(0, "r", sys.__stdin__)
+    sys.stdout = sys.__stdout__ = _stream(1, "w", sys.__stdout__)
+    sys.stderr = sys.__stderr__ = _stream(2, "w", sys.__stderr__, line_buffering=True)
     sys.path[0] = request["cwd"]
     sys.argv = ["captionkit", *request["args"]]
 
@@ -81,6 +82,11 @@ def exit_like_python(command) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def _stream(fd: int, mode: str, like, line_buffering: bool = False):
+    return open(fd, mode, buffering=1 if line_buffering else -1, encoding=like.encoding,  # noqa: SIM115
+                errors=like.errors, closefd=False)
 
 
 def serve() -> None:
