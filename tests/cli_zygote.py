@@ -59,9 +59,11 @@ def run_command() -> None:
 
 def exit_like_python(command) -> None:
     """Run `command` and end the process as the interpreter ends it (exit status from SystemExit,
-    a traceback and 1 for an error, threads joined, atexit handlers run, streams flushed), without
-    tearing down every module torch and transformers loaded, which takes seconds; a file left
-    to the garbage collector to flush would lose its data here, and fail the test."""
+    a traceback and 1 for an error, death by SIGINT for an uncaught Ctrl-C; threads joined, atexit
+    handlers run, streams flushed), without tearing down every module torch and transformers
+    loaded, which takes seconds; a file left to the garbage collector to flush would lose its data
+    here, and fail the test."""
+    interrupted = False
     try:
         command()
         code = 0
@@ -69,18 +71,16 @@ def exit_like_python(command) -> None:
         code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
         if end.code is not None and not isinstance(end.code, int):
             print(end.code, file=sys.stderr)
-    except KeyboardInterrupt:
-        atexit._run_exitfuncs()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)  # as Python ends on an uncaught Ctrl-C
-        code = 130
-    except BaseException:
+    except BaseException as error:
         traceback.print_exc()
-        code = 1
+        interrupted, code = isinstance(error, KeyboardInterrupt), 1
     threading._shutdown()  # the interpreter waits for threads that are not daemons
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
 
 
