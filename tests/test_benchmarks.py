@@ -108,7 +108,10 @@ def test_levers_quick_measures_compile_in_the_dtype_asked(tmp_path):
     assert result["dtype"] == "bfloat16" and result["size"] == "tiny" and result["images"] == 4
     rows = result["results"]
     assert rows["eager"]["images_per_second"] > 0 and rows["compiled vision encoder"]["images_per_second"] > 0
-    # the compile time is the first batch's excess over a steady one
+    # the compile time is the first batch's excess over a steady batch of as many images (4 here)
+    compiled = rows["compiled vision encoder"]["images_per_second"]
+    assert rows["compile"]["compile_seconds"] == pytest.approx(
+        rows["compile"]["first_batch_seconds"] - result["images"] / compiled)
     assert 0 < rows["compile"]["compile_seconds"] < rows["compile"]["first_batch_seconds"]
     assert rows["compile"]["weights"] == "bfloat16"
 
