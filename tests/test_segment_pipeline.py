@@ -117,17 +117,45 @@ def test_instances_and_a_semantic_map_get_a_label_map_each_that_export_rebuilds(
     assert scores["pixel_accuracy"] == 1.0 and scores["miou"] == 1.0
 
 
-@pytest.mark.slow
-def test_input_size_reaches_the_segmenter_and_a_bad_task_is_refused(segmented, tmp_path):
+def _segmenter_sizes(output_dir: Path) -> list[int]:
     import sqlite3
 
-    images, _, _ = segmented
-    run("segment", images / "cat.jpg", "-o", tmp_path, "--input-size", "320", "--device", "cpu", "-q")
-    with sqlite3.connect(tmp_path / "captionkit.db") as db:
+    with sqlite3.connect(output_dir / "captionkit.db") as db:
         [(options,)] = db.execute("SELECT options FROM runs").fetchall()
-    assert [s["input_size"] for s in json.loads(options)["identity"]["segmenters"]] == [320]
+    return [s["input_size"] for s in json.loads(options)["identity"]["segmenters"]]
+
+
+@pytest.mark.slow
+def test_input_size_reaches_the_segmenter_and_a_bad_task_is_refused(segmented, blip_dir, tmp_path):
+    images, _, _ = segmented
+    run("segment", images / "cat.jpg", "-o", tmp_path / "alone", "--input-size", "320", "--device",
+        "cpu", "-q")
+    assert _segmenter_sizes(tmp_path / "alone") == [320]
+    run("caption", images / "cat.jpg", "--segment", "yolov5s-seg", "--input-size", "256", "-o",
+        tmp_path / "both", "--model", blip_dir, "--device", "cpu", "--max-new-tokens", "3", "-q")
+    assert _segmenter_sizes(tmp_path / "both") == [256]
     refused = captionkit("segment", images, "-o", tmp_path, "--task", "depth", check=False)
     assert refused.returncode == 2 and "--task 'depth'" in refused.stderr
+
+
+@pytest.mark.parametrize("command", [("caption", "--input-size", "320"), ("serve", "--task", "panoptic")])
+def test_segmenter_load_flags_without_a_segmenter_are_refused(command, tmp_path):
+    name, flag_name, value = command
+    inputs = [str(EXAMPLES / "cat.jpg"), "-o", str(tmp_path)] if name == "caption" else []
+    refused = captionkit(name, *inputs, flag_name, value, "--model", "no-such-model", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert f"{flag_name} sets how segmenters load" in refused.stderr and "--segment" in refused.stderr
+    assert not (tmp_path / "captionkit.db").exists()
+
+
+def test_the_server_loads_its_segmenter_at_the_input_size_asked():
+    from captionkit.options import LoadOptions
+    from captionkit.segment.options import SegmenterLoadOptions
+    from captionkit.serve.app import _load_segmenter
+
+    segmenter = _load_segmenter("yolov5s-seg", LoadOptions(device="cpu"), None,
+                                SegmenterLoadOptions(input_size=320))
+    assert segmenter.input_size == 320
 
 
 @pytest.mark.slow

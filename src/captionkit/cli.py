@@ -132,7 +132,8 @@ def _quiet_transformers() -> None:
 @command()
 def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, segment: SegmentWith = None,
             *, generation: GenerationOptions, load_options: LoadOptions, run: RunOptions,
-            segment_options: SegmentOptions, engine: EngineOptions) -> None:
+            segment_options: SegmentOptions, segmenter_load: SegmenterLoadOptions,
+            engine: EngineOptions) -> None:
     """Caption images into captions.txt / per-image .txt / JSONL / CSV, resuming earlier runs."""
     from captionkit import ray_engine, sources
     from captionkit.exporters import check_output_dir
@@ -141,6 +142,8 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
     from captionkit.pipeline import find_inputs
 
     check_output_dir(run.output_dir)  # a file in the way is reported before any model loads
+    if segment is None:
+        segmenter_load.check_unused("--segment")
     sources.check_inputs_exist(inputs)  # and so is a mistyped input
     found = find_inputs(inputs, run)  # and a folder with no image in it
     if model == "auto":
@@ -150,7 +153,8 @@ def caption(inputs: Inputs, model: ModelName = "auto", strict: Strict = False, s
     # Loaded first: a missing CLIP model is reported before minutes go into the captioner. Under
     # Ray the driver needs only its name and scale, on its own CPU; each replica loads its own.
     scorer = load_scorer(run.gate, generation, "cpu" if engine.engine == "ray" else load_options.device)
-    loader = _segmenting(segment.split(","), segment_options) if segment is not None else None
+    loader = (_segmenting(segment.split(","), segment_options, segmenter_load)
+              if segment is not None else None)
     pipeline, executor = ray_engine.pipeline_for(ray_engine.ModelRecipe(model, load_options, loader),
                                                  generation, run, engine, scorer)
     summary = pipeline.run(inputs, found, executor=executor)
@@ -537,12 +541,15 @@ def serve(*, options: ServeOptions, generation: Annotated[GenerationOptions, Sel
           load_options: Annotated[LoadOptions, Select("device", "dtype", "quantize", "load_in_8bit",
                                                       "load_in_4bit")],
           segment_options: Annotated[SegmentOptions, Select("threshold", "mask_threshold",
-                                                            "max_instances", "classes")]) -> None:
+                                                            "max_instances", "classes")],
+          segmenter_load: SegmenterLoadOptions) -> None:
     """Serve a model over HTTP: a web page, and native, OpenAI- and HF-compatible APIs."""
     from captionkit.serve.app import run
 
+    if options.segment_model is None:
+        segmenter_load.check_unused("--segment")
     _quiet_transformers()
-    run(options, load_options, generation, segment_options)
+    run(options, load_options, generation, segment_options, segmenter_load)
 
 
 INTERRUPTED = "interrupted: finished batches are saved; run the same command to resume"

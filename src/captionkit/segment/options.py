@@ -78,3 +78,10 @@ class SegmenterLoadOptions:
             raise OptionError(f"--input-size {self.input_size}: use at least 32 pixels")
         if self.task is not None and self.task not in TASKS:
             raise OptionError(f"--task {self.task!r}: use {', '.join(TASKS)}")
+
+    def check_unused(self, needed: str) -> None:
+        """Refuse `--input-size` and `--task` on a run that loads no segmenter without `needed`."""
+        for name, value in (("--input-size", self.input_size), ("--task", self.task)):
+            if value is not None:
+                raise OptionError(f"{name} sets how segmenters load, and this run loads none: add "
+                                  f"{needed} NAMES or drop {name}")

@@ -204,9 +204,11 @@ class Observe:
 
 
 def run(options: ServeOptions, load: LoadOptions | None = None,
-        generation: GenerationOptions | None = None, segment: Any = None) -> None:
+        generation: GenerationOptions | None = None, segment: Any = None,
+        segmenter_load: Any = None) -> None:
     """Load the models `options` names and serve them until interrupted; `segment` (a
-    `SegmentOptions`) says which regions the segmenter keeps."""
+    `SegmentOptions`) says which regions the segmenter keeps, `segmenter_load` (a
+    `SegmenterLoadOptions`) its input size and task."""
     import uvicorn
 
     from captionkit import models, scoring
@@ -215,19 +217,21 @@ def run(options: ServeOptions, load: LoadOptions | None = None,
     captioner = models.load(options.model, load)
     device = str(getattr(captioner, "device", load.device))
     scorer = scoring.load_scorer(options.clip_model, device=device) if options.clip_model else None
-    segmenter = _load_segmenter(options.segment_model, load, segment) if options.segment_model else None
+    segmenter = (_load_segmenter(options.segment_model, load, segment, segmenter_load)
+                 if options.segment_model else None)
     app = create_app(captioner, options, generation=generation, scorer=scorer, segmenter=segmenter,
                      segment_options=segment)
     uvicorn.run(app, host=options.host, port=options.port, server_header=False,
                 timeout_graceful_shutdown=5)
 
 
-def _load_segmenter(name: str, load: LoadOptions, segment: Any) -> Segmenter:
+def _load_segmenter(name: str, load: LoadOptions, segment: Any, segmenter_load: Any) -> Segmenter:
     try:
         from captionkit.segment import load_segmenter
     except ImportError:
         raise OptionError("--segment needs the segmentation extra: pip install 'captionkit[seg]'") from None
-    segmenter = load_segmenter(name, device=load.device, dtype=load.dtype)
+    size, task = (segmenter_load.input_size, segmenter_load.task) if segmenter_load else (None, None)
+    segmenter = load_segmenter(name, device=load.device, dtype=load.dtype, input_size=size, task=task)
     if segment is not None:
         segmenter.check_classes(segment)  # a --classes typo fails here, not on every request
     return segmenter
