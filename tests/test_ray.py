@@ -271,6 +271,54 @@ class KillsAWorker:
             yield batch
 
 
+class WaitsForTheDriver(CaptionerWrapper):
+    """A real captioner that starts each batch after its first only once the driver has said it
+    received a batch (the file `received` exists), and notes in `stalled` any wait that ran out."""
+
+    def __init__(self, inner: Captioner, received: str, stalled: str) -> None:
+        super().__init__(inner)
+        self.received, self.stalled, self.batches = Path(received), Path(stalled), 0
+
+    def caption(self, images, options, prompts=None):
+        self.batches += 1
+        deadline = time.monotonic() + 60
+        while self.batches > 1 and not self.received.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.batches > 1 and not self.received.exists():
+            self.stalled.write_text(f"batch {self.batches} waited 60 s for the driver\n")
+        return self.inner.caption(images, options, prompts)
+
+
+def waiting_loader(received: str, stalled: str, name: str, options: LoadOptions) -> WaitsForTheDriver:
+    return WaitsForTheDriver(load(name, options), received, stalled)
+
+
+class SaysItReceived:
+    """Passes an executor's batches on, creating the file `received` once the first arrives."""
+
+    def __init__(self, inner, received: Path) -> None:
+        self.inner, self.received = inner, received
+
+    def execute(self, items):
+        for batch in self.inner.execute(items):
+            self.received.touch()
+            yield batch
+
+
+def test_each_batch_reaches_the_driver_while_the_replica_predicts_the_next(
+        ray_local, blip_dir, photo_dir, tmp_path):
+    """A batch is recorded as soon as its replica finishes it, not once the next one is done too
+    (Ray Data's iterator prefetches a batch unless told not to): the replica's second batch waits
+    until the driver has the first."""
+    received, stalled = tmp_path / "received", tmp_path / "stalled"
+    model = ModelRecipe(str(blip_dir), FP32, loader=functools.partial(
+        waiting_loader, str(received), str(stalled)))
+    summary = ray_run(model, [str(photo_dir)], tmp_path / "ray", ONE_REPLICA, batch_size=2,
+                      executor_wrapper=lambda executor: SaysItReceived(executor, received))
+    assert summary.done == len(list(photo_dir.iterdir())) > 2 and not summary.failed
+    assert not stalled.exists(), stalled.read_text()
+
+
 @pytest.fixture(scope="module")
 def many_photos(tmp_path_factory, photos) -> Path:
     """24 distinct small images: enough batches of two that a kill lands mid-run."""

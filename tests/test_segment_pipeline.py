@@ -149,6 +149,7 @@ def test_segmenter_load_flags_without_a_segmenter_are_refused(command, tmp_path)
 
 
 def test_the_server_loads_its_segmenter_at_the_input_size_asked():
+    pytest.importorskip("fastapi")
     from captionkit.options import LoadOptions
     from captionkit.segment.options import SegmenterLoadOptions
     from captionkit.serve.app import _load_segmenter

@@ -289,7 +289,10 @@ class RayExecutor:
         context.enable_progress_bars = False  # the pipeline's own bar counts images
         try:
             dataset = self._dataset(items)
-            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            # without prefetch: by default the iterator hands a batch over only once the next one
+            # is done too, so each would be recorded (and shown) a batch late
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow",
+                                              prefetch_batches=0):
                 yield [_outcome(items[row["index"]], row) for row in table.to_pylist()]
         except Exception as err:
             _raise_user_error(err)
