@@ -2,7 +2,8 @@
 
 Both engines caption the same folder into fresh output folders with the model's float32 weights
 and exactly 20 tokens per image (min_new_tokens = max_new_tokens). The local engine's model is
-loaded before its clock starts; for Ray, Ray's start and `describe` (the worker-side load the driver
+loaded afresh before each of its runs, as each `captionkit caption` command loads it, and before
+its clock starts; for Ray, Ray's start and `describe` (the worker-side load the driver
 plans with) come before the clock too, and are reported apart: the clock covers what a run does,
 which for Ray includes starting its actors and loading the model in each. Runs alternate (local,
 ray, ray, local, ...) so that load from other processes hits both alike. Captions must match.
@@ -73,6 +74,17 @@ def steady_rate(folder: Path) -> float | None:
     return images / (batches[-1][0] - batches[0][0])
 
 
+def first_batch_seconds(folder: Path) -> float:
+    """Seconds from the run's start to its first recorded batch: for Ray, its replicas' start and
+    model load, then that batch; for both, the first batch of a freshly loaded model."""
+    import sqlite3
+
+    with sqlite3.connect(folder / "captionkit.db") as db:
+        [(started, first)] = db.execute("SELECT (SELECT MIN(started) FROM runs), MIN(updated) "
+                                        "FROM results").fetchall()
+    return first - started
+
+
 def steady_ratio(steady: dict[str, list[float | None]]) -> float | None:
     """The local engine's median steady rate over Ray's; None when a run had one batch only."""
     if any(rate is None for rates in steady.values() for rate in rates):
@@ -102,9 +114,6 @@ def main() -> None:
     cpus = args.cpus or usable_cpus()
 
     started = time.perf_counter()
-    local_model = load(str(path), load_options)
-    local_load = time.perf_counter() - started
-    started = time.perf_counter()
     engine = ray_engine.EngineOptions(engine="ray", local_cpus=cpus, ray_workers=args.workers,
                                       cpus_per_worker=cpus / args.workers,
                                       gpus_per_worker=args.gpus_per_worker)
@@ -118,19 +127,27 @@ def main() -> None:
     out = work / "ray-overhead"
     timings: dict[str, list[float]] = {"local": [], "ray": []}
     steady: dict[str, list[float | None]] = {"local": [], "ray": []}
+    first_batch: dict[str, list[float]] = {"local": [], "ray": []}
+    local_loads: list[float] = []
     texts: dict[str, str] = {}
     order = ["local", "ray"]
     for run in range(args.runs):
         for name in order if run % 2 == 0 else order[::-1]:
             shutil.rmtree(out / name, ignore_errors=True)
             options = RunOptions(output_dir=out / name, progress=False, batch_size=args.batch_size)
-            model = local_model if name == "local" else remote
+            model = remote
+            if name == "local":  # loaded cold, as by a command of its own
+                started = time.perf_counter()
+                model = load(str(path), load_options)
+                local_loads.append(time.perf_counter() - started)
             pipeline = Pipeline(model, generation, options)
             executor = ray_engine.executor_for(pipeline, engine, recipe) if name == "ray" else None
             seconds, summary = caption_run(pipeline, inputs, executor)
             assert summary["done"] == len(inputs) and not summary["failed"], summary
             timings[name].append(seconds)
             steady[name].append(steady_rate(out / name))
+            first_batch[name].append(round(first_batch_seconds(out / name), 2))
+            del model, pipeline, executor
             texts[name] = captions(out / name)
             print(f"{name}: {seconds:.1f} s, {len(inputs) / seconds:.2f} images/s", flush=True)
     ray.shutdown()
@@ -141,8 +158,8 @@ def main() -> None:
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "work")},
                      "ray": ray.__version__, "ray_cpus": cpus, "tokens": generation.max_new_tokens,
                      "load_average_after": os.getloadavg()},
-        "setup_seconds": {"local_model_load": round(local_load, 2), "ray_start": round(ray_start, 2),
-                          "ray_describe": round(describe, 2)},
+        "setup_seconds": {"local_model_load": [round(s, 2) for s in local_loads],
+                          "ray_start": round(ray_start, 2), "ray_describe": round(describe, 2)},
         "seconds": {name: [round(s, 2) for s in values] for name, values in timings.items()},
         "images_per_second": {"local": round(len(inputs) / local, 3),
                               "ray": round(len(inputs) / remote_seconds, 3)},
@@ -150,12 +167,14 @@ def main() -> None:
         "steady_images_per_second": {name: [None if r is None else round(r, 3) for r in rates]
                                      for name, rates in steady.items()},
         "steady_ray_over_local": steady_ratio(steady),
+        "first_batch_seconds": first_batch,
         "captions_identical": texts["local"] == texts["ray"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("setup_seconds", "seconds", "ray_over_local",
-                                                "steady_ray_over_local", "captions_identical")}, indent=2))
+                                                "steady_ray_over_local", "first_batch_seconds",
+                                                "captions_identical")}, indent=2))
 
 
 if __name__ == "__main__":

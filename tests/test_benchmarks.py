@@ -235,7 +235,7 @@ def test_matmuls_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp
     assert matmuls.encoder_flops(layers=1) == counted
 
 
-def test_ray_overhead_has_no_steady_rate_for_a_run_of_one_batch(monkeypatch, tmp_path):
+def test_ray_overhead_times_the_first_batch_and_the_steady_rate_after_it(monkeypatch, tmp_path):
     import sqlite3
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
@@ -246,7 +246,10 @@ def test_ray_overhead_has_no_steady_rate_for_a_run_of_one_batch(monkeypatch, tmp
         with sqlite3.connect(tmp_path / name / "captionkit.db") as db:
             db.execute("CREATE TABLE results (updated REAL)")
             db.executemany("INSERT INTO results VALUES (?)", [(t,) for t in times])
+            db.execute("CREATE TABLE runs (started REAL)")
+            db.execute("INSERT INTO runs VALUES (1.5)")
     assert ray_overhead.steady_rate(tmp_path / "one") is None
+    assert ray_overhead.first_batch_seconds(tmp_path / "three") == 3.5
     assert ray_overhead.steady_rate(tmp_path / "three") == 1.5  # 3 images after the first batch, in 2 s
     assert ray_overhead.steady_ratio({"local": [3.0], "ray": [None]}) is None
     assert ray_overhead.steady_ratio({"local": [3.0, 1.0], "ray": [1.0, 1.0]}) == 2.0
