@@ -281,12 +281,17 @@ class WaitsForTheDriver(CaptionerWrapper):
 
     def caption(self, images, options, prompts=None):
         self.batches += 1
-        deadline = time.monotonic() + 60
-        while self.batches > 1 and not self.received.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.batches > 1 and not self.received.exists():
+        if self.batches > 1 and not _appears(self.received, seconds=60):
             self.stalled.write_text(f"batch {self.batches} waited 60 s for the driver\n")
         return self.inner.caption(images, options, prompts)
+
+
+def _appears(path: Path, seconds: float) -> bool:
+    """Whether `path` exists within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.exists()
 
 
 def waiting_loader(received: str, stalled: str, name: str, options: LoadOptions) -> WaitsForTheDriver:
