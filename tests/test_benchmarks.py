@@ -253,3 +253,32 @@ def test_ray_overhead_times_the_first_batch_and_the_steady_rate_after_it(monkeyp
     assert ray_overhead.steady_rate(tmp_path / "three") == 1.5  # 3 images after the first batch, in 2 s
     assert ray_overhead.steady_ratio({"local": [3.0], "ray": [None]}) is None
     assert ray_overhead.steady_ratio({"local": [3.0, 1.0], "ray": [1.0, 1.0]}) == 2.0
+
+
+def test_ray_overlap_takes_the_models_time_out_of_the_hosts_rate(monkeypatch, tmp_path):
+    import sqlite3
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ray_overlap
+
+    # batches of 2 recorded at 5, 6 and 8 s; the model took 0.25 s per image of the later two
+    rows = [(5.0, 0.1), (5.0, 0.1), (6.0, 0.25), (6.0, 0.25), (8.0, 0.25), (8.0, 0.25)]
+    with sqlite3.connect(tmp_path / "captionkit.db") as db:
+        db.execute("CREATE TABLE results (updated REAL, seconds REAL)")
+        db.executemany("INSERT INTO results VALUES (?, ?)", rows)
+    assert ray_overlap.feeding_rate(tmp_path) == 4 / (3.0 - 1.0)
+
+
+def test_the_accelerator_stand_in_holds_each_batch_to_its_time(monkeypatch, blip_fp32, photos):
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ray_overlap
+
+    stand_in = ray_overlap.Accelerator(blip_fp32, seconds_per_image=0.2)
+    options = GenerationOptions(max_new_tokens=3)
+    started = time.perf_counter()
+    held = stand_in.caption(photos[:3], options)
+    assert time.perf_counter() - started >= 0.6
+    assert [p.text for p in held] == [p.text for p in blip_fp32.caption(photos[:3], options)]
+    assert stand_in.identity() == blip_fp32.identity()

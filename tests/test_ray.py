@@ -288,10 +288,15 @@ class WaitsForTheDriver(CaptionerWrapper):
 
 def _appears(path: Path, seconds: float) -> bool:
     """Whether `path` exists within `seconds`."""
+    return _comes_true(path.exists, seconds)
+
+
+def _comes_true(check, seconds: float) -> bool:
+    """Whether `check()` is true within `seconds`."""
     deadline = time.monotonic() + seconds
-    while not path.exists() and time.monotonic() < deadline:
+    while not check() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return path.exists()
+    return check()
 
 
 def waiting_loader(received: str, stalled: str, name: str, options: LoadOptions) -> WaitsForTheDriver:
@@ -322,6 +327,51 @@ def test_each_batch_reaches_the_driver_while_the_replica_predicts_the_next(
                       executor_wrapper=lambda executor: SaysItReceived(executor, received))
     assert summary.done == len(list(photo_dir.iterdir())) > 2 and not summary.failed
     assert not stalled.exists(), stalled.read_text()
+
+
+class WaitsForTheNextBatch(CaptionerWrapper):
+    """A real captioner that holds its first batch until an image of another batch has had its
+    input made in this replica (the decoding threads run `preprocess`), and notes in `stalled` a
+    wait that ran out: a replica that took one batch at a time would never get there."""
+
+    def __init__(self, inner: Captioner, stalled: str) -> None:
+        super().__init__(inner)
+        self.stalled, self.made, self.first = Path(stalled), set(), True
+
+    def __getattribute__(self, name: str):
+        if name == "preprocess":
+            return object.__getattribute__(self, "_noted")
+        return super().__getattribute__(name)
+
+    def _noted(self, image: Image.Image):
+        self.made.add(image.size)
+        return self.inner.preprocess(image)
+
+    def caption(self, images, options, prompts=None):
+        if self.first:
+            self.first = False
+            mine = {image.size for image in images}
+            if not _comes_true(lambda: bool(self.made - mine), seconds=30):
+                self.stalled.write_text("no other batch was decoded while the first was predicted\n")
+        return self.inner.caption(images, options, prompts)
+
+
+def next_batch_loader(stalled: str, name: str, options: LoadOptions) -> WaitsForTheNextBatch:
+    return WaitsForTheNextBatch(load(name, options), stalled)
+
+
+def test_a_replica_decodes_the_next_batch_while_it_predicts_one(
+        ray_local, blip_dir, blip_fp32, many_photos, tmp_path):
+    """One replica, batches of two: while the model predicts a batch, the next batch's images are
+    decoded and made into inputs, and the captions are the local engine's."""
+    stalled = tmp_path / "stalled"
+    model = ModelRecipe(str(blip_dir), FP32, loader=functools.partial(next_batch_loader, str(stalled)))
+    summary = ray_run(model, [str(many_photos)], tmp_path / "ray", ONE_REPLICA, batch_size=2)
+    assert summary.done == 24 and not summary.failed
+    assert not stalled.exists(), stalled.read_text()
+    Pipeline(blip_fp32, GEN, RunOptions(output_dir=tmp_path / "local", progress=False,
+                                        batch_size=2)).run([str(many_photos)])
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
 
 
 @pytest.fixture(scope="module")

@@ -83,8 +83,22 @@ def test_the_actor_pool_is_spelt_as_each_release_wants(monkeypatch, ray, version
 
         assert isinstance(arguments["compute"], ActorPoolStrategy)
         assert arguments["compute"].min_size == arguments["compute"].max_size == 3
+        assert arguments["compute"].max_concurrent_calls_per_actor == ray_engine.CALLS_PER_REPLICA
+        assert arguments["compute"].enable_true_multi_threading
     else:
         assert arguments["concurrency"] == 3
+
+
+def test_a_release_whose_pool_runs_one_call_at_a_time_gets_a_plain_pool(monkeypatch, ray):
+    """Before Ray Data could run an actor's calls at once, a replica takes its batches in turn."""
+    import ray.data
+
+    def older_strategy(*, size: int, max_tasks_in_flight_per_actor: int | None = None):
+        return ("pool", size)
+
+    monkeypatch.setattr(ray, "__version__", "2.55.0")
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", older_strategy)
+    assert ray_engine.actor_pool_arguments(2) == {"compute": ("pool", 2)}
 
 
 def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch, ray):

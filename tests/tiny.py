@@ -76,9 +76,9 @@ def bpe_tokenizer(extra_special: tuple[str, ...] = ()):
     return fast
 
 
-def _vision(image_size: int = 32) -> dict:
+def _vision(image_size: int = 32, patch_size: int = 8) -> dict:
     return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "image_size": image_size, "patch_size": 8}
+            "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size}
 
 
 def _bert_text(vocab: int) -> dict:
@@ -86,8 +86,8 @@ def _bert_text(vocab: int) -> dict:
             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64}
 
 
-def build_blip(directory: Path, seed: int = 0) -> Path:
-    """BLIP for conditional generation."""
+def build_blip(directory: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """BLIP for conditional generation (at `image_size` px, as big BLIPs are at 384)."""
     from transformers import (
         BlipConfig,
         BlipForConditionalGeneration,
@@ -97,11 +97,10 @@ def build_blip(directory: Path, seed: int = 0) -> Path:
 
     tokenizer = wordpiece_tokenizer(extra_special=("[DEC]",))
     tokenizer.bos_token = "[DEC]"
-    image_size = 32
     text = _bert_text(len(tokenizer))
     text.update(bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"),
                 sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = _vision(image_size)
+    vision = _vision(image_size, patch_size)
     config = BlipConfig(text_config=text, vision_config=vision)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()

@@ -17,7 +17,8 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -32,10 +33,14 @@ from captionkit.predictions import Prediction, regions_from_json, regions_to_jso
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from PIL import Image
 
     from captionkit.pipeline import Pipeline
     from captionkit.scoring import ClipScorer
 
+CALLS_PER_REPLICA = 2
+"""Batches a replica holds at once: one decodes in its threads while another is predicted on the
+replica's one model thread, so an accelerator does not wait for the host between batches."""
 
 
 @dataclass(frozen=True)
@@ -137,12 +142,19 @@ def ray_version() -> tuple[int, int]:
 def actor_pool_arguments(size: int) -> dict[str, Any]:
     """`map_batches` arguments for a fixed pool of `size` actors, as this Ray release spells them:
     `concurrency=size` from 2.9 (which deprecated `compute=`) until 2.51, which deprecated
-    `concurrency` for `compute=ActorPoolStrategy(size=...)` again."""
+    `concurrency` for `compute=ActorPoolStrategy(size=...)` again. Where the strategy can run
+    several calls of one actor at once, each replica takes `CALLS_PER_REPLICA` batches."""
     if (2, 9) <= ray_version() < (2, 51):
         return {"concurrency": size}
     from ray.data import ActorPoolStrategy
 
-    return {"compute": ActorPoolStrategy(size=size)}
+    overlap: dict[str, Any] = {}
+    parameters = inspect.signature(ActorPoolStrategy).parameters
+    if CALLS_PER_REPLICA > 1 and "enable_true_multi_threading" in parameters:
+        # without it Ray Data runs one call of an actor at a time, whatever the concurrency
+        overlap = {"max_concurrent_calls_per_actor": CALLS_PER_REPLICA,
+                   "enable_true_multi_threading": True}
+    return {"compute": ActorPoolStrategy(size=size, **overlap)}
 
 
 def restart_arguments(task_retries: int) -> dict[str, Any]:
@@ -188,9 +200,25 @@ def _result_schema() -> pa.Schema:
                       ("regions", pa.string()), ("refusal", pa.string()), ("refusal_type", pa.string())])
 
 
+class ModelThread(Predictor):
+    """A predictor that concurrent calls share: every batch is predicted on one thread of its own,
+    in turn. The model then has one OpenMP team, and CUDA graphs replay on the thread that
+    recorded them, while each call's images decode in that call's threads."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="captionkit-model")
+
+    def predict(self, images: Sequence[Image.Image],
+                prompts: Sequence[str | None]) -> list[Prediction | str]:
+        return self.thread.submit(super().predict, images, prompts).result()
+
+
 class CaptionActor:
     """One model replica: loads the model once, then predicts Ray Data batches of work rows
-    (index, path, name, prompt) into result rows with the local engine's executor."""
+    (index, path, name, prompt) into result rows with the local engine's executor. Calls may run
+    at once (`CALLS_PER_REPLICA`): they share the executor, so an image predicted by one is known
+    to the others, and the model thread, so one batch is predicted at a time."""
 
     def __init__(self, plan: WorkerPlan) -> None:
         # A captionkit error (no such model, another resume key) goes back as the rows' answer
@@ -223,7 +251,7 @@ class CaptionActor:
 
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             decoding = replace(decoding, workers=min(8, math.ceil(cpus) + 2))
-        predictor = Predictor(captioner, plan.generation, scorer, plan.batch_size)
+        predictor = ModelThread(captioner, plan.generation, scorer, plan.batch_size)
         return LocalExecutor(predictor, decoding, {}, {})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
