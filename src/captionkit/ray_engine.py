@@ -246,7 +246,9 @@ class CaptionActor:
                 f"{captioner.device}, which the driver did not plan with: describe the model with "
                 "ray_engine.describe (the workers' own load), or pass --dtype and --device explicitly")
         decoding = plan.decoding
-        if decoding.workers is None:  # the threads of the CPUs this replica holds, not the node's
+        # the threads of the CPUs this replica holds, not the node's, for each of its calls: when
+        # the model is the limit only one call decodes at a time (benchmarks/RESULTS.md)
+        if decoding.workers is None:
             import ray
 
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
