@@ -9,9 +9,9 @@ its real weights) predicts, then the model's thread sleeps out the rest of the b
 First one run with no stand-in time measures the host's feeding rate: images per second of the
 steady part of the run (after its first batch), less the small model's own time. The stand-in
 then runs at `--accelerator-share` of that rate (1.0: the two are equal, where overlapping can at
-best double the rate). Then runs alternate between one batch per replica
-at a time (`CALLS_PER_REPLICA = 1`, as before) and captionkit's default, on the harness's images
-(half 12 MP JPEGs), one replica holding every CPU. Captions must match.
+best double the rate). Then runs alternate between one batch per replica at a time
+(`CALLS_PER_REPLICA = 1`, as before) and captionkit's default, on the harness's images (half 12 MP
+JPEGs), one replica holding every CPU. Captions must match.
 
     python benchmarks/ray_overlap.py --images 192 --runs 2 --out benchmarks/results/ray-overlap.json
     python benchmarks/ray_overlap.py --quick --out /tmp/ray-overlap.json   # about a minute
@@ -79,9 +79,9 @@ def accelerator_loader(seconds_per_image: float, name: str, options) -> Accelera
 
 
 def ray_run(model_dir: Path, inputs: list[str], out: Path, engine, batch_size: int,
-            seconds_per_image: float, calls: int) -> tuple[float, dict, float | None, str]:
-    """One `--engine ray` run with `calls` batches per replica at once: seconds, summary, steady
-    images/s and captions."""
+            seconds_per_image: float, calls: int) -> tuple[float, float | None, str]:
+    """One `--engine ray` run with `calls` batches per replica at once: seconds, steady images/s
+    and captions."""
     from captionkit import ray_engine
     from captionkit.options import GenerationOptions, LoadOptions
     from captionkit.pipeline import RunOptions
@@ -95,7 +95,7 @@ def ray_run(model_dir: Path, inputs: list[str], out: Path, engine, batch_size: i
         recipe, generation, RunOptions(output_dir=out, progress=False, batch_size=batch_size), engine)
     seconds, summary = caption_run(pipeline, inputs, executor)
     assert summary["done"] == len(inputs) and not summary["failed"], summary
-    return seconds, summary, steady_rate(out), captions(out)
+    return seconds, steady_rate(out), captions(out)
 
 
 def feeding_rate(folder: Path) -> float:
@@ -134,9 +134,8 @@ def main() -> None:
     run = functools.partial(ray_run, model_dir, inputs, engine=engine, batch_size=args.batch_size)
     contenders = {"one batch at a time": 1, "decode while predicting": ray_engine.CALLS_PER_REPLICA}
 
-    run(out / "host", seconds_per_image=0.0, calls=1)
+    _, _, reference = run(out / "host", seconds_per_image=0.0, calls=1)
     host_rate = feeding_rate(out / "host")
-    reference = captions(out / "host")
     accelerator_rate = host_rate * args.accelerator_share
     timings: dict[str, list[float]] = {name: [] for name in contenders}
     steady: dict[str, list[float]] = {name: [] for name in contenders}
@@ -144,8 +143,8 @@ def main() -> None:
     for index in range(args.runs):
         order = list(contenders) if index % 2 == 0 else list(contenders)[::-1]
         for name in order:
-            seconds, _, rate, text = run(out / name.replace(" ", "-"), seconds_per_image=1 / accelerator_rate,
-                                         calls=contenders[name])
+            seconds, rate, text = run(out / name.replace(" ", "-"), seconds_per_image=1 / accelerator_rate,
+                                      calls=contenders[name])
             timings[name].append(round(seconds, 2))
             steady[name].append(round(rate, 3))
             identical &= text == reference
