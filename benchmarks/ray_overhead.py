@@ -170,8 +170,7 @@ def main() -> None:
         "first_batch_seconds": first_batch,
         "captions_identical": texts["local"] == texts["ray"],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.save(result, args.out)
     print(json.dumps({k: result[k] for k in ("setup_seconds", "seconds", "ray_over_local",
                                                 "steady_ray_over_local", "first_batch_seconds",
                                                 "captions_identical")}, indent=2))
