@@ -362,6 +362,24 @@ def test_gpu_jpeg_and_cuda_graphs_are_run_options_in_the_resume_key(loaded, mode
     assert blip2.identity() == {**on_cpu.identity(), "steps": "cuda-graphs"}
 
 
+def test_a_ray_driver_plans_nvjpeg_as_its_workers_do(loaded, models, monkeypatch):
+    """Under `--engine ray` the driver keys the run from a worker's report of the model, which
+    says whether its preprocessing takes JPEG bytes: the key is the one a worker computes."""
+    from captionkit import ray_engine
+    from captionkit.pipeline import run_identity
+
+    blip = loaded("blip")
+    described = ray_engine._describe(ray_engine.ModelRecipe(str(models["blip"]), FP32))
+    assert described["takes_jpeg_bytes"]
+    monkeypatch.setattr(blip, "device", torch.device("cuda"))
+    remote = ray_engine.RemoteCaptioner({**described, "device": "cuda"})
+    assert run_identity(remote, GEN, gpu_jpeg=True) == run_identity(blip, GEN, gpu_jpeg=True)
+    assert run_identity(remote, GEN, gpu_jpeg=True)["decoder"] == "nvjpeg"
+    objects = ray_engine.RemoteCaptioner({**ray_engine._describe(ray_engine.ModelRecipe("objects")),
+                                          "device": "cuda"})
+    assert not objects.takes_jpeg_bytes() and "decoder" not in run_identity(objects, GEN, gpu_jpeg=True)
+
+
 def test_gpu_jpeg_and_cuda_graphs_are_caption_flags():
     from typer.testing import CliRunner
 

@@ -238,6 +238,18 @@ def test_a_worker_that_would_record_under_another_key_refuses(ray_local, blip_di
         pipeline.run([str(photo_dir)], executor=executor)
 
 
+def test_gpu_jpeg_runs_on_ray_with_the_key_its_workers_compute(ray_local, blip_dir, blip_fp32, photo_dir,
+                                                               tmp_path):
+    """The workers check the driver's resume key against their own, which `--gpu-jpeg` is part of
+    where nvJPEG runs; on the CPU it does not, and the run is the local one's."""
+    local = Pipeline(blip_fp32, GEN, RunOptions(output_dir=tmp_path / "local", progress=False,
+                                                gpu_jpeg=True)).run([str(photo_dir)])
+    summary = ray_run(ModelRecipe(str(blip_dir), FP32), [str(photo_dir)], tmp_path / "ray", ONE_REPLICA,
+                      gpu_jpeg=True)
+    assert summary.done == local.done > 0
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+
+
 def test_a_model_the_workers_cannot_load_reads_as_the_local_error(ray_local, tmp_path):
     from captionkit.errors import ModelNotFoundError
 

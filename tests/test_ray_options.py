@@ -108,16 +108,6 @@ def test_restarts_are_explicit_until_ray_drops_the_argument(monkeypatch, ray):
     assert ray_engine.restart_arguments(5) == {}
 
 
-def test_gpu_jpeg_is_refused_before_ray_starts(monkeypatch, ray, tmp_path):
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a run it refuses")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    with pytest.raises(OptionError, match="--gpu-jpeg runs with --engine local for now"):
-        ray_engine.pipeline_for(ray_engine.ModelRecipe("objects"), GenerationOptions(),
-                                RunOptions(output_dir=tmp_path, gpu_jpeg=True), EngineOptions(engine="ray"))
-
-
 @pytest.mark.parametrize(("engine", "device"), [("local", "cuda"), ("ray", "cpu")])
 def test_the_driver_loads_the_gate_scorer_on_its_cpu_under_ray(monkeypatch, tmp_path, engine, device):
     from typer.testing import CliRunner

@@ -158,7 +158,7 @@ def jpegs_on_gpu(captioner: Captioner, asked: bool, scorer: ClipScorer | None) -
     """Whether a run decodes JPEGs with nvJPEG: asked, on a CUDA model whose `preprocess` takes
     JPEG bytes, and without a scorer (which needs the CPU's pixels)."""
     on_cuda = getattr(captioner.device, "type", captioner.device) == "cuda"
-    return asked and on_cuda and scorer is None and hasattr(captioner.preprocess, "from_jpeg")
+    return asked and on_cuda and scorer is None and captioner.takes_jpeg_bytes()
 
 
 @dataclass

@@ -388,8 +388,6 @@ def pipeline_for(model: ModelRecipe, generation: GenerationOptions, options: Run
 
     if engine.engine == "local":
         return Pipeline(model.build(), generation, options, scorer), None
-    if options.gpu_jpeg:
-        raise OptionError("--gpu-jpeg runs with --engine local for now: drop one of them")
     if scorer is None:  # the driver needs only the scorer's name and scale, for the resume key
         scorer = gate.load_scorer(options.gate, generation, "cpu")
     pipeline = Pipeline(describe(model, engine), generation, options, scorer)
@@ -407,9 +405,13 @@ class RemoteCaptioner(Captioner):
             setattr(self, name, described[name])
         self.device = torch.device(described["device"])
         self._identity = described["identity"]
+        self._takes_jpeg_bytes = described["takes_jpeg_bytes"]
 
     def identity(self) -> dict:
         return dict(self._identity)
+
+    def takes_jpeg_bytes(self) -> bool:
+        return self._takes_jpeg_bytes
 
     def caption(self, images, options, prompts=None):
         raise CaptionkitError(f"{self.model_id} runs on Ray workers: caption through a Pipeline "
@@ -418,7 +420,7 @@ class RemoteCaptioner(Captioner):
 
 _DESCRIBED = sorted(DECLARED - {"device", "preprocess"})
 """What a worker reports of the model it loaded (the device goes as its name; its preprocessing
-runs where it loaded)."""
+runs where it loaded, and is reported only as whether it takes JPEG bytes)."""
 
 
 def _quiet_transformers() -> None:
@@ -435,7 +437,8 @@ def _describe(model: ModelRecipe) -> dict:
     _quiet_transformers()
     captioner = model.build()
     described = {name: getattr(captioner, name) for name in _DESCRIBED}
-    return {**described, "device": str(captioner.device), "identity": captioner.identity()}
+    return {**described, "device": str(captioner.device), "identity": captioner.identity(),
+            "takes_jpeg_bytes": captioner.takes_jpeg_bytes()}
 
 
 def describe(model: ModelRecipe, engine: EngineOptions) -> RemoteCaptioner:

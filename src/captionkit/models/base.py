@@ -60,6 +60,11 @@ class Captioner:
         """What makes this model's outputs differ from another's, for the resume key."""
         return {"model": self.model_id, "variant": self.variant, "fingerprint": self.fingerprint}
 
+    def takes_jpeg_bytes(self) -> bool:
+        """Whether its `preprocess` also makes inputs from a JPEG's bytes on the model's device
+        (`from_jpeg`: nvJPEG on CUDA, for `--gpu-jpeg`)."""
+        return hasattr(self.preprocess, "from_jpeg")
+
 
 class CaptionerWrapper(Captioner):
     """A captioner that adds behaviour around another: every declared attribute is the inner
