@@ -28,14 +28,16 @@ from captionkit.preprocess import FixedSize
 
 FP32 = LoadOptions(device="cpu", dtype="float32")
 GEN = GenerationOptions(max_new_tokens=8)
-FAST = ("blip", "blip2", "blip2-t5", "instructblip")
+FAST = ("blip", "blip2", "blip2-t5", "instructblip", "vit-gpt2", "florence2")
 PROMPTS = {"blip": "a picture of", "blip2": "Question: what is this? Answer:",
-           "blip2-t5": "Question: what is this? Answer:", "instructblip": "Describe the image."}
+           "blip2-t5": "Question: what is this? Answer:", "instructblip": "Describe the image.",
+           "vit-gpt2": None, "florence2": "<DETAILED_CAPTION>"}
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    return {**tiny_models, "instructblip": tiny.build_instructblip(tmp_path_factory.mktemp("iblip"))}
+    return {**tiny_models, "instructblip": tiny.build_instructblip(tmp_path_factory.mktemp("iblip")),
+            "florence2": tiny.build_florence2(tmp_path_factory.mktemp("florence2"))}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,7 @@ def test_fixed_size_declines_processors_it_does_not_reproduce():
 
 
 def test_families_that_keep_their_processor_declare_nothing(loaded):
-    for family in ("git", "vit-gpt2"):
-        assert loaded(family).preprocess is None
+    assert loaded("git").preprocess is None  # a shortest edge, then a center crop
     for family in FAST:
         assert isinstance(loaded(family).preprocess, FixedSize)
 
@@ -105,7 +106,7 @@ def test_encode_from_attached_pixels_equals_the_processors_inputs(loaded, photos
     rows = preprocess.stacked([captioner.preprocess(image) for image in images], pin=False)
     for index, image in enumerate(images):
         preprocess.attach(image, captioner.preprocess, rows, index)
-    for prompt in (None, PROMPTS[family]):
+    for prompt in dict.fromkeys((None, PROMPTS[family])):
         fast = captioner.encode(images, prompt)
         fresh = [image.copy() for image in images]  # copies carry the info but are other images
         reference = captioner.encode(fresh, prompt)

@@ -14,6 +14,7 @@ class Florence2Captioner(HFCaptioner):
     """Florence-2 (DaViT + BART): task tokens such as `<CAPTION>` are its prompts."""
 
     model_class = "Florence2ForConditionalGeneration"
+    pixels_in_threads = True
     default_prompt = "<CAPTION>"
     detail_prompts = {"brief": "<CAPTION>", "detailed": "<DETAILED_CAPTION>",
                       "more-detailed": "<MORE_DETAILED_CAPTION>"}

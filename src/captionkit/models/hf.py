@@ -100,7 +100,7 @@ class HFCaptioner(Captioner):
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
         """Model inputs for a batch sharing one prompt: the pixel values the decoding threads made,
         when every image carries them, else the processor's."""
-        pixels = gathered(images, self.preprocess) if self.preprocess is not None else None
+        pixels = self.pixels_made_in_threads(images)
         if pixels is not None:
             beside = self._prompt_inputs(prompt, tuple(pixels.shape[1:]))
             return {**{key: value.repeat(len(images), *[1] * (value.dim() - 1))
@@ -108,6 +108,11 @@ class HFCaptioner(Captioner):
         if prompt is None:
             return self.processor(images=images, return_tensors="pt")
         return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt")
+
+    def pixels_made_in_threads(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """The batch's pixel values as the decoding threads made them (a view of the stacked
+        batch); None when the family makes its own or an image came without them."""
+        return gathered(images, self.preprocess) if self.preprocess is not None else None
 
     def _inputs_beside_pixels(self, prompt: str | None, shape: tuple[int, ...]) -> dict:
         """What the processor gives besides pixel values for one image asked `prompt` (token ids,
@@ -294,6 +299,7 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
 
     model_class = "VisionEncoderDecoderModel"
     accepts_prompt = False
+    pixels_in_threads = True
 
     def load_processor(self, path: Path):
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -306,7 +312,10 @@ class VisionEncoderDecoderCaptioner(HFCaptioner):
         return self._tokenizer
 
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
-        return {"pixel_values": self.processor(images=images, return_tensors="pt").pixel_values}
+        pixels = self.pixels_made_in_threads(images)
+        if pixels is None:
+            pixels = self.processor(images=images, return_tensors="pt").pixel_values
+        return {"pixel_values": pixels}
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
