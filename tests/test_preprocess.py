@@ -28,16 +28,19 @@ from captionkit.preprocess import FixedSize
 
 FP32 = LoadOptions(device="cpu", dtype="float32")
 GEN = GenerationOptions(max_new_tokens=8)
-FAST = ("blip", "blip2", "blip2-t5", "instructblip", "vit-gpt2", "florence2")
+FAST = ("blip", "blip2", "blip2-t5", "instructblip", "vit-gpt2", "florence2", "git", "kosmos2")
 PROMPTS = {"blip": "a picture of", "blip2": "Question: what is this? Answer:",
            "blip2-t5": "Question: what is this? Answer:", "instructblip": "Describe the image.",
-           "vit-gpt2": None, "florence2": "<DETAILED_CAPTION>"}
+           "vit-gpt2": None, "florence2": "<DETAILED_CAPTION>", "git": "what is in the picture?",
+           "kosmos2": "<grounding> Describe this image in detail:"}
 
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return {**tiny_models, "instructblip": tiny.build_instructblip(tmp_path_factory.mktemp("iblip")),
-            "florence2": tiny.build_florence2(tmp_path_factory.mktemp("florence2"))}
+            "florence2": tiny.build_florence2(tmp_path_factory.mktemp("florence2")),
+            "kosmos2": tiny.build_kosmos2(tmp_path_factory.mktemp("kosmos2")),
+            "llava": tiny.build_llava(tmp_path_factory.mktemp("llava"))}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +74,18 @@ def mixed_folder(tmp_path, photo_dir) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("size", [384, 32])
-def test_fixed_size_gives_the_processors_pixels_bit_for_bit(shapes, size):
-    processor = BlipImageProcessor(size={"height": size, "width": size})
+@pytest.mark.parametrize(("processor", "declared"), [
+    (BlipImageProcessor(size={"height": 384, "width": 384}), (384, 384, "bicubic", None)),
+    (BlipImageProcessor(size={"height": 32, "width": 32}), (32, 32, "bicubic", None)),
+    (CLIPImageProcessor(), (224, 224, "bicubic", 224)),  # GIT's: the shorter side, then the centre
+    (CLIPImageProcessor(size={"shortest_edge": 225}, crop_size={"height": 223, "width": 221}),
+     (223, 221, "bicubic", 225)),  # odd margins: the crop's offsets truncate
+    (CLIPImageProcessor(size={"shortest_edge": 224}, use_square_size=True), (224, 224, "bicubic", None)),
+], ids=["blip-384", "blip-32", "git", "odd-crop", "kosmos-2"])
+def test_fixed_size_gives_the_processors_pixels_bit_for_bit(shapes, processor, declared):
     spec = FixedSize.of(processor)
-    assert spec is not None and (spec.height, spec.width, spec.interpolation) == (size, size, "bicubic")
+    assert spec is not None
+    assert (spec.height, spec.width, spec.interpolation, spec.shortest_edge) == declared
     for image in shapes:
         expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
         made = spec(image)
@@ -86,7 +96,9 @@ def test_fixed_size_gives_the_processors_pixels_bit_for_bit(shapes, size):
 def test_fixed_size_declines_processors_it_does_not_reproduce():
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    assert FixedSize.of(CLIPImageProcessor()) is None  # shortest edge, then a center crop
+    assert FixedSize.of(CLIPImageProcessor(do_center_crop=False)) is None  # each image its own size
+    assert FixedSize.of(CLIPImageProcessor(size={"shortest_edge": 200})) is None  # a crop that pads
+    assert FixedSize.of(CLIPImageProcessor(size={"height": 256, "width": 256})) is None  # then 224
     assert FixedSize.of(BlipImageProcessor(do_normalize=False)) is None
     assert FixedSize.of(BlipImageProcessor(resample=1)) is None  # Lanczos
     # Pillow's resize rounds differently from torchvision's: the probe images catch it
@@ -94,7 +106,7 @@ def test_fixed_size_declines_processors_it_does_not_reproduce():
 
 
 def test_families_that_keep_their_processor_declare_nothing(loaded):
-    assert loaded("git").preprocess is None  # a shortest edge, then a center crop
+    assert loaded("llava").preprocess is None  # a chat VLM: its processor also expands the prompt
     for family in FAST:
         assert isinstance(loaded(family).preprocess, FixedSize)
 

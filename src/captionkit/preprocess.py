@@ -1,7 +1,8 @@
 """Model-ready pixels made in the decoding threads instead of the model's.
 
-A captioner whose image processor only resizes to a fixed size, rescales and normalizes (BLIP,
-BLIP-2) declares a `FixedSize` as its `preprocess`. The executor then runs it in each decoding
+A captioner whose image processor only resizes to a fixed size (or its shorter side to a length,
+then crops the centre), rescales and normalizes (BLIP, BLIP-2, GIT, ViT-GPT2) declares a
+`FixedSize` as its `preprocess`. The executor then runs it in each decoding
 thread, stacks a batch's rows (into pinned memory for a CUDA model) while the batch before it is
 predicted, and hands them over on the images themselves (`attach`), so the predictor still takes
 decoded images and any engine that does not attach pixels gets the processor's path.
@@ -24,9 +25,10 @@ from captionkit import sources
 
 PIXELS = "captionkit.pixels"
 """`Image.info` key of a decoded image whose model inputs were made in a decoding thread."""
-PROBE_SIZES = ((97, 61), (517, 389))
-"""Probe images (width, height) that `FixedSize.of` compares with the processor: one enlarged, one
-shrunk, neither square, so a mismatch in either direction of the resize shows."""
+PROBE_SIZES = ((97, 61), (389, 517))
+"""Probe images (width, height) that `FixedSize.of` compares with the processor: one enlarged and
+wide, one shrunk and tall, so a mismatch in either direction of the resize, or in which side is
+the shorter, shows."""
 
 _PINNING = threading.Lock()
 _STREAMS = threading.local()
@@ -34,16 +36,22 @@ _STREAMS = threading.local()
 
 @dataclass(frozen=True)
 class FixedSize:
-    """A fixed-size image processor's resize, rescale and normalize, with the processor's own
-    torchvision operations in its order, so the pixels are bit-identical to the processor's."""
+    """A fixed-size image processor's resize (and centre crop), rescale and normalize, with the
+    processor's own torchvision operations in its order, so the pixels are bit-identical to the
+    processor's."""
 
     height: int
     width: int
+    """The model input's size."""
     interpolation: str
     """torchvision's InterpolationMode value: "bilinear" or "bicubic"."""
     mean: tuple[float, ...]
     """Per channel, in the 0-255 units of the uint8 image (the processor folds the rescale in)."""
     std: tuple[float, ...]
+    shortest_edge: int | None = None
+    """When set, the resize takes the shorter side to this length, keeping the aspect ratio, and
+    the centre height x width is cropped from it (GIT's and CLIP's processors); None: the resize
+    goes straight to height x width."""
     _constants: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -63,20 +71,16 @@ class FixedSize:
     @classmethod
     def _declared(cls, processor) -> FixedSize | None:
         """What the processor's settings ask for, when they ask for nothing else."""
-        size = getattr(processor, "size", None)
-        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
         steps = [getattr(processor, name, False) for name in ("do_resize", "do_rescale", "do_normalize")]
-        extra = [getattr(processor, name, False) for name in ("do_center_crop", "do_pad")]
         interpolation = _interpolation(getattr(processor, "resample", None))
-        if (not (all(steps) and get("height") and get("width") and interpolation) or any(extra)
-                or get("shortest_edge") or get("longest_edge")):
+        shape = _output_shape(processor)
+        if not (all(steps) and interpolation and shape) or getattr(processor, "do_pad", False):
             return None
         # the processor's own fold of the rescale into mean and std, in float32
         scale = 1.0 / processor.rescale_factor
         mean = torch.tensor(_per_channel(processor.image_mean)) * scale
         std = torch.tensor(_per_channel(processor.image_std)) * scale
-        return cls(int(get("height")), int(get("width")), interpolation, tuple(mean.tolist()),
-                   tuple(std.tolist()))
+        return cls(*shape[:2], interpolation, tuple(mean.tolist()), tuple(std.tolist()), shape[2])
 
     def _matches(self, processor, probe: Image.Image) -> bool:
         expected = processor(images=[probe], return_tensors="pt")["pixel_values"]
@@ -96,8 +100,14 @@ class FixedSize:
         """The model input of a uint8 C x H x W image on any device."""
         from torchvision.transforms.v2 import InterpolationMode, functional
 
-        resized = functional.resize(pixels, [self.height, self.width],
-                                    interpolation=InterpolationMode(self.interpolation), antialias=True)
+        interpolation = InterpolationMode(self.interpolation)
+        if self.shortest_edge is None:
+            resized = functional.resize(pixels, [self.height, self.width], interpolation=interpolation,
+                                        antialias=True)
+        else:
+            size = shorter_side_to(*pixels.shape[-2:], self.shortest_edge)
+            resized = centre(functional.resize(pixels, list(size), interpolation=interpolation,
+                                               antialias=True), self.height, self.width)
         floats = resized.to(torch.float32, memory_format=torch.contiguous_format)
         mean, std = self._on(floats.device)
         return functional.normalize(floats, mean, std, inplace=True)
@@ -119,6 +129,48 @@ class FixedSize:
                 torch.cuda.current_stream(device).synchronize()
             self._constants[device] = made
         return self._constants[device]
+
+
+def shorter_side_to(height: int, width: int, edge: int) -> tuple[int, int]:
+    """(height, width) with the shorter side at `edge` and the longer one scaled and truncated, as
+    transformers' processors (and torchvision) compute it."""
+    if width <= height:
+        return int(edge * height / width), edge
+    return edge, int(edge * width / height)
+
+
+def centre(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre height x width of a C x H x W image at least that big, offsets truncated as
+    transformers' processors do (torchvision's own centre crop rounds them)."""
+    top = int((pixels.shape[-2] - height) / 2.0)
+    left = int((pixels.shape[-1] - width) / 2.0)
+    return pixels[..., top:top + height, left:left + width]
+
+
+def _output_shape(processor) -> tuple[int, int, int | None] | None:
+    """(height, width, shortest edge or None) of the processor's fixed output; None when its size
+    depends on the image: a shorter side without a crop, or a crop needing padding."""
+    size = _sides(getattr(processor, "size", None))
+    cropped = getattr(processor, "do_center_crop", False)
+    crop = _sides(getattr(processor, "crop_size", None)) if cropped else {}
+    to_crop = (crop.get("height"), crop.get("width"))
+    if size["longest_edge"]:
+        return None
+    if size["shortest_edge"] and not size["height"]:
+        edge = int(size["shortest_edge"])
+        if all(to_crop) and max(to_crop) <= edge:
+            return int(to_crop[0]), int(to_crop[1]), edge
+        return None
+    fixed = (size["height"], size["width"])
+    if all(fixed) and (not cropped or to_crop == fixed):  # a crop to the resized size keeps it all
+        return int(fixed[0]), int(fixed[1]), None
+    return None
+
+
+def _sides(size) -> dict:
+    """A processor's size or crop size (a dict, or transformers' SizeDict) as a plain dict."""
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    return {key: get(key) for key in ("height", "width", "shortest_edge", "longest_edge")}
 
 
 def _interpolation(resample) -> str | None:

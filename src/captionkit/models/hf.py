@@ -281,9 +281,12 @@ class GitCaptioner(HFCaptioner):
     """GIT: a decoder-only model whose prompt follows the [CLS] token, as in its VQA recipe."""
 
     model_class = "GitForCausalLM"
+    pixels_in_threads = True
 
     def encode(self, images: list[Image.Image], prompt: str | None) -> dict:
-        inputs = dict(self.processor(images=images, return_tensors="pt"))
+        pixels = self.pixels_made_in_threads(images)
+        inputs = ({"pixel_values": pixels} if pixels is not None
+                  else dict(self.processor(images=images, return_tensors="pt")))
         if prompt is not None:
             ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
             ids = [self.tokenizer.cls_token_id, *ids]

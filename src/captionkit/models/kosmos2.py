@@ -21,6 +21,7 @@ class Kosmos2Captioner(HFCaptioner):
     """Kosmos-2 with its `<grounding>` prompts; the prompt is cut from the front of the caption."""
 
     model_class = "Kosmos2ForConditionalGeneration"
+    pixels_in_threads = True
     grounded = True
     default_prompt = "<grounding>An image of"
     detail_prompts = {"brief": "<grounding>An image of",
