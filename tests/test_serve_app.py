@@ -410,6 +410,37 @@ def test_the_page_asks_for_the_key_when_the_server_has_one(blip_fp32, browser):
         assert httpx.get(f"{base}/v1/models").status_code == 401
 
 
+def test_uploads_become_model_inputs_in_the_decoding_threads(blip_fp32, photos, monkeypatch):
+    """The model's worker stacks inputs made where each upload was decoded, and the captions are
+    the processor's path's."""
+    import captionkit.models.hf as hf
+
+    files = []
+    for index, photo in enumerate(photos):
+        buffer = io.BytesIO()
+        photo.save(buffer, "JPEG", quality=90)
+        files.append(("image", (f"{index}.jpg", buffer.getvalue())))
+    decoded = [sources.decode(data, name, blip_fp32.input_size) for _, (name, data) in files]
+    expected = [caption.text for caption in blip_fp32.caption(decoded, FEW_TOKENS)]
+    spec, made_in, used, real_gathered = blip_fp32.preprocess, set(), [], hf.gathered
+
+    def recording(image):
+        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return spec(image)
+
+    def gathered(images, made_by):
+        used.append(real_gathered(images, made_by) is not None)
+        return real_gathered(images, made_by)
+
+    monkeypatch.setattr(hf, "gathered", gathered)
+    monkeypatch.setattr(blip_fp32, "preprocess", recording)
+    with serving(create_app(blip_fp32, ServeOptions(model="tiny-blip"), generation=FEW_TOKENS)) as base:
+        answer = httpx.post(f"{base}/v1/caption", files=files, timeout=120).json()
+    assert [result["caption"] for result in answer["results"]] == expected
+    assert len(set(expected)) > 2, "random-weight captions that differ per photo"
+    assert made_in == {"captionkit-decode"} and used and all(used)
+
+
 def test_a_scorer_adds_clipscores_and_keeps_the_best_candidate(blip_fp32, scorer, jpeg):
     from captionkit import gate
 

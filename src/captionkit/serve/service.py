@@ -10,16 +10,17 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from captionkit import gate
+from captionkit import gate, preprocess
 from captionkit.errors import CaptionkitError
+from captionkit.execute import default_workers
 from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
@@ -72,6 +73,11 @@ class Service:
         self.captions = self._batcher("caption", self._caption)
         self.segments = self._batcher("segment", self._segment) if segmenter is not None else None
         self.min_score = self._min_score()
+        # threads that run torch for the captioner's inputs get one intra-op thread each
+        pinned = preprocess.one_torch_thread if captioner.preprocess is not None else None
+        self.decoders = ThreadPoolExecutor(default_workers(), thread_name_prefix="captionkit-decode",
+                                           initializer=pinned)
+        """Where uploads are decoded, and made into the captioner's inputs when it says how."""
 
     def _min_score(self) -> float | None:
         """The lowest score among the regions the segmenter keeps (its threshold), if it says;
@@ -98,6 +104,7 @@ class Service:
     def close(self) -> None:
         for batcher in self._batchers():
             batcher.close()
+        self.decoders.shutdown(wait=False, cancel_futures=True)
 
     def _batchers(self) -> list[Batcher]:
         return [b for b in (self.captions, self.segments) if b is not None]
@@ -138,8 +145,8 @@ class Service:
         arrived = time.monotonic()
         if not batcher.has_room(len(uploads)):  # before decoding: a full queue answers at once
             raise _busy(batcher.retry_after())
-        images = await run_in_threadpool(
-            lambda: [inputs.decode(u, size, self.options.max_pixels) for u in uploads])
+        images = await asyncio.get_running_loop().run_in_executor(
+            self.decoders, self._decoded, uploads, size, batcher is self.captions)
         decoded = time.monotonic()
         try:
             job = batcher.submit(images, options, [prompt] * len(images), alone)
@@ -151,6 +158,19 @@ class Service:
                    "model_ms": job.finished - job.started, "total_ms": done - arrived}
         timings = {key: round(seconds * 1000, 2) for key, seconds in timings.items()}
         return Answer(predictions, images, {**timings, "batch_images": job.batch_images})
+
+    def _decoded(self, uploads: list[Upload], size: int | None, to_caption: bool) -> list[Image.Image]:
+        """The uploads decoded (in a decoding thread); images to caption carry their model input
+        when the captioner declares how to make it, so the model's thread does not."""
+        images = [inputs.decode(upload, size, self.options.max_pixels) for upload in uploads]
+        made_by = self.captioner.preprocess
+        for image in images if to_caption and made_by is not None else ():
+            try:
+                rows = made_by(image)[None]
+            except Exception:  # noqa: BLE001 - the processor's own path meets the problem, in the
+                continue  # batch, which isolates an image that breaks the model
+            preprocess.attach(image, made_by, rows, 0)
+        return images
 
     async def _wait(self, request: Request, batcher: Batcher, job: Job) -> list[Prediction]:
         """The job's predictions; a client that leaves or a request that times out leaves the queue."""
