@@ -121,6 +121,37 @@ def test_every_caption_is_stored_with_the_score_the_library_gives(baseline, capt
         assert "passed" not in record  # no threshold, no verdict
 
 
+def test_the_scorers_inputs_are_made_in_the_decoding_threads(captioner, scorer, photo_dir, tmp_path,
+                                                               monkeypatch):
+    """A CLIP whose processor `FixedSize` reproduces gets its pixel values made beside the
+    captioner's, in the decoding threads, and scores exactly as through its processor."""
+    import threading
+
+    from captionkit import scoring
+    from captionkit.preprocess import FixedSize
+
+    spec, made_in, used, real_gathered = scorer.preprocess, set(), [], scoring.gathered
+    assert isinstance(spec, FixedSize) and spec.shortest_edge == 32
+
+    def recording(image):
+        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return spec(image)
+
+    def gathered(images, made_by):
+        used.append(real_gathered(images, made_by) is not None)
+        return real_gathered(images, made_by)
+
+    monkeypatch.setattr(scoring, "gathered", gathered)
+    monkeypatch.setattr(scorer.encoder, "preprocess", recording)
+    run(captioner, scorer, [photo_dir], tmp_path / "threads")
+    assert made_in == {"captionkit-decode"} and used and all(used)
+    monkeypatch.setattr(scorer.encoder, "preprocess", None)
+    run(captioner, scorer, [photo_dir], tmp_path / "processor")
+    scored = [{name: (r["caption"], r["clip_score"]) for name, r in records(out).items()}
+              for out in (tmp_path / "threads", tmp_path / "processor")]
+    assert scored[0] == scored[1] and len(scored[0]) == 8
+
+
 def test_threshold_splits_images_exactly_by_the_stored_score(baseline, captioner, scorer, photo_dir,
                                                              tmp_path):
     threshold = baseline[1]

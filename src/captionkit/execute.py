@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from PIL import Image
@@ -44,8 +44,9 @@ class WorkItem:
     prompt: str | None = None
     reused: Prediction | None = None
     """The prediction the other decoding (draft or full) gave these same pixels."""
-    pixels: object | None = None
-    """The model's input made in the decoding thread (a tensor), when the captioner declares how."""
+    pixels: dict[object, object] = field(default_factory=dict)
+    """Inputs made in the decoding thread (tensors), by the preprocessing that made each: the
+    captioner's and the gate scorer's, where they declare one (`input_makers`)."""
 
     @property
     def reuse_key(self) -> ReuseKey:
@@ -154,6 +155,13 @@ class Decoding:
         return cls(options.workers, options.full_decode, options.max_pixels, options.gpu_jpeg)
 
 
+def input_makers(captioner: Captioner, scorer: ClipScorer | None) -> list[object]:
+    """The preprocessings whose inputs the decoding threads make for each image: the captioner's
+    and the gate scorer's, where each declares one; equal ones are made once."""
+    declared = (captioner.preprocess, getattr(scorer, "preprocess", None))
+    return list(dict.fromkeys(maker for maker in declared if maker is not None))
+
+
 def jpegs_on_gpu(captioner: Captioner, asked: bool, scorer: ClipScorer | None) -> bool:
     """Whether a run decodes JPEGs with nvJPEG: asked, on a CUDA model whose `preprocess` takes
     JPEG bytes, and without a scorer (which needs the CPU's pixels)."""
@@ -197,12 +205,14 @@ class LocalExecutor:
         captioner = predictor.captioner
         self.preprocess = captioner.preprocess
         """The captioner's image-to-input step for the decoding threads; None: it makes its own."""
+        self.makers = input_makers(captioner, predictor.scorer)
+        """Every image-to-input step the decoding threads run: the captioner's, the scorer's."""
         self.pin = getattr(captioner.device, "type", captioner.device) == "cuda"
         self.gpu_jpeg = jpegs_on_gpu(captioner, decoding.gpu_jpeg, predictor.scorer)
 
     def execute(self, items: list[WorkItem]) -> Iterator[list[Outcome]]:
         batches = self._batches(self._decoded(items))
-        if self.preprocess is not None:
+        if self.makers:
             batches = _prepared_ahead(batches, self._stack)
         for batch in batches:
             # a batch taken before out-of-memory halved the size goes in pieces of the new size
@@ -240,17 +250,19 @@ class LocalExecutor:
             target = None if self.decoding.full_decode else size
             item.image = sources.decode(data, item.ref.name, target, self.decoding.max_pixels,
                                         keep_original=self.predictor.captioner.decodes_again)
-            if self.preprocess is not None:
-                item.pixels = self._preprocessed(item.image)
+            item.pixels = self._preprocessed(item.image)
         except ImageError as err:
             item.error = err.reason
         return item
 
-    def _preprocessed(self, image: Image.Image):
-        try:
-            return self.preprocess(image)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 - the processor's own path then meets the problem,
-            return None  # in the predictor, which isolates an image that breaks the model
+    def _preprocessed(self, image: Image.Image) -> dict[object, object]:
+        made = {}
+        for maker in self.makers:
+            try:
+                made[maker] = maker(image)  # type: ignore[operator]
+            except Exception:  # noqa: BLE001 - the processor's own path then meets the problem,
+                continue  # in the predictor, which isolates an image that breaks the model
+        return made
 
     def _decoded_on_gpu(self, item: WorkItem, data: bytes) -> bool:
         """Decode a JPEG with nvJPEG and make its input on the GPU; False sends the file to the CPU
@@ -259,10 +271,10 @@ class LocalExecutor:
         if header is None:
             return False
         try:
-            item.pixels = self.preprocess.from_jpeg(data, self.predictor.captioner.device)  # type: ignore[union-attr]
+            made = self.preprocess.from_jpeg(data, self.predictor.captioner.device)  # type: ignore[union-attr]
         except RuntimeError:  # nvJPEG refuses some files libjpeg reads (and says why if it cannot)
             return False
-        item.image = header
+        item.image, item.pixels = header, {self.preprocess: made}
         return True
 
     def _decoded(self, items: list[WorkItem]) -> Iterator[WorkItem]:
@@ -270,7 +282,7 @@ class LocalExecutor:
         workers = self.decoding.workers or default_workers()
         ahead = max(2 * self.predictor.batch_size, workers)
         # threads that run torch for the inputs get one intra-op thread each, not a team each
-        pinned = preprocess.one_torch_thread if self.preprocess is not None else None
+        pinned = preprocess.one_torch_thread if self.makers else None
         with ThreadPoolExecutor(workers, thread_name_prefix="captionkit-decode",
                                 initializer=pinned) as pool:
             queue: deque[Future[WorkItem]] = deque()
@@ -290,15 +302,17 @@ class LocalExecutor:
                     future.cancel()
 
     def _stack(self, batch: list[WorkItem]) -> None:
-        """Stack the batch's inputs into one tensor (page-locked for a CUDA model) and hand each row
-        over with its image, where the captioner finds it."""
-        ready = [item for item in batch if item.pixels is not None]
-        if not ready:
-            return
-        rows = preprocess.stacked([item.pixels for item in ready], pin=self.pin)  # type: ignore[misc]
-        for index, item in enumerate(ready):
-            preprocess.attach(item.image, self.preprocess, rows, index)  # type: ignore[arg-type]
-            item.pixels = None
+        """Stack the batch's inputs into one tensor per preprocessing (page-locked for a CUDA model)
+        and hand each row over with its image, where the captioner and the scorer find them."""
+        for maker in self.makers:
+            ready = [item for item in batch if maker in item.pixels]
+            if not ready:
+                continue
+            rows = preprocess.stacked([item.pixels[maker] for item in ready], pin=self.pin)  # type: ignore[misc]
+            for index, item in enumerate(ready):
+                preprocess.attach(item.image, maker, rows, index)  # type: ignore[arg-type]
+        for item in batch:
+            item.pixels = {}
 
     def _finish(self, batch: list[WorkItem]) -> list[Outcome]:
         """Predict the batch's new images once per reuse key; the rest take a known prediction."""

@@ -230,9 +230,8 @@ def one_torch_thread() -> None:
 
 @dataclass(frozen=True, eq=False)
 class _Attached:
-    """A row of a stacked batch, made by `made_by` for one image object."""
+    """A row of a stacked batch, made for one image object."""
 
-    made_by: object
     batch: torch.Tensor
     index: int
     image: weakref.ref
@@ -250,8 +249,12 @@ def stacked(rows: list[torch.Tensor], pin: bool) -> torch.Tensor:
 
 
 def attach(image: Image.Image, made_by: object, batch: torch.Tensor, index: int) -> None:
-    """Hand row `index` of `batch` over with `image`, as made by the preprocessing `made_by`."""
-    image.info[PIXELS] = _Attached(made_by, batch, index, weakref.ref(image))
+    """Hand row `index` of `batch` over with `image`, as made by the preprocessing `made_by`; an
+    image carries one row per preprocessing (the captioner's, the gate scorer's)."""
+    rows = image.info.get(PIXELS)
+    earlier = rows if isinstance(rows, dict) else {}
+    # a new dict: images derived from this one share its info's values, not its rows
+    image.info[PIXELS] = {**earlier, made_by: _Attached(batch, index, weakref.ref(image))}
 
 
 def gathered(images: list[Image.Image], made_by: object) -> torch.Tensor | None:
@@ -260,8 +263,9 @@ def gathered(images: list[Image.Image], made_by: object) -> torch.Tensor | None:
     None. Consecutive rows of one stacked batch are returned as a view, without copying."""
     rows: list[_Attached] = []
     for image in images:
-        row = image.info.get(PIXELS)
-        if not isinstance(row, _Attached) or row.image() is not image or row.made_by != made_by:
+        attached = image.info.get(PIXELS)
+        row = attached.get(made_by) if isinstance(attached, dict) else None
+        if not isinstance(row, _Attached) or row.image() is not image:
             return None
         rows.append(row)
     first = rows[0]

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from captionkit import hub
 from captionkit.device import pick_device, pick_dtype
 from captionkit.errors import ModelNotFoundError, OptionError
+from captionkit.preprocess import FixedSize, gathered
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -75,6 +76,12 @@ class ClipScorer:
         self.batch_size = batch_size
         self.prefix = prefix
         self.name = name
+
+    @property
+    def preprocess(self) -> object | None:
+        """The encoder's image-to-input step for the decoding threads (`preprocess.FixedSize`), if
+        it declares one."""
+        return getattr(self.encoder, "preprocess", None)
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image]) -> torch.Tensor:
@@ -210,13 +217,20 @@ class HFEncoder:
                                      f"in {path} ({err})") from err
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = self.processor.tokenizer
+        self.preprocess = FixedSize.of(getattr(self.processor, "image_processor", None))
+        """How the decoding threads make this encoder's pixel values (CLIP's and SigLIP's fixed-size
+        processors); None: `images` runs the processor."""
         self.device, self.dtype = device, dtype
         text_config = getattr(model.config, "text_config", model.config)
         self.context_length = int(text_config.max_position_embeddings)
 
     def images(self, images: list[Image]) -> torch.Tensor:
-        inputs = self.processor(images=images, return_tensors="pt")
-        return _features(self.model.get_image_features(**inputs.to(self.device, dtype=self.dtype)))
+        pixels = gathered(images, self.preprocess) if self.preprocess is not None else None
+        if pixels is not None:  # made in the decoding threads
+            inputs = {"pixel_values": pixels.to(self.device, dtype=self.dtype)}
+        else:
+            inputs = self.processor(images=images, return_tensors="pt").to(self.device, dtype=self.dtype)
+        return _features(self.model.get_image_features(**inputs))
 
     def texts(self, texts: list[str]) -> torch.Tensor:
         # SigLIP pools the last position and was trained on text padded to its full context;

@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from captionkit import gate, preprocess
 from captionkit.errors import CaptionkitError
-from captionkit.execute import default_workers
+from captionkit.execute import default_workers, input_makers
 from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
@@ -73,8 +73,10 @@ class Service:
         self.captions = self._batcher("caption", self._caption)
         self.segments = self._batcher("segment", self._segment) if segmenter is not None else None
         self.min_score = self._min_score()
-        # threads that run torch for the captioner's inputs get one intra-op thread each
-        pinned = preprocess.one_torch_thread if captioner.preprocess is not None else None
+        self.makers = input_makers(captioner, scorer)
+        """The captioner's and the scorer's image-to-input steps, run in the decoding threads."""
+        # threads that run torch for those inputs get one intra-op thread each
+        pinned = preprocess.one_torch_thread if self.makers else None
         self.decoders = ThreadPoolExecutor(default_workers(), thread_name_prefix="captionkit-decode",
                                            initializer=pinned)
         """Where uploads are decoded, and made into the captioner's inputs when it says how."""
@@ -160,16 +162,16 @@ class Service:
         return Answer(predictions, images, {**timings, "batch_images": job.batch_images})
 
     def _decoded(self, uploads: list[Upload], size: int | None, to_caption: bool) -> list[Image.Image]:
-        """The uploads decoded (in a decoding thread); images to caption carry their model input
-        when the captioner declares how to make it, so the model's thread does not."""
+        """The uploads decoded (in a decoding thread); images to caption carry the inputs of the
+        captioner and the scorer that declare how to make them, so the model's thread does not."""
         images = [inputs.decode(upload, size, self.options.max_pixels) for upload in uploads]
-        made_by = self.captioner.preprocess
-        for image in images if to_caption and made_by is not None else ():
-            try:
-                rows = made_by(image)[None]
-            except Exception:  # noqa: BLE001 - the processor's own path meets the problem, in the
-                continue  # batch, which isolates an image that breaks the model
-            preprocess.attach(image, made_by, rows, 0)
+        for image in images if to_caption else ():
+            for maker in self.makers:
+                try:
+                    rows = maker(image)[None]  # type: ignore[operator]
+                except Exception:  # noqa: BLE001 - the processor's own path meets the problem, in
+                    continue  # the batch, which isolates an image that breaks the model
+                preprocess.attach(image, maker, rows, 0)
         return images
 
     async def _wait(self, request: Request, batcher: Batcher, job: Job) -> list[Prediction]:
