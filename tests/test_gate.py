@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import made_in_threads
 import pytest
 import torch
 from forked_cli import captionkit
@@ -125,24 +126,11 @@ def test_the_scorers_inputs_are_made_in_the_decoding_threads(captioner, scorer, 
                                                                monkeypatch):
     """A CLIP whose processor `FixedSize` reproduces gets its pixel values made beside the
     captioner's, in the decoding threads, and scores exactly as through its processor."""
-    import threading
-
     from captionkit import scoring
     from captionkit.preprocess import FixedSize
 
-    spec, made_in, used, real_gathered = scorer.preprocess, set(), [], scoring.gathered
-    assert isinstance(spec, FixedSize) and spec.shortest_edge == 32
-
-    def recording(image):
-        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
-        return spec(image)
-
-    def gathered(images, made_by):
-        used.append(real_gathered(images, made_by) is not None)
-        return real_gathered(images, made_by)
-
-    monkeypatch.setattr(scoring, "gathered", gathered)
-    monkeypatch.setattr(scorer.encoder, "preprocess", recording)
+    assert isinstance(scorer.preprocess, FixedSize) and scorer.preprocess.shortest_edge == 32
+    made_in, used = made_in_threads.record(monkeypatch, scorer.encoder, scoring)
     run(captioner, scorer, [photo_dir], tmp_path / "threads")
     assert made_in == {"captionkit-decode"} and used and all(used)
     monkeypatch.setattr(scorer.encoder, "preprocess", None)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import made_in_threads
 import pytest
 import tiny
 import torch
@@ -193,18 +194,7 @@ def run(captioner, folder: Path, out: Path, **options):
 def test_captions_are_identical_with_inputs_made_in_the_decoding_threads(loaded, mixed_folder,
                                                                         tmp_path, monkeypatch, family):
     captioner = loaded(family)
-    made_in: set[str] = set()
-    spec = captioner.preprocess
-
-    def recording(image):
-        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
-        return spec(image)
-
-    used: list[bool] = []
-    real_gathered = hf.gathered
-    monkeypatch.setattr(hf, "gathered", lambda images, made_by: used.append(
-        real_gathered(images, made_by) is not None) or real_gathered(images, made_by))
-    monkeypatch.setattr(captioner, "preprocess", recording)
+    made_in, used = made_in_threads.record(monkeypatch, captioner, hf)
     fast = run(captioner, mixed_folder, tmp_path / "fast", batch_size=3)
     assert made_in == {"captionkit-decode"} and used and all(used)
     monkeypatch.setattr(captioner, "preprocess", None)

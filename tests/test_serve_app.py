@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import made_in_threads
 import numpy as np
 import pytest
 import torch
@@ -422,18 +423,7 @@ def test_uploads_become_model_inputs_in_the_decoding_threads(blip_fp32, photos, 
         files.append(("image", (f"{index}.jpg", buffer.getvalue())))
     decoded = [sources.decode(data, name, blip_fp32.input_size) for _, (name, data) in files]
     expected = [caption.text for caption in blip_fp32.caption(decoded, FEW_TOKENS)]
-    spec, made_in, used, real_gathered = blip_fp32.preprocess, set(), [], hf.gathered
-
-    def recording(image):
-        made_in.add(threading.current_thread().name.rsplit("_", 1)[0])
-        return spec(image)
-
-    def gathered(images, made_by):
-        used.append(real_gathered(images, made_by) is not None)
-        return real_gathered(images, made_by)
-
-    monkeypatch.setattr(hf, "gathered", gathered)
-    monkeypatch.setattr(blip_fp32, "preprocess", recording)
+    made_in, used = made_in_threads.record(monkeypatch, blip_fp32, hf)
     with serving(create_app(blip_fp32, ServeOptions(model="tiny-blip"), generation=FEW_TOKENS)) as base:
         answer = httpx.post(f"{base}/v1/caption", files=files, timeout=120).json()
     assert [result["caption"] for result in answer["results"]] == expected
