@@ -17,6 +17,7 @@ from captionkit.exporters import (
     atomic_write,
     distinct_names,
     export,
+    nothing_to_write,
     parse_captions_txt_line,
     parse_formats,
 )
@@ -164,6 +165,18 @@ def test_jsonl_and_csv_paths_name_files_that_are_not_utf8_exactly(tmp_path):
     assert [named_file(record["path"]) for record in records] == [os.fsencode(p) for p in paths]
     rows = list(csv.DictReader((out / "captions.csv").open(encoding="utf-8")))
     assert [row["path"] for row in rows] == [record["path"] for record in records]
+
+
+def test_only_a_format_that_writes_nothing_for_captioned_images_says_why(results, tmp_path):
+    said = nothing_to_write(results, ["jsonl", "webdataset", "webdataset"])
+    assert said == ["webdataset: nothing written, since no captioned image came from a tar shard "
+                    "(it writes a caption shard per input shard)"]
+    assert nothing_to_write(results, ["jsonl", "txt"]) == []
+    assert nothing_to_write(results[2:], ["webdataset"]) == [], "nothing captioned, nothing to say"
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"")  # a regular .tar file is all `shard_of` looks for
+    from_shard = Result(path=shard / "a.jpg", name="00000.tar/a.jpg", status="done", caption="x")
+    assert nothing_to_write([*results, from_shard], ["webdataset"]) == []
 
 
 def test_parse_formats():

@@ -16,7 +16,7 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from captionkit.errors import OptionError, OutputError
 from captionkit.predictions import regions_to_json
-from captionkit.sources import IMAGE_EXTENSIONS, exact_text, image_exists, printable, shard_of
+from captionkit.sources import IMAGE_EXTENSIONS, exact_text, image_exists, printable
 from captionkit.store import DB_NAME, RecordedCaptions, Result, Store
 
 
@@ -456,6 +456,10 @@ EXPORTERS: dict[str, Callable[[Sequence[Result], ExportOptions], list[Path]] | s
     "masks": "captionkit.segment.export:write_masks",
 }
 
+NOTHING_WRITTEN: dict[str, str] = {"webdataset": "captionkit.webdataset:why_nothing_written"}
+"""Formats that may write nothing for captioned images, each with the function saying why for a
+run's captioned results (None: it writes something)."""
+
 ALL_FORMATS = ("captions.txt", "txt", "jsonl", "csv")
 """What `--format all` writes: every caption format that needs no optional package (parquet needs
 pyarrow; coco and masks, the segmentation formats, need the [seg] extra)."""
@@ -470,8 +474,11 @@ caption file takes."""
 def _writer(name: str) -> Callable[[Sequence[Result], ExportOptions], list[Path]]:
     """The writer of format `name`, importing it first when it is named by its module."""
     target = EXPORTERS[name]
-    if callable(target):
-        return target
+    return target if callable(target) else _imported(target)
+
+
+def _imported(target: str) -> Callable:
+    """The function `module:name` names."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -488,13 +495,12 @@ def parse_formats(spec: str) -> list[str]:
 
 
 def nothing_to_write(results: Sequence[Result], formats: Sequence[str]) -> list[str]:
-    """Why a format asked for writes no file for these results, one line per such format: the
-    webdataset format answers tar shards, so captions of plain files give it nothing."""
+    """Why a format asked for writes no file although images were captioned, one line per such
+    format (`NOTHING_WRITTEN`: webdataset answers tar shards, so plain files give it nothing)."""
     done = [result for result in results if result.status == "done"]
-    if "webdataset" in formats and done and not any(shard_of(r.path) for r in done):
-        return ["webdataset: nothing written, since no captioned image came from a tar shard "
-                "(it writes a caption shard per input shard)"]
-    return []
+    asked = [name for name in dict.fromkeys(formats) if name in NOTHING_WRITTEN] if done else []
+    reasons = {name: _imported(NOTHING_WRITTEN[name])(done) for name in asked}
+    return [f"{name}: nothing written, since {why}" for name, why in reasons.items() if why]
 
 
 def export(results: Sequence[Result], formats: Sequence[str], options: ExportOptions) -> list[Path]:

@@ -30,6 +30,13 @@ def write_shards(results: Sequence[Result], options: ExportOptions) -> list[Path
     return written
 
 
+def why_nothing_written(done: Sequence[Result]) -> str | None:
+    """Why captioned results give no caption shard: none of them came from a tar shard."""
+    if any(sources.shard_of(result.path) for result in done):
+        return None
+    return "no captioned image came from a tar shard (it writes a caption shard per input shard)"
+
+
 def _by_shard(results: Sequence[Result]) -> dict[Path, list[tuple[str, Result]]]:
     """Each shard's captioned members as (webdataset key, result), keyed by the shard's export
     name (`00001.tar`, `part/00001.tar`), in the shard's own order."""
