@@ -7,13 +7,14 @@
 #   bash benchmarks/gpu.sh OUT_DIR cpu-2core           # issue 3's CPU targets on the host's CPU
 #   bash benchmarks/gpu.sh OUT_DIR cpu-2core-levers    # its dtypes, and torch.compile in bf16
 #   bash benchmarks/gpu.sh OUT_DIR feed                # issue 23, every contender, < 8 minutes
+#   bash benchmarks/gpu.sh OUT_DIR feed-families       # ViT-GPT2 and GIT-base fed the same way, < 6 min
 # The cpu-2core parts hide the GPU and pin to two cores (taskset), like the machine issue 3's CPU
 # targets were set on; they need no GPU. Where the CPU has AMX, `--dtype auto` picks bf16 and
 # cpu-2core measures it against a float32 naive loop (what a plain script runs).
 # Each writes OUT_DIR/PART.json (cpu-2core-levers: PART-GROUP.json) and OUT_DIR/PART.log; PYTHON
 # picks the interpreter (python3).
 set -euo pipefail
-usage="usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2|breakdown|cpu-2core|cpu-2core-levers|feed"
+usage="usage: gpu.sh OUT_DIR blip-base-float32|blip-base-bfloat16|blip2|breakdown|cpu-2core|cpu-2core-levers|feed|feed-families"
 out=${1:?$usage}
 part=${2:?$usage}
 python=${PYTHON:-python3}
@@ -33,8 +34,8 @@ export PYTHONUNBUFFERED=1
 #   feed-blip2-bf16.json       BLIP-2 OPT-2.7b bf16: today / threads / graphs / nvjpeg+graphs
 # Wheels in .whl/ (say transformers==5.25.0, the release these were developed on: see
 # /work/.library/device/README.md for `pip download`) are installed first, to /tmp/site.
-feed() {
-  local root images=128
+carried_wheels() {
+  local root
   root=$(cd "$here/.." && pwd)
   if compgen -G "$root/.whl/*.whl" >/dev/null; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -42,6 +43,10 @@ feed() {
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   export PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
+}
+feed() {
+  local images=128
+  carried_wheels
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$python" -c "import torch, torchvision, transformers; print(torch.__version__, torchvision.__version__, transformers.__version__)"
@@ -59,6 +64,20 @@ feed() {
       --out "$out/feed-blip2-bf16.json" || echo "feed.py blip2: exit $?"
   } 2>&1 | tee "$out/feed.log"
 }
+# The other families whose inputs the decoding threads make, in bf16 (limits 150 + 150 s; the
+# images and models are made first when the feed part has not run on this machine):
+#   feed-vit-gpt2-bf16.json, feed-git-base-bf16.json   today / threads / nvjpeg, GPU busy share
+feed_families() {
+  carried_wheels
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    for model in vit-gpt2 git-base; do
+      timeout 150 "$python" "$here/feed.py" pipeline --device cuda --dtype bfloat16 --model "$model" \
+        --images 128 --runs 2 --warmup 64 --contenders today,threads,nvjpeg \
+        --out "$out/feed-$model-bf16.json" || echo "feed.py $model: exit $?"
+    done
+  } 2>&1 | tee "$out/feed-families.log"
+}
 case $part in
   blip-base-float32)
     args=(--model blip-base --dtype float32 --images 96 --pipeline-batch-sizes 8,32) ;;
@@ -67,11 +86,15 @@ case $part in
           --variants batch-32,workers-16 --compare-to "$out/blip-base-float32.json") ;;
   blip2)
     args=(--model blip2-opt-2.7b --dtype bfloat16 --images 64 --pipeline-batch-sizes 8,32) ;;
-  breakdown|cpu-2core|cpu-2core-levers|feed) ;;
+  breakdown|cpu-2core|cpu-2core-levers|feed|feed-families) ;;
   *) echo "unknown part $part; $usage" >&2; exit 2 ;;
 esac
 if [ "$part" = feed ]; then
   feed
+  exit
+fi
+if [ "$part" = feed-families ]; then
+  feed_families
   exit
 fi
 if [[ $part == cpu-2core* ]]; then

@@ -84,4 +84,4 @@ def test_gpu_script_is_valid_bash_and_names_its_feed_part(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     usage = subprocess.run(["bash", str(script), str(tmp_path), "nonsense"], capture_output=True,
                            text=True, check=False)
-    assert usage.returncode == 2 and "|feed" in usage.stderr
+    assert usage.returncode == 2 and "|feed|feed-families" in usage.stderr

@@ -72,8 +72,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(scenes, tmp_path):
 
 def test_ctrl_c_says_how_to_go_on_and_exits_130(scenes, tmp_path):
     output = tmp_path / "run"
+    # Ctrl-C's default action, even where the tests run in the background (which ignores it)
     proc = subprocess.Popen(_command(scenes, output, 3), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (output / "train.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
