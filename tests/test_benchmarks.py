@@ -235,6 +235,17 @@ def test_matmuls_quick_times_every_kernel_and_counts_the_encoder_flops_right(tmp
     assert matmuls.encoder_flops(layers=1) == counted
 
 
+def test_score_quick_compares_threads_with_todays_loading(tmp_path):
+    out = tmp_path / "score.json"
+    run_script("score.py", "--quick", "--work", str(tmp_path / "work"), "--out", str(out), cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["settings"]["images"] == 4 and result["identical_scores"] is True
+    assert set(result["contenders"]) == {"today", "threads"}
+    assert all(row["images_per_second"] > 0 and len(row["runs"]) == 1
+               for row in result["contenders"].values())
+    assert result["contenders"]["today"]["vs_today"] == 1.0
+
+
 def test_ray_overhead_times_the_first_batch_and_the_steady_rate_after_it(monkeypatch, tmp_path):
     import sqlite3
 

@@ -393,6 +393,33 @@ def test_score_command_scores_a_captions_txt(baseline, scorer, tiny_clip, photo_
     assert output.read_text() == rows_text
 
 
+def test_score_loads_images_and_makes_the_scorers_inputs_in_threads(baseline, scorer, photo_dir,
+                                                                     tmp_path, monkeypatch):
+    """`captionkit score` decodes each batch's images in threads, which make the scorer's inputs
+    too; the scores are those of the processor on the whole image, exactly."""
+    from captionkit import scoring
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text((baseline[0] / "captions.txt").read_text() + "broken.png: a cat\n")
+    (tmp_path / "images").mkdir()
+    for photo in photo_dir.iterdir():
+        shutil.copy(photo, tmp_path / "images" / photo.name)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    made_in, used = made_in_threads.record(monkeypatch, scorer.encoder, scoring)
+
+    def scores() -> dict[str, tuple]:
+        return {r.name: (r.status, r.error, r.extras.get("clip_score"))
+                for r in score_existing(captions, scorer, tmp_path / "images").results}
+
+    in_threads = scores()
+    assert made_in == {"captionkit-decode"} and used and all(used)
+    monkeypatch.setattr(scorer.encoder, "preprocess", None)
+    assert in_threads == scores()
+    status, error, _ = in_threads["broken.png"]
+    assert status == "failed" and error, "a file that does not decode says why"
+    assert sum(status == "done" for status, _, _ in in_threads.values()) == 8
+
+
 def test_score_reads_sidecar_folders_and_jsonl_with_references(baseline, scorer, photo_dir,
                                                                tmp_path):
     sidecars = tmp_path / "sidecars"

@@ -7,14 +7,17 @@ with the same folders as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -259,14 +262,15 @@ def _no_progress(total: int) -> Iterator[Callable[[int], object]]:
 
 
 def _score_batch(batch: list[Result], scorer: ClipScorer, references: Mapping[str, list[str]] | None,
-                 ref_names: Mapping[str, str]) -> None:
-    """Score one batch in place: `done` with its scores, or the reason its image did not load."""
+                 ref_names: Mapping[str, str], pool: Executor) -> None:
+    """Score one batch in place: `done` with its scores, or the reason its image did not load.
+    The images load in `pool`'s threads, which also make the scorer's inputs when it says how."""
     loaded = []
-    for result in batch:
-        try:
-            loaded.append((result, sources.load_image(result.path)))
-        except ImageError as err:
-            result.error = err.reason
+    for result, image in zip(batch, pool.map(partial(_load_for, scorer), batch), strict=True):
+        if isinstance(image, str):
+            result.error = image
+        else:
+            loaded.append((result, image))
     if not loaded:
         return
     wanted = None if references is None else [references.get(ref_names.get(r.name, ""), [])
@@ -277,6 +281,34 @@ def _score_batch(batch: list[Result], scorer: ClipScorer, references: Mapping[st
         result.extras["clip_score"] = score.clip_score
         if score.ref_clip_score is not None:
             result.extras["ref_clip_score"] = score.ref_clip_score
+
+
+def _load_for(scorer: ClipScorer, result: Result) -> Image | str:
+    """A result's image, whole, carrying the scorer's input when it declares how to make it; or
+    the reason it does not load."""
+    from captionkit import preprocess
+
+    try:
+        image = sources.load_image(result.path)
+    except ImageError as err:
+        return err.reason
+    maker = scorer.preprocess
+    if maker is not None:
+        with contextlib.suppress(Exception):  # the processor's own path meets the problem
+            preprocess.attach(image, maker, maker(image)[None], 0)  # type: ignore[operator]
+    return image
+
+
+@contextmanager
+def _loading_threads(scorer: ClipScorer) -> Iterator[Executor]:
+    """Threads that load images (each on one torch thread when they make the scorer's inputs)."""
+    from captionkit import preprocess
+    from captionkit.execute import default_workers
+
+    pinned = preprocess.one_torch_thread if scorer.preprocess is not None else None
+    with ThreadPoolExecutor(default_workers(), thread_name_prefix="captionkit-decode",
+                            initializer=pinned) as pool:
+        yield pool
 
 
 def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = None,
@@ -312,10 +344,10 @@ def score_existing(captions: Path, scorer: ClipScorer, images: Path | None = Non
     todo = [result for result in todo if result.status != "done"]
     run_id = store.start_run(scorer.name, key, {"captions": str(captions)},
                              kind="score") if store else 0
-    with (progress or _no_progress)(len(todo)) as advance:
+    with (progress or _no_progress)(len(todo)) as advance, _loading_threads(scorer) as pool:
         for start in range(0, len(todo), scorer.batch_size):
             batch = todo[start:start + scorer.batch_size]
-            _score_batch(batch, scorer, ref_captions, ref_names)
+            _score_batch(batch, scorer, ref_captions, ref_names, pool)
             if store is not None:
                 store.record(batch, key, run_id)
             advance(len(batch))
