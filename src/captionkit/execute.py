@@ -155,7 +155,7 @@ class Decoding:
         return cls(options.workers, options.full_decode, options.max_pixels, options.gpu_jpeg)
 
 
-def input_makers(captioner: Captioner, scorer: ClipScorer | None) -> list[object]:
+def input_makers(captioner: Captioner, scorer: ClipScorer | None) -> list[Callable]:
     """The preprocessings whose inputs the decoding threads make for each image: the captioner's
     and the gate scorer's, where each declares one; equal ones are made once."""
     declared = (captioner.preprocess, getattr(scorer, "preprocess", None))
@@ -250,19 +250,10 @@ class LocalExecutor:
             target = None if self.decoding.full_decode else size
             item.image = sources.decode(data, item.ref.name, target, self.decoding.max_pixels,
                                         keep_original=self.predictor.captioner.decodes_again)
-            item.pixels = self._preprocessed(item.image)
+            item.pixels = preprocess.inputs_of(item.image, self.makers)
         except ImageError as err:
             item.error = err.reason
         return item
-
-    def _preprocessed(self, image: Image.Image) -> dict[object, object]:
-        made = {}
-        for maker in self.makers:
-            try:
-                made[maker] = maker(image)  # type: ignore[operator]
-            except Exception:  # noqa: BLE001 - the processor's own path then meets the problem,
-                continue  # in the predictor, which isolates an image that breaks the model
-        return made
 
     def _decoded_on_gpu(self, item: WorkItem, data: bytes) -> bool:
         """Decode a JPEG with nvJPEG and make its input on the GPU; False sends the file to the CPU

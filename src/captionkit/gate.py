@@ -7,7 +7,6 @@ with the same folders as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -292,10 +291,7 @@ def _load_for(scorer: ClipScorer, result: Result) -> Image | str:
         image = sources.load_image(result.path)
     except ImageError as err:
         return err.reason
-    maker = scorer.preprocess
-    if maker is not None:
-        with contextlib.suppress(Exception):  # the processor's own path meets the problem
-            preprocess.attach(image, maker, maker(image)[None], 0)  # type: ignore[operator]
+    preprocess.attach_inputs(image, [scorer.preprocess] if scorer.preprocess is not None else [])
     return image
 
 

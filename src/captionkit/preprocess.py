@@ -14,7 +14,7 @@ import contextlib
 import io
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -246,6 +246,22 @@ def stacked(rows: list[torch.Tensor], pin: bool) -> torch.Tensor:
             return torch.stack([row.to(on_gpu) for row in rows])
     out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=pin)
     return torch.stack(rows, out=out)
+
+
+def inputs_of(image: Image.Image, makers: Sequence[Callable]) -> dict[Callable, torch.Tensor]:
+    """Each maker's input for `image`, by maker; one that fails is left out, and the processor's own
+    path then meets the problem in the batch, which isolates an image that breaks the model."""
+    made = {}
+    for maker in makers:
+        with contextlib.suppress(Exception):
+            made[maker] = maker(image)
+    return made
+
+
+def attach_inputs(image: Image.Image, makers: Sequence[Callable]) -> None:
+    """Make each maker's input for `image` and hand it over with it, a batch of one row each."""
+    for maker, row in inputs_of(image, makers).items():
+        attach(image, maker, row[None], 0)
 
 
 def attach(image: Image.Image, made_by: object, batch: torch.Tensor, index: int) -> None:

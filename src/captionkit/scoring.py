@@ -78,7 +78,7 @@ class ClipScorer:
         self.name = name
 
     @property
-    def preprocess(self) -> object | None:
+    def preprocess(self) -> Callable | None:
         """The encoder's image-to-input step for the decoding threads (`preprocess.FixedSize`), if
         it declares one."""
         return getattr(self.encoder, "preprocess", None)

@@ -166,12 +166,7 @@ class Service:
         captioner and the scorer that declare how to make them, so the model's thread does not."""
         images = [inputs.decode(upload, size, self.options.max_pixels) for upload in uploads]
         for image in images if to_caption else ():
-            for maker in self.makers:
-                try:
-                    rows = maker(image)[None]  # type: ignore[operator]
-                except Exception:  # noqa: BLE001 - the processor's own path meets the problem, in
-                    continue  # the batch, which isolates an image that breaks the model
-                preprocess.attach(image, maker, rows, 0)
+            preprocess.attach_inputs(image, self.makers)
         return images
 
     async def _wait(self, request: Request, batcher: Batcher, job: Job) -> list[Prediction]:
