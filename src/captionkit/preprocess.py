@@ -1,11 +1,12 @@
 """Model-ready pixels made in the decoding threads instead of the model's.
 
 A captioner whose image processor only resizes to a fixed size (or its shorter side to a length,
-then crops the centre), rescales and normalizes (BLIP, BLIP-2, GIT, ViT-GPT2) declares a
-`FixedSize` as its `preprocess`. The executor then runs it in each decoding
-thread, stacks a batch's rows (into pinned memory for a CUDA model) while the batch before it is
-predicted, and hands them over on the images themselves (`attach`), so the predictor still takes
-decoded images and any engine that does not attach pixels gets the processor's path.
+then crops the centre), rescales and normalizes (BLIP, BLIP-2, GIT, ViT-GPT2, Florence-2,
+Kosmos-2) declares a `FixedSize` as its `preprocess`, and so does a gate scorer with such a
+processor (CLIP). The executor then runs them in each decoding thread, stacks a batch's rows (into
+pinned memory for a CUDA model) while the batch before it is predicted, and hands them over on the
+images themselves (`attach`), so the predictor still takes decoded images and any engine that
+does not attach pixels gets the processor's path.
 """
 
 from __future__ import annotations
