@@ -237,8 +237,8 @@ class RunOptions:
                              "(slower; by default a reduced scale still >= the model's input).",
                              panel=INPUTS)
     gpu_jpeg: bool = flag(False, "Decode JPEGs with nvJPEG on the model's GPU (CUDA; the transformers "
-                          "families but the chat VLMs, without --min-clip-score); other files stay "
-                          "on the CPU. "
+                          "families but the chat VLMs, without a CLIP gate); other files stay on "
+                          "the CPU. "
                           "Pixels differ from libjpeg's by rounding.", panel=INPUTS)
     progress: bool = flag(True, "No progress bar.", "--quiet", "-q", panel=OUTPUTS, cli_type=bool,
                           cli_default=False, parse=operator.not_)
