@@ -36,6 +36,15 @@ def usable_cpus() -> int:
         return os.cpu_count() or 2
 
 
+def default_workers() -> int:
+    """Decoding threads: the CPUs this process may run on, plus two to cover file reads, at most 8.
+
+    Not the machine's core count: under `taskset` or a container's cpuset, threads for every core
+    would only take turns on the allowed ones (torch sizes its own thread pool the same way).
+    """
+    return min(8, usable_cpus() + 2)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` means the first CUDA GPU, else Apple's MPS, else the CPU."""
     if name == "auto":

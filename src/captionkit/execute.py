@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from PIL import Image
 
 from captionkit import gate, preprocess, sources
-from captionkit.device import usable_cpus
+from captionkit.device import default_workers
 from captionkit.errors import CaptionkitError, ImageError
 from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
@@ -62,15 +62,6 @@ def default_batch_size(captioner: Captioner) -> int:
     # batch); 32 adds ~3% for ~0.7 GB more of cross-attention cache. On an H100, where each
     # generate step is bound by kernel launches, 64 beats 32 by ~1.3x (benchmarks/RESULTS.md).
     return 64 if getattr(captioner.device, "type", captioner.device) == "cuda" else 16
-
-
-def default_workers() -> int:
-    """Decoding threads: the CPUs this process may run on, plus two to cover file reads, at most 8.
-
-    Not the machine's core count: under `taskset` or a container's cpuset, threads for every core
-    would only take turns on the allowed ones (torch sizes its own thread pool the same way).
-    """
-    return min(8, usable_cpus() + 2)
 
 
 class Predictor:

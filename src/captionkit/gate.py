@@ -299,7 +299,7 @@ def _load_for(scorer: ClipScorer, result: Result) -> Image | str:
 def _loading_threads(scorer: ClipScorer) -> Iterator[Executor]:
     """Threads that load images (each on one torch thread when they make the scorer's inputs)."""
     from captionkit import preprocess
-    from captionkit.execute import default_workers
+    from captionkit.device import default_workers
 
     pinned = preprocess.one_torch_thread if scorer.preprocess is not None else None
     with ThreadPoolExecutor(default_workers(), thread_name_prefix="captionkit-decode",

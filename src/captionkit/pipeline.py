@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captionkit import boxes, gate, sources
-from captionkit.device import set_malloc_thresholds
+from captionkit.device import default_workers, set_malloc_thresholds
 from captionkit.errors import OptionError
 from captionkit.execute import (
     Decoding,
@@ -25,7 +25,6 @@ from captionkit.execute import (
     Predictor,
     WorkItem,
     default_batch_size,
-    default_workers,
     jpegs_on_gpu,
 )
 from captionkit.exporters import (

@@ -19,8 +19,9 @@ from PIL import Image
 from starlette.requests import Request
 
 from captionkit import gate, preprocess
+from captionkit.device import default_workers
 from captionkit.errors import CaptionkitError
-from captionkit.execute import default_workers, input_makers
+from captionkit.execute import input_makers
 from captionkit.models.base import Captioner, at_full_size
 from captionkit.options import GenerationOptions
 from captionkit.predictions import Prediction
